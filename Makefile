@@ -1,0 +1,71 @@
+# `make run` sets everything up and starts the app; `make test` sets up the same and runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+export ICH_VAR_DIR ?= $(CURDIR)/var
+export PATH := $(BIN):$(PATH)
+export ICH_HOST ?= 127.0.0.1
+export ICH_PORT ?= 8000
+SERVICES := $(CURDIR)/scripts/services.sh
+
+.PHONY: help run test setup services migrate demo-passwords lint format stop clean
+
+help:
+	@echo "make run    install, start Postgres + Redis, migrate, seed demo users, start the app"
+	@echo "make test   install, start Postgres + Redis, run lint, types and every test"
+	@echo "make demo-passwords   give the demo users new passwords (printed once)"
+	@echo "make clean  remove the virtualenv and var/ (database, media, logs)"
+
+# The virtualenv is rebuilt only when pyproject.toml changes, so a second run starts in seconds.
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+migrate: setup
+	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-migrate.started
+	$(BIN)/python manage.py migrate --noinput
+
+run: setup
+	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-run.started
+	@trap '$(SERVICES) stop $(ICH_VAR_DIR)/run/make-run.started' EXIT; \
+	  trap 'exit 130' INT TERM; \
+	  $(BIN)/python manage.py migrate --noinput && \
+	  $(BIN)/python manage.py collectstatic --noinput --verbosity 0 && \
+	  $(BIN)/python manage.py seed_demo_users && \
+	  echo "" && \
+	  echo "  ICH triage is starting at http://$(ICH_HOST):$(ICH_PORT)/  (Ctrl-C stops everything)" && \
+	  echo "  Triage support, not diagnosis." && echo "" && \
+	  $(BIN)/honcho start -f Procfile
+
+demo-passwords: setup
+	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-demo.started
+	@trap '$(SERVICES) stop $(ICH_VAR_DIR)/run/make-demo.started' EXIT; \
+	  $(BIN)/python manage.py seed_demo_users --reset-passwords
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Tests use Redis database 1 so a running `make run` (database 0) never takes their tasks.
+test: setup lint
+	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-test.started
+	@trap '$(SERVICES) stop $(ICH_VAR_DIR)/run/make-test.started' EXIT; \
+	  export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:$${ICH_REDIS_PORT:-6390}/1}; \
+	  $(BIN)/python -m pytest
+
+clean:
+	-$(SERVICES) stop $(ICH_VAR_DIR)/run/make-run.started
+	rm -rf $(VENV) $(ICH_VAR_DIR)

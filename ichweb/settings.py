@@ -1,0 +1,220 @@
+"""Django settings, all read from the environment (see README "Settings").
+
+ICH_ENV=development (default) gives safe local defaults; ICH_ENV=production
+requires a real secret key and host names and turns on every HTTPS protection.
+A bad value stops start-up with a message naming the variable.
+"""
+
+import getpass
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from ichweb.env import env_bool, env_choice, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("ICH_VAR_DIR", str(BASE_DIR / "var")))
+
+ICH_ENV = env_choice("ICH_ENV", "development", ("development", "production"))
+PRODUCTION = ICH_ENV == "production"
+DEBUG = env_bool("ICH_DEBUG", default=False)
+if PRODUCTION and DEBUG:
+    raise ImproperlyConfigured("ICH_DEBUG must not be on when ICH_ENV=production.")
+
+_DEV_SECRET_KEY = "development-only-insecure-key-never-use-in-production-ich-triage-0123456789"
+if PRODUCTION:
+    SECRET_KEY = env_str("ICH_SECRET_KEY")
+    if len(SECRET_KEY) < 50 or SECRET_KEY == _DEV_SECRET_KEY:
+        raise ImproperlyConfigured("ICH_SECRET_KEY must be a unique random string of 50+ chars.")
+    ALLOWED_HOSTS = env_list("ICH_ALLOWED_HOSTS", [])
+    if not ALLOWED_HOSTS:
+        raise ImproperlyConfigured("ICH_ALLOWED_HOSTS is required when ICH_ENV=production.")
+else:
+    SECRET_KEY = env_str("ICH_SECRET_KEY", _DEV_SECRET_KEY)
+    ALLOWED_HOSTS = env_list("ICH_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("ICH_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "axes",
+    "worklist",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",
+]
+
+ROOT_URLCONF = "ichweb.urls"
+ASGI_APPLICATION = "ichweb.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database() -> dict:
+    """DATABASE_URL when set, else the private cluster that `make run` starts under var/pg."""
+    url = env_str("DATABASE_URL", "-")
+    if url != "-":
+        try:
+            return dict(dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True))
+        except ValueError as error:
+            raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {error}") from None
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": env_str("ICH_DB_NAME", "ichweb"),
+        "USER": getpass.getuser(),
+        "HOST": str(VAR_DIR / "pg" / "run"),
+        "PORT": str(env_int("ICH_PG_PORT", 5432, minimum=1, maximum=65535)),
+        "CONN_MAX_AGE": 60,
+        "CONN_HEALTH_CHECKS": True,
+    }
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str(
+    "REDIS_URL", f"redis://127.0.0.1:{env_int('ICH_REDIS_PORT', 6390, minimum=1, maximum=65535)}/0"
+)
+if not REDIS_URL.startswith(("redis://", "rediss://")):
+    raise ImproperlyConfigured("REDIS_URL must start with redis:// or rediss://.")
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("ICH_CHANNEL_PREFIX", "ich")},
+    }
+}
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# Authentication: Axes throttles login attempts; sessions end after an idle timeout.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("ICH_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = env_int("ICH_LOGIN_COOLOFF_MINUTES", 15, minimum=1) / 60  # hours
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
+
+SESSION_IDLE_TIMEOUT_MINUTES = env_int("ICH_SESSION_IDLE_TIMEOUT_MINUTES", 15, minimum=1)
+SESSION_COOKIE_AGE = SESSION_IDLE_TIMEOUT_MINUTES * 60
+SESSION_SAVE_EVERY_REQUEST = True  # every request pushes the expiry: an idle timeout
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": 12},
+    },
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+# HTTPS protections: always on in production, opt-in for a local TLS proxy.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+if PRODUCTION:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("ICH_SECURE_SSL_REDIRECT", default=True)
+    SECURE_HSTS_SECONDS = env_int("ICH_HSTS_SECONDS", 31536000, minimum=3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    if env_bool("ICH_BEHIND_TLS_PROXY", default=False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["worklist.roles.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["worklist.roles.DenyAll"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 100,
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "worklist.api.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "ICH triage API",
+    "DESCRIPTION": (
+        "Computer-aided triage (CADt) of intracranial haemorrhage on head CT. "
+        "Triage support, not diagnosis: a clinician always reads the full images."
+    ),
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "StudyStatusEnum": "worklist.models.StudyStatus",
+        "AIResultStatusEnum": "worklist.models.AIResultStatus",
+    },
+}
+
+LANGUAGE_CODE = "en-gb"
+TIME_ZONE = env_str("ICH_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+MEDIA_ROOT = Path(env_str("ICH_MEDIA_ROOT", str(VAR_DIR / "media")))
+
+# Priority and scoring (used by the worklist; see DESIGN.md "Priority").
+ICH_MAX_WAIT_MINUTES = env_int("ICH_MAX_WAIT_MINUTES", 30, minimum=1)
+
+# Logs never carry PHI: the app logs ids, never names, patient ids or file contents.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("ICH_LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,115 @@
+"""The Django admin, for the admin role only: users, studies (read-only) and the audit log."""
+
+from collections.abc import Callable
+from functools import update_wrapper
+from typing import Any
+
+from django.contrib import admin
+from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.models import Group, User
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+
+from worklist import services
+from worklist.models import AIResult, AuditEvent, Finding, Review, Study
+from worklist.roles import ADMIN, has_role
+
+
+class IchAdminSite(admin.AdminSite):
+    site_header = "ICH triage administration"
+    site_title = "ICH triage admin"
+    index_title = "Triage support, not diagnosis"
+    required_role = ADMIN
+
+    def has_permission(self, request: HttpRequest) -> bool:
+        return has_role(request.user, ADMIN) and request.user.is_staff
+
+    def admin_view(self, view: Callable[..., HttpResponse], cacheable: bool = False) -> Any:
+        """A logged-in user without the admin role gets 403, not another login form."""
+        inner = super().admin_view(view, cacheable)
+
+        def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.user.is_authenticated and not self.has_permission(request):
+                raise PermissionDenied("The admin site needs the Admin role.")
+            return inner(request, *args, **kwargs)
+
+        return update_wrapper(guarded, view)
+
+
+admin_site = IchAdminSite(name="admin")
+admin_site.register(User, UserAdmin)
+admin_site.register(Group, GroupAdmin)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Study, site=admin_site)
+class StudyAdmin(ReadOnlyAdmin):
+    list_display = ("id", "accession_number", "status", "priority", "review_state", "received_at")
+    list_filter = ("status", "review_state")
+    search_fields = ("accession_number", "study_instance_uid")
+
+    def change_view(self, request: HttpRequest, object_id: str, *args: Any, **kwargs: Any) -> Any:
+        """Opening a study in the admin shows PHI, so it is audited like the API."""
+        if object_id.isdigit() and Study.objects.filter(pk=object_id).exists():
+            services.study_open(
+                study_id=int(object_id),
+                user=request.user,
+                address=services.client_address(request),
+            )
+        return super().change_view(request, object_id, *args, **kwargs)
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        services.worklist_open(user=request.user, address=services.client_address(request))
+        return super().changelist_view(request, extra_context)
+
+
+@admin.register(AIResult, site=admin_site)
+class AIResultAdmin(ReadOnlyAdmin):
+    list_display = ("id", "study", "status", "model_name", "model_version", "created_at")
+    list_filter = ("status", "model_name")
+
+
+@admin.register(Finding, site=admin_site)
+class FindingAdmin(ReadOnlyAdmin):
+    list_display = ("id", "result", "haemorrhage_class", "probability", "flagged")
+    list_filter = ("haemorrhage_class", "flagged")
+
+
+@admin.register(Review, site=admin_site)
+class ReviewAdmin(ReadOnlyAdmin):
+    list_display = ("id", "study", "haemorrhage_class", "decision", "reviewer", "created_at")
+    list_filter = ("decision", "haemorrhage_class")
+
+
+@admin.action(description="Export the selected events as CSV")
+def export_csv(
+    modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[AuditEvent]
+) -> StreamingHttpResponse:
+    rows = services.audit_export(
+        user=request.user,
+        address=services.client_address(request),
+        filters={"ids": list(queryset.values_list("pk", flat=True))},
+    )
+    response = StreamingHttpResponse((services.csv_line(row) for row in rows), content_type="text/csv")
+    response["Content-Disposition"] = 'attachment; filename="audit-log.csv"'
+    return response
+
+
+@admin.register(AuditEvent, site=admin_site)
+class AuditEventAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "username", "action", "object_type", "object_id", "study")
+    list_filter = ("action", "created_at", "username")
+    search_fields = ("username", "study__study_instance_uid", "object_id")
+    date_hierarchy = "created_at"
+    actions = (export_csv,)
