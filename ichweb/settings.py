@@ -22,7 +22,7 @@ DEBUG = env_bool("ICH_DEBUG", default=False)
 if PRODUCTION and DEBUG:
     raise ImproperlyConfigured("ICH_DEBUG must not be on when ICH_ENV=production.")
 
-_DEV_SECRET_KEY = "development-only-insecure-key-never-use-in-production-ich-triage-0123456789"
+_DEV_SECRET_KEY = "development-only-insecure-key-never-use-in-production-ich-triage-0123456789"  # noqa: S105 - refused in production
 if PRODUCTION:
     SECRET_KEY = env_str("ICH_SECRET_KEY")
     if len(SECRET_KEY) < 50 or SECRET_KEY == _DEV_SECRET_KEY:
@@ -90,7 +90,9 @@ def _database() -> dict:
         try:
             return dict(dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True))
         except ValueError as error:
-            raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {error}") from None
+            raise ImproperlyConfigured(
+                f"DATABASE_URL is not a valid database URL: {error}"
+            ) from None
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": env_str("ICH_DB_NAME", "ichweb"),

@@ -1,15 +1,17 @@
 """The Django admin, for the admin role only: users, studies (read-only) and the audit log."""
 
-from collections.abc import Callable
 from functools import update_wrapper
 from typing import Any
 
 from django.contrib import admin
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group, User
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, StreamingHttpResponse
+from django.shortcuts import redirect
+from django.urls import reverse
 
 from worklist import services
 from worklist.models import AIResult, AuditEvent, Finding, Review, Study
@@ -25,16 +27,28 @@ class IchAdminSite(admin.AdminSite):
     def has_permission(self, request: HttpRequest) -> bool:
         return has_role(request.user, ADMIN) and request.user.is_staff
 
-    def admin_view(self, view: Callable[..., HttpResponse], cacheable: bool = False) -> Any:
-        """A logged-in user without the admin role gets 403, not another login form."""
+    def admin_view(self, view: Any, cacheable: bool = False) -> Any:
+        """Anonymous users go to the one login page; a user without the admin role gets 403."""
         inner = super().admin_view(view, cacheable)
 
         def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-            if request.user.is_authenticated and not self.has_permission(request):
+            if not request.user.is_authenticated:
+                return redirect_to_login(request.get_full_path())
+            if not self.has_permission(request):
                 raise PermissionDenied("The admin site needs the Admin role.")
             return inner(request, *args, **kwargs)
 
         return update_wrapper(guarded, view)
+
+    def login(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        """One login page for the whole app, so every login is throttled and audited alike."""
+        return redirect_to_login(request.GET.get("next") or reverse("admin:index"))
+
+    def logout(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        services.user_logout(request=request)
+        return redirect("login")
 
 
 admin_site = IchAdminSite(name="admin")
@@ -101,7 +115,9 @@ def export_csv(
         address=services.client_address(request),
         filters={"ids": list(queryset.values_list("pk", flat=True))},
     )
-    response = StreamingHttpResponse((services.csv_line(row) for row in rows), content_type="text/csv")
+    response = StreamingHttpResponse(
+        (services.csv_line(row) for row in rows), content_type="text/csv"
+    )
     response["Content-Disposition"] = 'attachment; filename="audit-log.csv"'
     return response
 

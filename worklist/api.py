@@ -39,7 +39,7 @@ class StudyListView(generics.ListAPIView):
     permission_classes = [IsEdPhysician]
     serializer_class = StudyListSerializer
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return services.worklist_open(
             user=self.request.user, address=services.client_address(self.request)
         )
@@ -123,8 +123,10 @@ class AuditEventListView(generics.ListAPIView):
     def get(self, request: Request, *args: object, **kwargs: object) -> Response:
         return super().get(request, *args, **kwargs)
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
-        return selectors.audit_events(**_validated(AuditFilterSerializer, self.request.query_params))
+    def get_queryset(self):
+        return selectors.audit_events(
+            **_validated(AuditFilterSerializer, self.request.query_params)
+        )
 
 
 class AuditEventExportView(APIView):

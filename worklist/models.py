@@ -52,7 +52,7 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
 
 class InvalidTransition(Exception):
     def __init__(self, study_id: int, current: str, target: str) -> None:
-        super().__init__(f"Study {study_id} cannot go from {current!r} to {target!r}.")
+        super().__init__(f"Study {study_id} cannot go from '{current}' to '{target}'.")
 
 
 class Study(models.Model):
@@ -95,7 +95,7 @@ class Study(models.Model):
         return target in ALLOWED_TRANSITIONS[self.status]
 
     def transition_to(self, target: str, *, at: datetime | None = None) -> None:
-        """Move to ``target`` if allowed; the UPDATE re-checks the status so a race cannot skip it."""
+        """Move to ``target`` if allowed; the UPDATE re-checks the status, so no race skips it."""
         if not self.can_transition_to(target):
             raise InvalidTransition(self.pk, self.status, target)
         at = at or timezone.now()
@@ -103,7 +103,7 @@ class Study(models.Model):
             status=target, status_changed_at=at
         )
         if updated != 1:
-            raise InvalidTransition(self.pk, "a status changed concurrently", target)
+            raise InvalidTransition(self.pk, f"{self.status} (changed concurrently)", target)
         self.status, self.status_changed_at = target, at
 
     def waiting_time(self, now: datetime | None = None) -> timedelta:

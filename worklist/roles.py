@@ -79,7 +79,9 @@ class IsAdmin(_RolePermission):
     required_role = ADMIN
 
 
-def role_required(role: str) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+def role_required(
+    role: str,
+) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
     """For plain Django views: anonymous users go to the login page, wrong roles get 403."""
 
     def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:

@@ -82,7 +82,7 @@ class StudyDetailSerializer(StudyListSerializer):
     reviews = ReviewSerializer(many=True, read_only=True)
 
     class Meta(StudyListSerializer.Meta):
-        fields = (*StudyListSerializer.Meta.fields, "ai_results", "reviews")
+        fields = (*StudyListSerializer.Meta.fields, "ai_results", "reviews")  # type: ignore[assignment]
 
 
 class FindingReviewInputSerializer(serializers.Serializer):

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.contrib import auth
-from django.contrib.auth.models import AbstractBaseUser, Group, Permission
+from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -56,7 +56,7 @@ def audit_record(
 
 
 @transaction.atomic
-def user_login(*, request: HttpRequest, user: AbstractBaseUser) -> None:
+def user_login(*, request: HttpRequest, user: User) -> None:
     auth.login(request, user)
     audit_record(action=AuditAction.LOGIN, user=user, address=client_address(request))
 
@@ -85,7 +85,9 @@ def worklist_open(*, user: Any, address: str | None) -> QuerySet[Study]:
 @transaction.atomic
 def study_open(*, study_id: int, user: Any, address: str | None) -> Study:
     study = selectors.study_get(study_id=study_id)
-    audit_record(action=AuditAction.STUDY_OPENED, user=user, address=address, study=study, obj=study)
+    audit_record(
+        action=AuditAction.STUDY_OPENED, user=user, address=address, study=study, obj=study
+    )
     return study
 
 
@@ -177,9 +179,7 @@ AUDIT_CSV_COLUMNS = (
 
 
 @transaction.atomic
-def audit_export(
-    *, user: Any, address: str | None, filters: dict[str, Any]
-) -> Iterable[list[str]]:
+def audit_export(*, user: Any, address: str | None, filters: dict[str, Any]) -> Iterable[list[str]]:
     """Audits the export itself, then returns the filtered log as CSV lines."""
     events_qs = selectors.audit_events(**filters)
     audit_record(

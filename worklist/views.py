@@ -8,7 +8,14 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from worklist import health, services
-from worklist.roles import ED_PHYSICIAN, ROLE_LABELS, login_required, public, role_required, roles_of
+from worklist.roles import (
+    ED_PHYSICIAN,
+    ROLE_LABELS,
+    login_required,
+    public,
+    role_required,
+    roles_of,
+)
 
 
 class LoginView(auth_views.LoginView):
@@ -16,19 +23,20 @@ class LoginView(auth_views.LoginView):
     template_name = "registration/login.html"
     redirect_authenticated_user = True
 
-    def get_context_data(self, **kwargs):  # type: ignore[no-untyped-def]
-        return super().get_context_data(idle_minutes=settings.SESSION_IDLE_TIMEOUT_MINUTES, **kwargs)
+    def get_context_data(self, **kwargs):
+        return super().get_context_data(
+            idle_minutes=settings.SESSION_IDLE_TIMEOUT_MINUTES, **kwargs
+        )
 
-    def form_valid(self, form):  # type: ignore[no-untyped-def]
+    def form_valid(self, form):
         services.user_login(request=self.request, user=form.get_user())
         return redirect(self.get_success_url())
 
-    def form_invalid(self, form):  # type: ignore[no-untyped-def]
+    def form_invalid(self, form):
         services.login_failure_record(
             request=self.request, username=self.request.POST.get("username", "")
         )
         return super().form_invalid(form)
-
 
 
 @login_required

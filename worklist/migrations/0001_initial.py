@@ -7,7 +7,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -16,177 +15,461 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='AIResult',
+            name="AIResult",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('status', models.CharField(choices=[('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed')], default='running', max_length=16)),
-                ('model_name', models.CharField(max_length=128)),
-                ('model_version', models.CharField(max_length=64)),
-                ('class_probabilities', models.JSONField(blank=True, default=dict)),
-                ('slice_probabilities', models.JSONField(blank=True, default=list)),
-                ('key_slices', models.JSONField(blank=True, default=dict)),
-                ('heatmaps', models.JSONField(blank=True, default=dict)),
-                ('prediction_basis', models.JSONField(blank=True, default=dict)),
-                ('timings', models.JSONField(blank=True, default=dict)),
-                ('error', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                        ],
+                        default="running",
+                        max_length=16,
+                    ),
+                ),
+                ("model_name", models.CharField(max_length=128)),
+                ("model_version", models.CharField(max_length=64)),
+                ("class_probabilities", models.JSONField(blank=True, default=dict)),
+                ("slice_probabilities", models.JSONField(blank=True, default=list)),
+                ("key_slices", models.JSONField(blank=True, default=dict)),
+                ("heatmaps", models.JSONField(blank=True, default=dict)),
+                ("prediction_basis", models.JSONField(blank=True, default=dict)),
+                ("timings", models.JSONField(blank=True, default=dict)),
+                ("error", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'get_latest_by': 'created_at',
+                "get_latest_by": "created_at",
             },
         ),
         migrations.CreateModel(
-            name='Instance',
+            name="Instance",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('sop_instance_uid', models.CharField(max_length=64, unique=True)),
-                ('sop_class_uid', models.CharField(max_length=64)),
-                ('path', models.CharField(help_text='Relative to the media root.', max_length=512, unique=True)),
-                ('sha256', models.CharField(max_length=64)),
-                ('size_bytes', models.PositiveBigIntegerField()),
-                ('instance_number', models.IntegerField(blank=True, null=True)),
-                ('slice_position', models.FloatField(blank=True, null=True)),
-                ('received_at', models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("sop_instance_uid", models.CharField(max_length=64, unique=True)),
+                ("sop_class_uid", models.CharField(max_length=64)),
+                (
+                    "path",
+                    models.CharField(
+                        help_text="Relative to the media root.", max_length=512, unique=True
+                    ),
+                ),
+                ("sha256", models.CharField(max_length=64)),
+                ("size_bytes", models.PositiveBigIntegerField()),
+                ("instance_number", models.IntegerField(blank=True, null=True)),
+                ("slice_position", models.FloatField(blank=True, null=True)),
+                ("received_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
             options={
-                'ordering': ['series', 'slice_position', 'instance_number'],
+                "ordering": ["series", "slice_position", "instance_number"],
             },
         ),
         migrations.CreateModel(
-            name='Series',
+            name="Series",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('series_instance_uid', models.CharField(max_length=64, unique=True)),
-                ('modality', models.CharField(max_length=16)),
-                ('series_number', models.IntegerField(blank=True, null=True)),
-                ('series_description', models.CharField(blank=True, max_length=256)),
-                ('body_part', models.CharField(blank=True, max_length=64)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("series_instance_uid", models.CharField(max_length=64, unique=True)),
+                ("modality", models.CharField(max_length=16)),
+                ("series_number", models.IntegerField(blank=True, null=True)),
+                ("series_description", models.CharField(blank=True, max_length=256)),
+                ("body_part", models.CharField(blank=True, max_length=64)),
             ],
             options={
-                'verbose_name_plural': 'series',
+                "verbose_name_plural": "series",
             },
         ),
         migrations.CreateModel(
-            name='Finding',
+            name="Finding",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('haemorrhage_class', models.CharField(choices=[('any', 'Any haemorrhage'), ('intraparenchymal', 'Intraparenchymal'), ('intraventricular', 'Intraventricular'), ('subdural', 'Subdural'), ('epidural', 'Epidural'), ('subarachnoid', 'Subarachnoid')], max_length=32)),
-                ('probability', models.FloatField()),
-                ('flagged', models.BooleanField(help_text="Above the model's operating point for this class.")),
-                ('result', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='findings', to='worklist.airesult')),
-                ('key_instance', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='worklist.instance')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "haemorrhage_class",
+                    models.CharField(
+                        choices=[
+                            ("any", "Any haemorrhage"),
+                            ("intraparenchymal", "Intraparenchymal"),
+                            ("intraventricular", "Intraventricular"),
+                            ("subdural", "Subdural"),
+                            ("epidural", "Epidural"),
+                            ("subarachnoid", "Subarachnoid"),
+                        ],
+                        max_length=32,
+                    ),
+                ),
+                ("probability", models.FloatField()),
+                (
+                    "flagged",
+                    models.BooleanField(
+                        help_text="Above the model's operating point for this class."
+                    ),
+                ),
+                (
+                    "result",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="findings",
+                        to="worklist.airesult",
+                    ),
+                ),
+                (
+                    "key_instance",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="worklist.instance",
+                    ),
+                ),
             ],
         ),
         migrations.AddField(
-            model_name='instance',
-            name='series',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='instances', to='worklist.series'),
+            model_name="instance",
+            name="series",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="instances",
+                to="worklist.series",
+            ),
         ),
         migrations.CreateModel(
-            name='Study',
+            name="Study",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('study_instance_uid', models.CharField(max_length=64, unique=True)),
-                ('accession_number', models.CharField(blank=True, max_length=64)),
-                ('patient_id', models.CharField(blank=True, max_length=64)),
-                ('patient_name', models.CharField(blank=True, max_length=256)),
-                ('study_datetime', models.DateTimeField(blank=True, null=True)),
-                ('received_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('last_instance_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('status', models.CharField(choices=[('receiving', 'Receiving'), ('queued', 'Queued for AI'), ('scoring', 'AI scoring'), ('scored', 'AI scored'), ('failed', 'AI failed'), ('not_eligible', 'Not eligible for AI')], default='receiving', max_length=16)),
-                ('status_changed_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('priority', models.FloatField(default=0.0)),
-                ('review_state', models.CharField(choices=[('unreviewed', 'Not reviewed'), ('reviewed', 'Reviewed')], default='unreviewed', max_length=16)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("study_instance_uid", models.CharField(max_length=64, unique=True)),
+                ("accession_number", models.CharField(blank=True, max_length=64)),
+                ("patient_id", models.CharField(blank=True, max_length=64)),
+                ("patient_name", models.CharField(blank=True, max_length=256)),
+                ("study_datetime", models.DateTimeField(blank=True, null=True)),
+                ("received_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("last_instance_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("receiving", "Receiving"),
+                            ("queued", "Queued for AI"),
+                            ("scoring", "AI scoring"),
+                            ("scored", "AI scored"),
+                            ("failed", "AI failed"),
+                            ("not_eligible", "Not eligible for AI"),
+                        ],
+                        default="receiving",
+                        max_length=16,
+                    ),
+                ),
+                ("status_changed_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("priority", models.FloatField(default=0.0)),
+                (
+                    "review_state",
+                    models.CharField(
+                        choices=[("unreviewed", "Not reviewed"), ("reviewed", "Reviewed")],
+                        default="unreviewed",
+                        max_length=16,
+                    ),
+                ),
             ],
             options={
-                'verbose_name_plural': 'studies',
-                'indexes': [models.Index(fields=['-priority', 'received_at'], name='worklist_st_priorit_9d02a8_idx')],
-                'constraints': [models.CheckConstraint(condition=models.Q(('status__in', ['receiving', 'queued', 'scoring', 'scored', 'failed', 'not_eligible'])), name='study_status_valid'), models.CheckConstraint(condition=models.Q(('review_state__in', ['unreviewed', 'reviewed'])), name='study_review_state_valid'), models.CheckConstraint(condition=models.Q(('last_instance_at__gte', models.F('received_at'))), name='study_last_instance_not_before_first')],
+                "verbose_name_plural": "studies",
+                "indexes": [
+                    models.Index(
+                        fields=["-priority", "received_at"], name="worklist_st_priorit_9d02a8_idx"
+                    )
+                ],
+                "constraints": [
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            (
+                                "status__in",
+                                [
+                                    "receiving",
+                                    "queued",
+                                    "scoring",
+                                    "scored",
+                                    "failed",
+                                    "not_eligible",
+                                ],
+                            )
+                        ),
+                        name="study_status_valid",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("review_state__in", ["unreviewed", "reviewed"])),
+                        name="study_review_state_valid",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("last_instance_at__gte", models.F("received_at"))),
+                        name="study_last_instance_not_before_first",
+                    ),
+                ],
             },
         ),
         migrations.AddField(
-            model_name='series',
-            name='study',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='series', to='worklist.study'),
+            model_name="series",
+            name="study",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="series",
+                to="worklist.study",
+            ),
         ),
         migrations.CreateModel(
-            name='Review',
+            name="Review",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('haemorrhage_class', models.CharField(choices=[('any', 'Any haemorrhage'), ('intraparenchymal', 'Intraparenchymal'), ('intraventricular', 'Intraventricular'), ('subdural', 'Subdural'), ('epidural', 'Epidural'), ('subarachnoid', 'Subarachnoid')], max_length=32)),
-                ('decision', models.CharField(choices=[('confirmed', 'Confirmed'), ('rejected', 'Rejected'), ('missed', 'Missed by AI')], max_length=16)),
-                ('comment', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('finding', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='reviews', to='worklist.finding')),
-                ('reviewer', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, to=settings.AUTH_USER_MODEL)),
-                ('study', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='reviews', to='worklist.study')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "haemorrhage_class",
+                    models.CharField(
+                        choices=[
+                            ("any", "Any haemorrhage"),
+                            ("intraparenchymal", "Intraparenchymal"),
+                            ("intraventricular", "Intraventricular"),
+                            ("subdural", "Subdural"),
+                            ("epidural", "Epidural"),
+                            ("subarachnoid", "Subarachnoid"),
+                        ],
+                        max_length=32,
+                    ),
+                ),
+                (
+                    "decision",
+                    models.CharField(
+                        choices=[
+                            ("confirmed", "Confirmed"),
+                            ("rejected", "Rejected"),
+                            ("missed", "Missed by AI"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("comment", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "finding",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="reviews",
+                        to="worklist.finding",
+                    ),
+                ),
+                (
+                    "reviewer",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, to=settings.AUTH_USER_MODEL
+                    ),
+                ),
+                (
+                    "study",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="reviews",
+                        to="worklist.study",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at'],
+                "ordering": ["created_at"],
             },
         ),
         migrations.CreateModel(
-            name='AuditEvent',
+            name="AuditEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('username', models.CharField(blank=True, help_text='As typed or as logged in.', max_length=150)),
-                ('action', models.CharField(choices=[('auth.login', 'Logged in'), ('auth.logout', 'Logged out'), ('auth.login_failed', 'Failed login'), ('worklist.viewed', 'Worklist viewed'), ('study.opened', 'Study opened'), ('images.fetched', 'Images fetched'), ('review.saved', 'Review saved'), ('export', 'Export')], db_index=True, max_length=32)),
-                ('object_type', models.CharField(blank=True, max_length=32)),
-                ('object_id', models.CharField(blank=True, max_length=64)),
-                ('client_address', models.GenericIPAddressField(blank=True, null=True)),
-                ('details', models.JSONField(blank=True, default=dict)),
-                ('user', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('study', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='audit_events', to='worklist.study')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
+                (
+                    "username",
+                    models.CharField(
+                        blank=True, help_text="As typed or as logged in.", max_length=150
+                    ),
+                ),
+                (
+                    "action",
+                    models.CharField(
+                        choices=[
+                            ("auth.login", "Logged in"),
+                            ("auth.logout", "Logged out"),
+                            ("auth.login_failed", "Failed login"),
+                            ("worklist.viewed", "Worklist viewed"),
+                            ("study.opened", "Study opened"),
+                            ("images.fetched", "Images fetched"),
+                            ("review.saved", "Review saved"),
+                            ("export", "Export"),
+                        ],
+                        db_index=True,
+                        max_length=32,
+                    ),
+                ),
+                ("object_type", models.CharField(blank=True, max_length=32)),
+                ("object_id", models.CharField(blank=True, max_length=64)),
+                ("client_address", models.GenericIPAddressField(blank=True, null=True)),
+                ("details", models.JSONField(blank=True, default=dict)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "study",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="audit_events",
+                        to="worklist.study",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.AddField(
-            model_name='airesult',
-            name='study',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='ai_results', to='worklist.study'),
+            model_name="airesult",
+            name="study",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="ai_results",
+                to="worklist.study",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='finding',
-            constraint=models.UniqueConstraint(fields=('result', 'haemorrhage_class'), name='one_finding_per_class_per_result'),
+            model_name="finding",
+            constraint=models.UniqueConstraint(
+                fields=("result", "haemorrhage_class"), name="one_finding_per_class_per_result"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='finding',
-            constraint=models.CheckConstraint(condition=models.Q(('probability__gte', 0.0), ('probability__lte', 1.0)), name='finding_probability_in_unit_interval'),
+            model_name="finding",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("probability__gte", 0.0), ("probability__lte", 1.0)),
+                name="finding_probability_in_unit_interval",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='finding',
-            constraint=models.CheckConstraint(condition=models.Q(('haemorrhage_class__in', ['any', 'intraparenchymal', 'intraventricular', 'subdural', 'epidural', 'subarachnoid'])), name='finding_class_valid'),
+            model_name="finding",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    (
+                        "haemorrhage_class__in",
+                        [
+                            "any",
+                            "intraparenchymal",
+                            "intraventricular",
+                            "subdural",
+                            "epidural",
+                            "subarachnoid",
+                        ],
+                    )
+                ),
+                name="finding_class_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='instance',
-            constraint=models.CheckConstraint(condition=models.Q(('sha256__regex', '^[0-9a-f]{64}$')), name='sha256_hex'),
+            model_name="instance",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("sha256__regex", "^[0-9a-f]{64}$")), name="sha256_hex"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='review',
-            constraint=models.CheckConstraint(condition=models.Q(models.Q(('decision', 'missed'), ('finding__isnull', True)), models.Q(models.Q(('decision', 'missed'), _negated=True), ('finding__isnull', False)), _connector='OR'), name='review_missed_iff_no_finding'),
+            model_name="review",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    models.Q(("decision", "missed"), ("finding__isnull", True)),
+                    models.Q(
+                        models.Q(("decision", "missed"), _negated=True), ("finding__isnull", False)
+                    ),
+                    _connector="OR",
+                ),
+                name="review_missed_iff_no_finding",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='review',
-            constraint=models.CheckConstraint(condition=models.Q(('decision__in', ['confirmed', 'rejected', 'missed'])), name='review_decision_valid'),
+            model_name="review",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("decision__in", ["confirmed", "rejected", "missed"])),
+                name="review_decision_valid",
+            ),
         ),
         migrations.AddIndex(
-            model_name='auditevent',
-            index=models.Index(fields=['user', '-created_at'], name='worklist_au_user_id_e36b34_idx'),
+            model_name="auditevent",
+            index=models.Index(
+                fields=["user", "-created_at"], name="worklist_au_user_id_e36b34_idx"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='airesult',
-            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['running', 'succeeded', 'failed'])), name='airesult_status_valid'),
+            model_name="airesult",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("status__in", ["running", "succeeded", "failed"])),
+                name="airesult_status_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='airesult',
-            constraint=models.CheckConstraint(condition=models.Q(models.Q(('status', 'failed'), _negated=True), models.Q(('error', ''), _negated=True), _connector='OR'), name='airesult_failure_has_reason'),
+            model_name="airesult",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    models.Q(("status", "failed"), _negated=True),
+                    models.Q(("error", ""), _negated=True),
+                    _connector="OR",
+                ),
+                name="airesult_failure_has_reason",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='airesult',
-            constraint=models.CheckConstraint(condition=models.Q(('status', 'running'), ('finished_at__isnull', False), _connector='OR'), name='airesult_finished_has_time'),
+            model_name="airesult",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("status", "running"), ("finished_at__isnull", False), _connector="OR"
+                ),
+                name="airesult_finished_has_time",
+            ),
         ),
     ]

@@ -35,8 +35,10 @@ class Command(BaseCommand):
                 user.groups.set([Group.objects.get(name=role)])
                 created.append((username, role, password))
         if not created:
-            self.stdout.write("Demo users exist (passwords were shown when they were created; "
-                              "`make demo-passwords` sets new ones).")
+            self.stdout.write(
+                "Demo users exist (passwords were shown when they were created; "
+                "`make demo-passwords` sets new ones)."
+            )
             return
         self.stdout.write(self.style.WARNING("Demo users — these passwords are shown only once:"))
         for username, role, password in created:

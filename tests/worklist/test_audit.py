@@ -1,0 +1,211 @@
+import csv
+import io
+
+import pytest
+from django.db import connection, transaction
+from django.db.utils import DatabaseError
+from django.test import Client
+from django.urls import reverse
+
+from tests.factories import AIResultFactory, FindingFactory, InstanceFactory, StudyFactory
+from worklist.models import AuditAction, AuditEvent
+
+pytestmark = pytest.mark.django_db
+
+
+def _actions() -> list[str]:
+    return list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
+
+
+class TestTheAuditLogIsAppendOnly:
+    def test_a_raw_sql_update_is_refused_by_the_database(self) -> None:
+        event = AuditEvent.objects.create(action=AuditAction.LOGIN, username="alice")
+        with (
+            pytest.raises(DatabaseError, match="append-only"),
+            transaction.atomic(),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(
+                "UPDATE worklist_auditevent SET username = 'mallory' WHERE id = %s", [event.pk]
+            )
+        event.refresh_from_db()
+        assert event.username == "alice"
+
+    def test_a_raw_sql_delete_is_refused_by_the_database(self) -> None:
+        event = AuditEvent.objects.create(action=AuditAction.LOGIN, username="alice")
+        with (
+            pytest.raises(DatabaseError, match="append-only"),
+            transaction.atomic(),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute("DELETE FROM worklist_auditevent WHERE id = %s", [event.pk])
+        assert AuditEvent.objects.filter(pk=event.pk).exists()
+
+    def test_the_orm_cannot_edit_an_event_either(self) -> None:
+        event = AuditEvent.objects.create(action=AuditAction.LOGIN, username="alice")
+        event.username = "mallory"
+        with pytest.raises(DatabaseError), transaction.atomic():
+            event.save()
+
+
+class TestLoginAndLogoutAreAudited:
+    def test_a_login_writes_one_event_with_the_client_address(self, user_with_role) -> None:
+        user_with_role("ed_physician", username="alice")
+        response = Client(REMOTE_ADDR="10.1.2.3").post(
+            reverse("login"), {"username": "alice", "password": "correct-horse-battery-9"}
+        )
+        assert response.status_code == 302
+        event = AuditEvent.objects.get()
+        assert (event.action, event.username, event.client_address) == (
+            AuditAction.LOGIN,
+            "alice",
+            "10.1.2.3",
+        )
+
+    def test_a_failed_login_is_audited_with_the_name_typed(self, user_with_role) -> None:
+        user_with_role("ed_physician", username="alice")
+        response = Client().post(reverse("login"), {"username": "alice", "password": "wrong"})
+        assert response.status_code == 200
+        event = AuditEvent.objects.get()
+        assert (event.action, event.username, event.user) == (
+            AuditAction.LOGIN_FAILED,
+            "alice",
+            None,
+        )
+
+    def test_a_logout_is_audited_and_ends_the_session(self, ed_client: Client) -> None:
+        assert ed_client.post(reverse("logout")).status_code == 302
+        assert _actions() == [AuditAction.LOGOUT]
+        assert ed_client.get(reverse("api-study-list")).status_code == 401
+
+
+class TestPatientDataAccessIsAudited:
+    def test_viewing_the_worklist_writes_one_event(self, ed_client: Client) -> None:
+        StudyFactory.create_batch(3)
+        assert ed_client.get(reverse("api-study-list")).status_code == 200
+        assert _actions() == [AuditAction.WORKLIST_VIEWED]
+
+    def test_opening_a_study_writes_an_event_linked_to_it(self, ed_client: Client) -> None:
+        study = StudyFactory()
+        response = ed_client.get(reverse("api-study-detail", args=[study.pk]))
+        assert response.status_code == 200
+        assert response.json()["study_instance_uid"] == study.study_instance_uid
+        event = AuditEvent.objects.get()
+        assert (event.action, event.study, event.object_id) == (
+            AuditAction.STUDY_OPENED,
+            study,
+            str(study.pk),
+        )
+
+    def test_fetching_an_image_writes_an_event(self, ed_client: Client, settings) -> None:
+        instance = InstanceFactory(path="studies/a/1.dcm")
+        stored = settings.MEDIA_ROOT / "studies/a/1.dcm"
+        stored.parent.mkdir(parents=True)
+        stored.write_bytes(b"DICM-bytes")
+        response = ed_client.get(reverse("api-instance", args=[instance.pk]))
+        assert b"".join(response.streaming_content) == b"DICM-bytes"
+        event = AuditEvent.objects.get()
+        assert (event.action, event.study) == (AuditAction.IMAGES_FETCHED, instance.series.study)
+
+    def test_a_missing_study_is_a_404_and_not_audited(self, ed_client: Client) -> None:
+        assert ed_client.get(reverse("api-study-detail", args=[999999])).status_code == 404
+        assert _actions() == []
+
+
+class TestReviewsAreAudited:
+    def test_confirming_a_finding_saves_the_review_and_one_event(
+        self, radiologist_client: Client
+    ) -> None:
+        finding = FindingFactory()
+        response = radiologist_client.post(
+            reverse("api-finding-review", args=[finding.pk]),
+            {"decision": "confirmed", "comment": "agree"},
+            content_type="application/json",
+        )
+        assert response.status_code == 201, response.content
+        assert response.json()["decision"] == "confirmed"
+        event = AuditEvent.objects.get()
+        assert event.action == AuditAction.REVIEW_SAVED
+        assert event.details == {"decision": "confirmed", "class": "subdural"}
+        finding.result.study.refresh_from_db()
+        assert finding.result.study.review_state == "reviewed"
+
+    def test_a_missed_finding_is_recorded_against_the_study(
+        self, radiologist_client: Client
+    ) -> None:
+        study = AIResultFactory().study
+        response = radiologist_client.post(
+            reverse("api-missed-finding", args=[study.pk]),
+            {"haemorrhage_class": "epidural"},
+            content_type="application/json",
+        )
+        assert response.status_code == 201
+        assert response.json()["decision"] == "missed"
+        assert _actions() == [AuditAction.REVIEW_SAVED]
+
+    def test_an_invalid_decision_is_refused_and_nothing_is_written(
+        self, radiologist_client: Client
+    ) -> None:
+        finding = FindingFactory()
+        response = radiologist_client.post(
+            reverse("api-finding-review", args=[finding.pk]),
+            {"decision": "maybe"},
+            content_type="application/json",
+        )
+        assert response.status_code == 400
+        assert "decision" in response.json()
+        assert _actions() == []
+
+
+class TestAdminsReadAndExportTheLog:
+    def test_the_log_filters_by_user_study_action_and_time(self, admin_client_: Client) -> None:
+        study = StudyFactory()
+        AuditEvent.objects.create(action=AuditAction.STUDY_OPENED, username="bob", study=study)
+        AuditEvent.objects.create(action=AuditAction.STUDY_OPENED, username="carol", study=study)
+        AuditEvent.objects.create(action=AuditAction.LOGIN, username="bob")
+        url = reverse("api-audit-list")
+
+        def usernames(**query: str) -> list[str]:
+            response = admin_client_.get(url, query)
+            assert response.status_code == 200, response.content
+            return sorted(row["username"] for row in response.json()["results"])
+
+        assert usernames(username="bob") == ["bob", "bob"]
+        assert usernames(study=study.study_instance_uid) == ["bob", "carol"]
+        assert usernames(study=str(study.pk), username="carol") == ["carol"]
+        assert usernames(action="auth.login") == ["bob"]
+        assert usernames(since="2999-01-01T00:00:00Z") == []
+
+    def test_a_bad_filter_is_a_400_that_names_it(self, admin_client_: Client) -> None:
+        response = admin_client_.get(reverse("api-audit-list"), {"since": "yesterday"})
+        assert response.status_code == 400
+        assert "since" in response.json()
+
+    def test_the_csv_export_holds_the_filtered_rows_and_is_itself_audited(
+        self, admin_client_: Client
+    ) -> None:
+        AuditEvent.objects.create(action=AuditAction.LOGIN, username="bob")
+        AuditEvent.objects.create(action=AuditAction.LOGIN, username="carol")
+        response = admin_client_.get(reverse("api-audit-export"), {"username": "bob"})
+        assert response["Content-Type"] == "text/csv"
+        rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+        assert [row["username"] for row in rows] == ["bob"]
+        export = AuditEvent.objects.filter(action=AuditAction.EXPORT).get()
+        assert export.details["filters"] == {"username": "bob"}
+
+    def test_the_admin_site_can_export_selected_events(self, admin_client_: Client) -> None:
+        event = AuditEvent.objects.create(action=AuditAction.LOGIN, username="bob")
+        response = admin_client_.post(
+            reverse("admin:worklist_auditevent_changelist"),
+            {"action": "export_csv", "_selected_action": [event.pk]},
+        )
+        assert response.status_code == 200
+        body = b"".join(response.streaming_content).decode()
+        assert "bob" in body
+        assert AuditEvent.objects.filter(action=AuditAction.EXPORT).count() == 1
+
+    def test_the_admin_site_offers_no_way_to_delete_an_event(self, admin_client_: Client) -> None:
+        event = AuditEvent.objects.create(action=AuditAction.LOGIN, username="bob")
+        url = reverse("admin:worklist_auditevent_delete", args=[event.pk])
+        assert admin_client_.post(url, {"post": "yes"}).status_code == 403
+        assert AuditEvent.objects.filter(pk=event.pk).exists()
