@@ -64,6 +64,7 @@ test: setup lint
 	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-test.started
 	@trap '$(SERVICES) stop $(ICH_VAR_DIR)/run/make-test.started' EXIT; \
 	  export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:$${ICH_REDIS_PORT:-6390}/1}; \
+	  $(BIN)/python manage.py collectstatic --noinput --verbosity 0 && \
 	  $(BIN)/python -m pytest
 
 clean:
