@@ -1,0 +1,155 @@
+"""The `ich` command: phantom, train, evaluate, predict, atlas build."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from inference.constants import CLASSES
+
+DATA_KINDS = ("phantom", "study_folder", "cq500", "rsna", "yolo", "image_folder")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ich",
+        description="Explainable ICH detection on head CT. Triage support, not diagnosis.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    phantom = commands.add_parser("phantom", help="write synthetic head CT studies as DICOM")
+    phantom.add_argument("--out", type=Path, required=True)
+    phantom.add_argument("--studies", type=int, default=20)
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.set_defaults(run=_phantom)
+
+    train = commands.add_parser("train", help="train a model package from a TOML config")
+    train.add_argument("--config", type=Path, required=True)
+    train.add_argument("--out", type=Path, help="output folder (overrides out_dir)")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="measure a model on a dataset")
+    evaluate.add_argument("model", type=Path)
+    evaluate.add_argument("dataset", type=Path)
+    evaluate.add_argument("--kind", choices=DATA_KINDS, default="study_folder")
+    evaluate.add_argument("--labels", help="labels CSV for --kind image_folder")
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation"))
+    evaluate.add_argument("--include-training", action="store_true",
+                          help="also score items the model was trained or validated on")
+    evaluate.add_argument("--bootstrap", type=int, default=1000)
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="score one series (a folder or files)")
+    predict.add_argument("paths", nargs="+", type=Path)
+    predict.add_argument("--model", type=Path, help="model package (default: the shipped one)")
+    predict.add_argument("--heatmaps", type=Path, help="write heatmap overlays as PNG here")
+    predict.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    predict.set_defaults(run=_predict)
+
+    atlas = commands.add_parser("atlas", help="prediction-basis atlas")
+    atlas_commands = atlas.add_subparsers(dest="atlas_command", required=True)
+    build = atlas_commands.add_parser("build", help="rebuild a model's atlas from training data")
+    build.add_argument("--model", type=Path, required=True)
+    build.add_argument("--data", action="append", required=True, metavar="KIND:PATH",
+                       help=f"training data, KIND one of {', '.join(DATA_KINDS)}; repeatable")
+    build.add_argument("--per-class", type=int, default=12)
+    build.add_argument("--out", type=Path, help="where to write the model (default: in place)")
+    build.set_defaults(run=_atlas_build)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ich: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _phantom(args: argparse.Namespace) -> None:
+    from inference.phantom import write_dataset
+
+    write_dataset(args.out, args.studies, args.seed)
+    print(f"wrote {args.studies} phantom studies to {args.out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from inference.training import TrainConfig, train
+
+    config = TrainConfig.from_toml(args.config)
+    if args.out:
+        config.out_dir = str(args.out)
+    path = train(config)
+    print(f"model written to {path}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from inference.data import DataSource
+    from inference.evaluation import evaluate
+
+    source = DataSource(kind=args.kind, path=str(args.dataset), labels_csv=args.labels)
+    report = evaluate(args.model, source, args.out, exclude_training=not args.include_training,
+                      bootstrap_rounds=args.bootstrap)
+    summary = {c: report["study_level"][c]["auc"] for c in CLASSES}
+    print(json.dumps({"study_auc": summary, "report": str(args.out / "report.json")}, indent=2))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from inference.predictor import Predictor
+
+    predictor = Predictor.load(args.model, device=args.device)
+    paths = args.paths[0] if len(args.paths) == 1 else args.paths
+    prediction = predictor.predict(paths, heatmaps=args.heatmaps is not None)
+    print(json.dumps(prediction.summary(), indent=2))
+    if args.heatmaps:
+        _write_overlays(prediction, paths, args.heatmaps)
+
+
+def _write_overlays(prediction, paths, out: Path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from inference.dicom_io import load_series
+    from inference.preprocess import BRAIN
+
+    series = load_series(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, heatmap in prediction.heatmaps.items():
+        s = prediction.key_slices[name]
+        gray = np.clip((series.hu[s] - BRAIN.low) / BRAIN.width, 0, 1)
+        heat = heatmap[s].astype(np.float32) / 255
+        rgb = np.stack([gray, gray, gray], axis=-1)
+        colour = np.stack([heat, heat * 0.3, np.zeros_like(heat)], axis=-1)
+        alpha = 0.5 * heat[..., None]
+        overlay = (rgb * (1 - alpha) + colour * alpha) * 255
+        path = out / f"{name}_slice{s:03d}.png"
+        Image.fromarray(overlay.astype(np.uint8)).save(path)
+        print(f"heatmap overlay: {path}", file=sys.stderr)
+
+
+def _atlas_build(args: argparse.Namespace) -> None:
+    from inference.atlas import build_atlas
+    from inference.data import DataSource, prepare, read_source
+    from inference.package import ModelPackage
+    from inference.training import extract
+
+    package = ModelPackage.load(args.model)
+    volumes = []
+    for spec in args.data:
+        kind, _, path = spec.partition(":")
+        source = DataSource(kind=kind, path=path)
+        volumes += prepare(read_source(source), package.preprocess, kind)
+    features = extract(package.members, volumes, package.preprocess, device=_cpu())
+    package.atlas = build_atlas(package, volumes, features, per_class=args.per_class)
+    target = args.out or args.model
+    package.save(target)
+    print(f"atlas of {len(package.atlas.classes)} slices written into {target}")
+
+
+def _cpu():  # type: ignore[no-untyped-def]
+    import torch
+
+    return torch.device("cpu")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

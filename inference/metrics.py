@@ -1,0 +1,97 @@
+"""Classification metrics written out in numpy: AUC, bootstrap intervals, operating points, calibration."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with midranks for ties); NaN without both classes."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # midranks for ties
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_auc(
+    labels: np.ndarray, scores: np.ndarray, *, rounds: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """AUC with a 95% percentile bootstrap interval (resampling cases)."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    point = roc_auc(labels, scores)
+    if np.isnan(point):
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(labels), len(labels))
+        value = roc_auc(labels[pick], scores[pick])
+        if not np.isnan(value):
+            samples.append(value)
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rates, true-positive rates and thresholds, thresholds descending."""
+    labels = np.asarray(labels, dtype=bool)
+    thresholds = np.unique(scores)[::-1]
+    tpr = np.array([(scores[labels] >= t).mean() for t in thresholds]) if labels.any() else None
+    fpr = np.array([(scores[~labels] >= t).mean() for t in thresholds]) if (~labels).any() else None
+    if tpr is None or fpr is None:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.array([np.inf, -np.inf])
+    return np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0], np.r_[np.inf, thresholds, -np.inf]
+
+
+@dataclass
+class OperatingPoint:
+    threshold: float
+    sensitivity: float
+    specificity: float
+    positives: int
+    negatives: int
+
+
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> OperatingPoint:
+    labels = np.asarray(labels, dtype=bool)
+    flagged = np.asarray(scores) >= threshold
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    sensitivity = float(flagged[labels].mean()) if pos else float("nan")
+    specificity = float((~flagged[~labels]).mean()) if neg else float("nan")
+    return OperatingPoint(threshold, sensitivity, specificity, pos, neg)
+
+
+def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity is at least ``target`` (0.5 without positives)."""
+    labels = np.asarray(labels, dtype=bool)
+    positive_scores = np.sort(np.asarray(scores)[labels])[::-1]
+    if len(positive_scores) == 0:
+        return 0.5
+    needed = int(np.ceil(target * len(positive_scores)))
+    return float(positive_scores[max(needed, 1) - 1])
+
+
+def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:
+    """Reliability table, expected calibration error and Brier score."""
+    labels = np.asarray(labels, dtype=np.float64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        if not inside.any():
+            continue
+        mean_p, observed = float(probabilities[inside].mean()), float(labels[inside].mean())
+        ece += inside.mean() * abs(mean_p - observed)
+        table.append({"bin": [float(edges[b]), float(edges[b + 1])], "count": int(inside.sum()),
+                      "mean_probability": mean_p, "observed_rate": observed})
+    brier = float(np.mean((probabilities - labels) ** 2)) if len(labels) else float("nan")
+    return {"ece": float(ece), "brier": brier, "bins": table}

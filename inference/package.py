@@ -1,0 +1,157 @@
+"""A trained model as one file: networks, preprocessing, aggregator, calibration, operating points
+and the prediction-basis atlas. Loaded with ``torch.load(weights_only=True)``: data, never code."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.constants import CLASSES
+from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator
+from inference.preprocess import PreprocessConfig
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Atlas:
+    """Training slices the model got right with high confidence, per class, de-identified."""
+
+    embeddings: np.ndarray  # (K, D) float32, L2-normalised
+    classes: np.ndarray  # (K,) index into CLASSES of the class the entry illustrates
+    labels: np.ndarray  # (K, 6) uint8, every class of that slice
+    probabilities: np.ndarray  # (K,) the model's probability for that class
+    thumbnails: np.ndarray  # (K, T, T) uint8, brain window
+    attention: np.ndarray  # (K, T, T) uint8, Grad-CAM of that class
+    sources: list[str]  # dataset and licence, e.g. "phantom" or "roboflow-ich (CC BY 4.0)"
+
+    def nearest(self, embedding: np.ndarray, class_index: int, k: int) -> list[tuple[int, float]]:
+        """The k entries of ``class_index`` most similar (cosine) to ``embedding``."""
+        candidates = np.flatnonzero(self.classes == class_index)
+        if len(candidates) == 0:
+            return []
+        query = embedding / max(float(np.linalg.norm(embedding)), 1e-8)
+        similarity = self.embeddings[candidates] @ query  # (C,)
+        best = np.argsort(-similarity)[:k]
+        return [(int(candidates[i]), float(similarity[i])) for i in best]
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "embeddings": torch.from_numpy(self.embeddings.astype(np.float16)),
+            "classes": torch.from_numpy(self.classes.astype(np.int64)),
+            "labels": torch.from_numpy(self.labels.astype(np.uint8)),
+            "probabilities": torch.from_numpy(self.probabilities.astype(np.float32)),
+            "thumbnails": torch.from_numpy(self.thumbnails),
+            "attention": torch.from_numpy(self.attention),
+            "sources": list(self.sources),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Atlas":
+        return cls(
+            embeddings=state["embeddings"].float().numpy(),
+            classes=state["classes"].numpy(),
+            labels=state["labels"].numpy(),
+            probabilities=state["probabilities"].numpy(),
+            thumbnails=state["thumbnails"].numpy(),
+            attention=state["attention"].numpy(),
+            sources=list(state["sources"]),
+        )
+
+
+@dataclass
+class ModelPackage:
+    name: str
+    version: str
+    preprocess: PreprocessConfig
+    members: list[EfficientNetLite]
+    aggregator: StudyAggregator | None  # None: the study logit is the max over slices
+    calibration: np.ndarray = field(default_factory=lambda: np.tile([1.0, 0.0], (len(CLASSES), 1)))
+    thresholds: np.ndarray = field(default_factory=lambda: np.full(len(CLASSES), 0.5))
+    atlas: Atlas | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(m.embedding_dim + len(CLASSES) for m in self.members)
+
+    def calibrate(self, study_logits: np.ndarray) -> np.ndarray:
+        """Platt scaling per class: p = sigmoid(a * logit + b)."""
+        a, b = self.calibration[:, 0], self.calibration[:, 1]
+        return 1.0 / (1.0 + np.exp(-(a * study_logits + b)))
+
+    def save(self, path: Path) -> None:
+        state = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "classes": list(CLASSES),
+            "preprocess": self.preprocess.to_dict(),
+            "members": [
+                {"variant": m.variant, "state": {k: v.half() if v.is_floating_point() else v
+                                                 for k, v in m.state_dict().items()}}
+                for m in self.members
+            ],
+            "aggregator": None
+            if self.aggregator is None
+            else {
+                "config": vars(self.aggregator.config),
+                "state": self.aggregator.state_dict(),
+            },
+            "calibration": torch.from_numpy(np.asarray(self.calibration, dtype=np.float64)),
+            "thresholds": torch.from_numpy(np.asarray(self.thresholds, dtype=np.float64)),
+            "atlas": None if self.atlas is None else self.atlas.to_state(),
+            "training": self.training,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> "ModelPackage":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format_version") != FORMAT_VERSION or list(state["classes"]) != list(CLASSES):
+            raise ValueError(f"{path}: not an ICH model package of format {FORMAT_VERSION}")
+        members = []
+        for member in state["members"]:
+            model = EfficientNetLite(member["variant"])
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in member["state"].items()})
+            members.append(model.to(device).eval())
+        aggregator = None
+        if state["aggregator"] is not None:
+            aggregator = StudyAggregator(AggregatorConfig(**state["aggregator"]["config"]))
+            aggregator.load_state_dict(state["aggregator"]["state"])
+            aggregator = aggregator.to(device).eval()
+        return cls(
+            name=state["name"],
+            version=state["version"],
+            preprocess=PreprocessConfig.from_dict(state["preprocess"]),
+            members=members,
+            aggregator=aggregator,
+            calibration=state["calibration"].numpy(),
+            thresholds=state["thresholds"].numpy(),
+            atlas=None if state["atlas"] is None else Atlas.from_state(state["atlas"]),
+            training=state["training"],
+        )
+
+
+def slice_outputs(
+    members: list[EfficientNetLite], x: torch.Tensor, *, keep_features: bool = False
+) -> dict[str, Any]:
+    """Run every member on a batch (B, 3, S, S): logits (M, B, 6), embeddings (M, B, E) and,
+    when asked, the last-stage feature maps for Grad-CAM."""
+    logits, embeddings, features = [], [], []
+    for model in members:
+        maps = model.forward_features(x)  # (B, E, h, w)
+        logits.append(model.forward_head(maps))
+        embeddings.append(model.pool(maps))
+        if keep_features:
+            features.append(maps)
+    return {"logits": torch.stack(logits), "embeddings": torch.stack(embeddings), "features": features}
+
+
+def aggregator_features(logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """(M, N, 6) and (M, N, E) -> (N, M * (E + 6)): what the study aggregator reads per slice."""
+    return torch.cat([torch.cat([logits[m], embeddings[m]], dim=-1) for m in range(len(logits))], -1)

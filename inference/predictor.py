@@ -1,0 +1,219 @@
+"""The one door between the web app and the model: ``Predictor.load(path).predict(series)``."""
+
+import os
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.constants import CLASS_LABELS, CLASSES
+from inference.dicom_io import CTSeries, load_series
+from inference.gradcam import grad_cam
+from inference.package import ModelPackage, aggregator_features, slice_outputs
+from inference.preprocess import model_input, resample_inplane, to_original
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "ich-demo" / "model.pt"
+
+
+def default_model_path() -> Path:
+    return Path(os.environ.get("ICH_MODEL_PATH") or DEFAULT_MODEL)
+
+
+@dataclass
+class BasisEntry:
+    """One atlas slice shown as the basis of a finding."""
+
+    atlas_index: int
+    similarity: float
+    labels: dict[str, int]
+    probability: float
+    source: str
+    thumbnail: np.ndarray  # (T, T) uint8, brain window
+    attention: np.ndarray  # (T, T) uint8
+
+
+@dataclass
+class StudyPrediction:
+    model_name: str
+    model_version: str
+    probabilities: dict[str, float]  # calibrated, study level
+    thresholds: dict[str, float]  # operating points chosen on validation data
+    flags: dict[str, bool]
+    slice_probabilities: np.ndarray  # (N, 6), slices in position order
+    key_slices: dict[str, int]  # slice index of the strongest evidence per class
+    sop_instance_uids: list[str]
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # flagged class -> (N, H, W) uint8
+    prediction_basis: dict[str, list[BasisEntry]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready, class names spelled out; images left out."""
+        return {
+            "model": {"name": self.model_name, "version": self.model_version},
+            "notice": "Triage support, not diagnosis: a clinician reads the full images.",
+            "findings": [
+                {
+                    "class": name,
+                    "label": CLASS_LABELS[name],
+                    "probability": round(self.probabilities[name], 4),
+                    "threshold": round(self.thresholds[name], 4),
+                    "flagged": self.flags[name],
+                    "key_slice": self.key_slices[name],
+                    "key_sop_instance_uid": self.sop_instance_uids[self.key_slices[name]],
+                    "prediction_basis": [
+                        {"atlas_index": b.atlas_index, "similarity": round(b.similarity, 4),
+                         "labels": [k for k, v in b.labels.items() if v], "source": b.source}
+                        for b in self.prediction_basis.get(name, [])
+                    ],
+                }
+                for name in CLASSES
+            ],
+            "slices": len(self.sop_instance_uids),
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+class Predictor:
+    def __init__(self, package: ModelPackage, device: torch.device) -> None:
+        self.package = package
+        self.device = device
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, device: str | None = None) -> "Predictor":
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(ModelPackage.load(Path(path or default_model_path()), chosen), chosen)
+
+    @property
+    def name(self) -> str:
+        return self.package.name
+
+    @property
+    def version(self) -> str:
+        return self.package.version
+
+    def predict(
+        self,
+        series: CTSeries | Iterable[Path | str | bytes] | Path | str,
+        *,
+        heatmaps: bool = True,
+        basis: bool = True,
+        basis_k: int = 4,
+        batch_size: int = 16,
+    ) -> StudyPrediction:
+        timings: dict[str, float] = {}
+        clock = _Clock(timings)
+        if not isinstance(series, CTSeries):
+            series = load_series(series)
+            clock.lap("read")
+        config = self.package.preprocess
+        grid, transform = resample_inplane(series.hu, series.pixel_spacing_mm, config)
+        x = model_input(grid, series.positions_mm, config)  # (N, 3, S, S)
+        del grid
+        clock.lap("preprocess")
+        logits, embeddings, features = self._run_members(x, batch_size, keep=heatmaps)
+        clock.lap("networks")
+        study = self._study_logits(logits, embeddings)
+        probabilities = self.package.calibrate(study)
+        flags = probabilities >= self.package.thresholds
+        slice_probabilities = torch.sigmoid(logits.mean(0)).numpy()  # (N, 6)
+        key = slice_probabilities.argmax(axis=0)  # (6,)
+        clock.lap("aggregate")
+        prediction = StudyPrediction(
+            model_name=self.package.name,
+            model_version=self.package.version,
+            probabilities={c: float(probabilities[i]) for i, c in enumerate(CLASSES)},
+            thresholds={c: float(self.package.thresholds[i]) for i, c in enumerate(CLASSES)},
+            flags={c: bool(flags[i]) for i, c in enumerate(CLASSES)},
+            slice_probabilities=slice_probabilities,
+            key_slices={c: int(key[i]) for i, c in enumerate(CLASSES)},
+            sop_instance_uids=list(series.sop_instance_uids),
+            timings=timings,
+        )
+        flagged = [i for i in range(len(CLASSES)) if flags[i]]
+        if heatmaps and flagged:
+            prediction.heatmaps = self._heatmaps(features, flagged, transform)
+            clock.lap("heatmaps")
+        if basis and flagged and self.package.atlas is not None:
+            prediction.prediction_basis = self._basis(embeddings, key, flagged, basis_k)
+            clock.lap("basis")
+        timings["total"] = sum(timings.values())
+        return prediction
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.no_grad()
+    def _run_members(
+        self, x: torch.Tensor, batch_size: int, keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
+        logits, embeddings, features = [], [], []
+        with self._autocast():
+            for chunk in torch.split(x, batch_size):
+                out = slice_outputs(self.package.members, chunk.to(self.device), keep_features=keep)
+                logits.append(out["logits"].float().cpu())
+                embeddings.append(out["embeddings"].float().cpu())
+                if keep:
+                    features.append(out["features"])
+        return torch.cat(logits, dim=1), torch.cat(embeddings, dim=1), features
+
+    @torch.no_grad()
+    def _study_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:
+        if self.package.aggregator is None:
+            return logits.mean(0).amax(0).numpy()
+        x = aggregator_features(logits, embeddings)[None].to(self.device)  # (1, N, F)
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=self.device)
+        return self.package.aggregator(x, mask)[0][0].float().cpu().numpy()
+
+    def _heatmaps(
+        self, features: list[list[torch.Tensor]], flagged: list[int], transform: Any
+    ) -> dict[str, np.ndarray]:
+        size = self.package.preprocess.image_size
+        parts: dict[int, list[np.ndarray]] = {c: [] for c in flagged}
+        for chunk in features:
+            maps = grad_cam(self.package.members, chunk, flagged, size)
+            for c, cam in maps.items():
+                original = to_original(cam.float().cpu(), transform)  # (B, H, W)
+                parts[c].append((original.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+        return {CLASSES[c]: np.concatenate(p) for c, p in parts.items()}
+
+    def _basis(
+        self, embeddings: torch.Tensor, key: np.ndarray, flagged: list[int], k: int
+    ) -> dict[str, list[BasisEntry]]:
+        atlas = self.package.atlas
+        assert atlas is not None
+        out = {}
+        for c in flagged:
+            query = torch.nn.functional.normalize(
+                torch.cat(list(embeddings[:, key[c]]), dim=-1), dim=-1
+            ).numpy()
+            out[CLASSES[c]] = [
+                BasisEntry(
+                    atlas_index=i,
+                    similarity=similarity,
+                    labels={name: int(atlas.labels[i, j]) for j, name in enumerate(CLASSES)},
+                    probability=float(atlas.probabilities[i]),
+                    source=atlas.sources[i],
+                    thumbnail=atlas.thumbnails[i],
+                    attention=atlas.attention[i],
+                )
+                for i, similarity in atlas.nearest(query, c, k)
+            ]
+        return out
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now

@@ -1,0 +1,254 @@
+"""From Hounsfield units to model input: in-plane resampling, multi-window conversion, slice context.
+
+Follows Lee et al. 2019: three windows of the same slice become three channels (as a radiologist
+flips between brain, subdural and bone windows), and each slice is blended with its neighbours
+above and below (as a radiologist scrolls back and forth), neighbours found by physical position.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.constants import AIR_HU
+
+
+@dataclass(frozen=True)
+class Window:
+    level: float
+    width: float
+
+    @property
+    def low(self) -> float:
+        return self.level - self.width / 2
+
+    @property
+    def high(self) -> float:
+        return self.level + self.width / 2
+
+
+BRAIN = Window(40, 80)
+SUBDURAL = Window(80, 200)
+BONE = Window(600, 2800)
+
+
+@dataclass
+class PreprocessConfig:
+    """Stored with every model: the same numbers at training and at prediction."""
+
+    windows: tuple[Window, ...] = (BRAIN, SUBDURAL, BONE)
+    image_size: int = 192  # model input, pixels
+    spacing_mm: float = 1.25  # model input pixel size, so every scan shows the head at one scale
+    interpolation_degree: float = 0.25  # weight of the neighbours in the slice blend
+    context_mm: float = 5.0  # distance to the neighbours blended in
+    windowed_source: Window = field(default_factory=lambda: BRAIN)  # 8-bit images' window
+    head_extent_mm: float = 180.0  # assumed head length when an image has no pixel spacing
+
+    def to_dict(self) -> dict:
+        return {
+            "windows": [[w.level, w.width] for w in self.windows],
+            "image_size": self.image_size,
+            "spacing_mm": self.spacing_mm,
+            "interpolation_degree": self.interpolation_degree,
+            "context_mm": self.context_mm,
+            "windowed_source": [self.windowed_source.level, self.windowed_source.width],
+            "head_extent_mm": self.head_extent_mm,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        values = dict(data)
+        values["windows"] = tuple(Window(*w) for w in values["windows"])
+        values["windowed_source"] = Window(*values["windowed_source"])
+        return cls(**values)
+
+
+def apply_windows(hu: torch.Tensor, windows: tuple[Window, ...]) -> torch.Tensor:
+    """(..., H, W) HU -> (..., C, H, W) in [0, 1], one channel per window."""
+    channels = [((hu - w.low) / w.width).clamp(0.0, 1.0) for w in windows]
+    return torch.stack(channels, dim=-3)
+
+
+@dataclass(frozen=True)
+class InplaneTransform:
+    """How original pixels map to model pixels: model = (original - offset) * scale."""
+
+    scale: float  # model pixels per original pixel
+    offset_row: float  # original pixel at model (0, 0)
+    offset_col: float
+    original_shape: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {
+            "scale": self.scale,
+            "offset_row": self.offset_row,
+            "offset_col": self.offset_col,
+            "original_shape": list(self.original_shape),
+        }
+
+
+def resample_inplane(
+    hu: np.ndarray, pixel_spacing_mm: tuple[float, float] | None, config: PreprocessConfig
+) -> tuple[torch.Tensor, InplaneTransform]:
+    """(N, H, W) HU -> (N, S, S) HU at ``config.spacing_mm`` per pixel, centred on the head.
+
+    Without a pixel spacing the input is a windowed picture: its floor value is the background,
+    anything above it is head, and the head's extent sets the scale.
+    """
+    volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))  # (N, H, W)
+    if pixel_spacing_mm is None:
+        background = float(hu.min())
+        head = hu > background
+        scale = config.head_extent_mm / config.spacing_mm / max(_extent(head), 1.0)
+    else:
+        background = AIR_HU
+        head = hu > -500
+        scale = float(np.mean(pixel_spacing_mm)) / config.spacing_mm
+    size = config.image_size
+    centre_row, centre_col = _centre(head)
+    offset_row = centre_row - (size - 1) / 2 / scale
+    offset_col = centre_col - (size - 1) / 2 / scale
+    transform = InplaneTransform(scale, offset_row, offset_col, (hu.shape[-2], hu.shape[-1]))
+    return _sample(volume, transform, size, air=background), transform
+
+
+def _flat(head: np.ndarray) -> np.ndarray:
+    return head.any(axis=0) if head.ndim == 3 else head
+
+
+def _centre(head: np.ndarray) -> tuple[float, float]:
+    """Centre of the head's bounding box in pixels; the image centre if there is no head."""
+    flat = _flat(head)
+    if not flat.any():
+        return (flat.shape[0] - 1) / 2, (flat.shape[1] - 1) / 2
+    rows, cols = np.nonzero(flat)
+    return (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+
+
+def _extent(head: np.ndarray) -> float:
+    flat = _flat(head)
+    if not flat.any():
+        return float(max(flat.shape))
+    rows, cols = np.nonzero(flat)
+    return float(max(rows.max() - rows.min(), cols.max() - cols.min()) + 1)
+
+
+def resample_mask(mask: np.ndarray, transform: InplaneTransform, size: int) -> np.ndarray:
+    """(N, H, W) uint8 bit flags -> (N, S, S) on the model grid, one bit plane at a time."""
+    planes = torch.from_numpy(np.unpackbits(mask[..., None], axis=-1, bitorder="little"))
+    planes = planes.permute(3, 0, 1, 2).reshape(8 * mask.shape[0], *mask.shape[1:]).float()
+    sampled = _sample(planes, transform, size, air=0.0) > 0.5  # (8N, S, S)
+    bits = sampled.reshape(8, mask.shape[0], size, size).permute(1, 2, 3, 0).numpy()
+    return np.packbits(bits, axis=-1, bitorder="little")[..., 0]
+
+
+def _sample(
+    volume: torch.Tensor, transform: InplaneTransform, size: int, air: float = AIR_HU
+) -> torch.Tensor:
+    """Bilinear resampling with antialiasing when shrinking; air outside the original image."""
+    n, height, width = volume.shape
+    shifted = volume - air  # air becomes 0, so zero padding means air
+    if transform.scale < 1.0:
+        # Shrink the whole image first with antialiasing, then crop by the same affine.
+        new_h, new_w = max(1, round(height * transform.scale)), max(1, round(width * transform.scale))
+        shifted = F.interpolate(
+            shifted[:, None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+        )[:, 0]
+        row_scale, col_scale = new_h / height, new_w / width
+        offset_row = (transform.offset_row + 0.5) * row_scale - 0.5
+        offset_col = (transform.offset_col + 0.5) * col_scale - 0.5
+        step_row, step_col = transform.scale / row_scale, transform.scale / col_scale
+        height, width = new_h, new_w
+    else:
+        offset_row, offset_col = transform.offset_row, transform.offset_col
+        step_row = step_col = transform.scale
+    rows = offset_row + torch.arange(size, dtype=torch.float32) / step_row  # (S,)
+    cols = offset_col + torch.arange(size, dtype=torch.float32) / step_col
+    grid_y = (2 * rows + 1) / height - 1
+    grid_x = (2 * cols + 1) / width - 1
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)  # (S, S, 2)
+    sampled = F.grid_sample(
+        shifted[:, None],
+        grid.expand(n, size, size, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )[:, 0]  # (N, S, S)
+    return sampled + air
+
+
+def to_original(heatmap: torch.Tensor, transform: InplaneTransform) -> torch.Tensor:
+    """(N, S, S) map in model pixels -> (N, H, W) on the original slice grid (zero outside)."""
+    n, size, _ = heatmap.shape
+    height, width = transform.original_shape
+    rows = (torch.arange(height, dtype=torch.float32) - transform.offset_row) * transform.scale
+    cols = (torch.arange(width, dtype=torch.float32) - transform.offset_col) * transform.scale
+    grid_y = (2 * rows + 1) / size - 1
+    grid_x = (2 * cols + 1) / size - 1
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)
+    return F.grid_sample(
+        heatmap[:, None].float(),
+        grid.expand(n, height, width, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )[:, 0]
+
+
+def neighbour_slices(
+    volume: torch.Tensor, positions_mm: np.ndarray, distance_mm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slices ``distance_mm`` below and above each slice, linearly interpolated by position.
+
+    volume: (N, ...) ordered by ascending position. Beyond the first or last slice the border
+    slice is repeated (no invented anatomy). Uneven gaps are handled by the positions themselves.
+    """
+    positions = np.asarray(positions_mm, dtype=np.float64)
+    if len(positions) == 1:
+        return volume, volume
+    below = interpolate_at(volume, positions, positions - distance_mm)
+    above = interpolate_at(volume, positions, positions + distance_mm)
+    return below, above
+
+
+def interpolate_at(volume: torch.Tensor, positions: np.ndarray, targets: np.ndarray) -> torch.Tensor:
+    clipped = np.clip(targets, positions[0], positions[-1])
+    upper = np.clip(np.searchsorted(positions, clipped, side="left"), 1, len(positions) - 1)
+    lower = upper - 1
+    gap = positions[upper] - positions[lower]
+    weight = np.where(gap > 0, (clipped - positions[lower]) / np.where(gap > 0, gap, 1), 0.0)
+    shape = (-1,) + (1,) * (volume.dim() - 1)
+    w = torch.as_tensor(weight, dtype=volume.dtype).reshape(shape)
+    return volume[lower] * (1 - w) + volume[upper] * w
+
+
+def slice_context(
+    windowed: torch.Tensor, positions_mm: np.ndarray, config: PreprocessConfig
+) -> torch.Tensor:
+    """Blend each slice with its neighbours: (1 - d) * slice + d * mean(below, above)."""
+    degree = config.interpolation_degree
+    if degree == 0:
+        return windowed
+    below, above = neighbour_slices(windowed, positions_mm, config.context_mm)
+    return (1 - degree) * windowed + degree * 0.5 * (below + above)
+
+
+def hu_from_windowed(image: np.ndarray, window: Window) -> np.ndarray:
+    """Invert an 8-bit windowed picture to HU. Only the window's range survives: 0 means "at or
+    below the window" and 255 "at or above"; training clips full-range CT the same way."""
+    gray = image.mean(axis=-1) if image.ndim == 3 else image
+    return (window.low + gray.astype(np.float32) / 255.0 * window.width).astype(np.float32)
+
+
+def clip_to_window(hu: torch.Tensor, window: Window) -> torch.Tensor:
+    """What a windowed picture keeps of full-range CT (the augmentation that matches it)."""
+    return hu.clamp(window.low, window.high)
+
+
+def model_input(
+    hu_model_grid: torch.Tensor, positions_mm: np.ndarray, config: PreprocessConfig
+) -> torch.Tensor:
+    """(N, S, S) HU on the model grid -> (N, C, S, S) network input in [0, 1]."""
+    windowed = apply_windows(hu_model_grid, config.windows)  # (N, C, S, S)
+    return slice_context(windowed, positions_mm, config)

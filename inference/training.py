@@ -1,0 +1,439 @@
+"""`ich train`: slice CNNs, then the study aggregator, calibration, operating points and atlas.
+
+Reproducible (seeded), with progress bars, augmentation, balanced sampling against class
+imbalance, early stopping on validation, checkpoints and per-epoch metrics in JSON lines.
+"""
+
+import json
+import math
+import random
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from inference import datasets
+from inference.atlas import build_atlas
+from inference.constants import CLASSES
+from inference.data import Augment, DataSource, SliceSampler, Volume, prepare, read_source, slice_input
+from inference.metrics import roc_auc, threshold_for_sensitivity
+from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator, build_slice_model
+from inference.package import ModelPackage, aggregator_features, slice_outputs
+from inference.preprocess import PreprocessConfig, Window
+
+CLASS_WEIGHTS = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # "any" counts double, as in RSNA 2019
+
+
+@dataclass
+class TrainConfig:
+    name: str = "ich-model"
+    version: str = "0.1.0"
+    out_dir: str = "runs/model"
+    sources: list[DataSource] = field(default_factory=list)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    architectures: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1")
+    pretrained: bool = True
+    epochs: int = 6
+    samples_per_epoch: int = 2000
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    patience: int = 2
+    seed: int = 0
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    positive_fraction: float = 0.5
+    augment: Augment = field(default_factory=Augment)
+    aggregator: str = "auto"  # gru | max | auto: the better on validation
+    aggregator_epochs: int = 80
+    target_sensitivity: float = 0.95
+    atlas_per_class: int = 12
+    threads: int = 0  # 0: every core
+    device: str = "auto"
+
+    @classmethod
+    def from_toml(cls, path: Path) -> "TrainConfig":
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+        return cls.from_dict(raw, base=path.parent)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base: Path = Path()) -> "TrainConfig":
+        raw = dict(raw)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        sources = [DataSource(**s) for s in raw.pop("sources", [])]
+        for source in sources:
+            source.path = str((base / source.path).resolve()) if not Path(source.path).is_absolute() else source.path
+        preprocess = raw.pop("preprocess", {})
+        if "windows" in preprocess:
+            preprocess["windows"] = tuple(Window(*w) for w in preprocess["windows"])
+        augment = Augment(**raw.pop("augment", {}))
+        for key in ("architectures", "split"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        return cls(sources=sources, preprocess=PreprocessConfig(**preprocess), augment=augment, **raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["preprocess"] = self.preprocess.to_dict()
+        return data
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Run:
+    """The output folder of one training run: checkpoints, metrics, the split and the model."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.dir = out_dir
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> Path:
+    """Trains every part of a model package and writes it to ``out_dir/model.pt``."""
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    run = Run(Path(config.out_dir))
+    (run.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    splits = split_sources(config)
+    (run.dir / "split.json").write_text(json.dumps(
+        {part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2))
+    members = [
+        train_member(arch, splits["train"], splits["val"], config, run, device, progress)
+        for arch in config.architectures
+    ]
+    features = {part: extract(members, volumes, config.preprocess, device)
+                for part, volumes in splits.items()}
+    aggregator, aggregator_report = fit_aggregator(features, splits, config, run, device)
+    package = ModelPackage(
+        name=config.name,
+        version=config.version,
+        preprocess=config.preprocess,
+        members=[m.cpu() for m in members],
+        aggregator=aggregator.cpu() if aggregator is not None else None,
+    )
+    val_logits = study_logits(package, features["val"])
+    val_labels = np.stack([v.study_labels for v in splits["val"]])
+    package.calibration = fit_platt(val_logits, val_labels)
+    package.thresholds = operating_points(package.calibrate(val_logits), val_labels, config)
+    package.atlas = build_atlas(
+        package, splits["train"], features["train"], per_class=config.atlas_per_class
+    )
+    package.training = training_summary(config, splits, aggregator_report, package, features)
+    path = run.dir / "model.pt"
+    package.save(path)
+    return path
+
+
+def split_sources(config: TrainConfig) -> dict[str, list[Volume]]:
+    """Each source is split by patient on its own, so every part sees every kind of data."""
+    parts: dict[str, list[Volume]] = {"train": [], "val": [], "test": []}
+    for source in config.sources:
+        items = read_source(source)
+        split = datasets.split_by_patient(items, fractions=config.split, seed=config.seed)
+        total = sum(len(s) for s in split)
+        bar = tqdm(total=total, desc=f"prepare {source.kind}", unit="study", disable=None)
+        for part, chosen in zip(("train", "val", "test"), split, strict=True):
+            parts[part].extend(prepare(chosen, config.preprocess, source.kind, progress=bar))
+        bar.close()
+    if not parts["train"] or not parts["val"]:
+        raise ValueError("training needs data in both the training and validation parts")
+    return parts
+
+
+def train_member(
+    arch: str,
+    train_volumes: list[Volume],
+    val_volumes: list[Volume],
+    config: TrainConfig,
+    run: Run,
+    device: torch.device,
+    progress: bool,
+) -> EfficientNetLite:
+    seed_everything(config.seed)
+    model = build_slice_model(arch, pretrained=config.pretrained).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(config.samples_per_epoch / config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=steps_per_epoch * config.epochs, pct_start=0.15
+    )
+    sampler = SliceSampler(train_volumes, config.positive_fraction)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    best, best_score, stale = None, -math.inf, 0
+    for epoch in range(1, config.epochs + 1):
+        started = time.monotonic()
+        picks = sampler.sample(steps_per_epoch * config.batch_size, rng)
+        model.train()
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"{arch} epoch {epoch}/{config.epochs}",
+                   unit="batch", disable=not progress or None)
+        for step in bar:
+            batch = picks[step * config.batch_size : (step + 1) * config.batch_size]
+            x, y = training_batch(train_volumes, batch, config, generator)
+            loss = masked_bce(model(x.to(device)), y.to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        val = validate_slices(model, val_volumes, config.preprocess, device)
+        score = float(np.nanmean(list(val["auc"].values())))
+        record = {"member": arch, "epoch": epoch, "train_loss": float(np.mean(losses)),
+                  "val_loss": val["loss"], "val_slice_auc": val["auc"], "val_mean_auc": score,
+                  "seconds": round(time.monotonic() - started, 1)}
+        run.log(record)
+        tqdm.write(f"{arch} epoch {epoch}: train loss {record['train_loss']:.3f}, "
+                   f"val loss {val['loss']:.3f}, val mean slice AUC {score:.3f}")
+        torch.save(model.state_dict(), run.dir / "checkpoints" / f"{arch}-last.pt")
+        if score > best_score:
+            best_score, stale = score, 0
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            torch.save(best, run.dir / "checkpoints" / f"{arch}-best.pt")
+        else:
+            stale += 1
+            if stale >= config.patience:
+                tqdm.write(f"{arch}: early stop after epoch {epoch} (no gain for {stale} epochs)")
+                break
+    if best is not None:
+        model.load_state_dict(best)
+    return model.eval()
+
+
+def training_batch(
+    volumes: list[Volume], picks: np.ndarray, config: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, labels = [], []
+    for v, s in picks:
+        x, _ = slice_input(volumes[v], int(s), config.preprocess, config.augment, generator)
+        inputs.append(x)
+        labels.append(torch.from_numpy(volumes[v].slice_labels[s]))
+    return torch.stack(inputs), torch.stack(labels)  # (B, 3, S, S), (B, 6)
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Weighted binary cross-entropy over the known labels only (NaN = unknown)."""
+    known = ~torch.isnan(labels)
+    target = torch.nan_to_num(labels)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    weights = CLASS_WEIGHTS.to(logits.device) * known
+    return (loss * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def volume_inputs(volume: Volume, config: PreprocessConfig) -> torch.Tensor:
+    """Every slice of a volume as network input, no augmentation: (N, 3, S, S)."""
+    return torch.stack([slice_input(volume, i, config, None)[0] for i in range(len(volume.hu))])
+
+
+@torch.no_grad()
+def validate_slices(
+    model: EfficientNetLite, volumes: list[Volume], config: PreprocessConfig, device: torch.device
+) -> dict[str, Any]:
+    model.eval()
+    logits, labels = [], []
+    for volume in volumes:
+        known = ~np.isnan(volume.slice_labels[:, 0])
+        if not known.any():
+            continue
+        x = volume_inputs(volume, config)[torch.from_numpy(known)]
+        for chunk in torch.split(x, 64):
+            logits.append(model(chunk.to(device)).float().cpu())
+        labels.append(torch.from_numpy(volume.slice_labels[known]))
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    auc = {}
+    for i, name in enumerate(CLASSES):
+        known = ~torch.isnan(all_labels[:, i])
+        auc[name] = roc_auc(all_labels[known, i].numpy(), all_logits[known, i].numpy())
+    return {"loss": float(masked_bce(all_logits, all_labels)), "auc": auc}
+
+
+@dataclass
+class VolumeFeatures:
+    logits: torch.Tensor  # (M, N, 6) slice logits per member
+    embeddings: torch.Tensor  # (M, N, E) pooled last-stage features per member
+
+
+@torch.no_grad()
+def extract(
+    members: list[EfficientNetLite], volumes: list[Volume], config: PreprocessConfig,
+    device: torch.device,
+) -> list[VolumeFeatures]:
+    out = []
+    for volume in tqdm(volumes, desc="slice features", unit="study", disable=None):
+        x = volume_inputs(volume, config)
+        parts = [slice_outputs(members, chunk.to(device)) for chunk in torch.split(x, 64)]
+        out.append(VolumeFeatures(
+            logits=torch.cat([p["logits"].float().cpu() for p in parts], dim=1),
+            embeddings=torch.cat([p["embeddings"].float().cpu() for p in parts], dim=1),
+        ))
+    return out
+
+
+def max_study_logits(features: list[VolumeFeatures]) -> np.ndarray:
+    """The plain baseline: the ensemble's mean slice logit, maximum over slices."""
+    return np.stack([f.logits.mean(0).amax(0).numpy() for f in features])
+
+
+def study_logits(package: ModelPackage, features: list[VolumeFeatures]) -> np.ndarray:
+    if package.aggregator is None:
+        return max_study_logits(features)
+    with torch.no_grad():
+        rows = []
+        for f in features:
+            x = aggregator_features(f.logits, f.embeddings)[None]  # (1, N, F)
+            mask = torch.ones(x.shape[:2], dtype=torch.bool)
+            rows.append(package.aggregator(x, mask)[0][0].numpy())
+    return np.stack(rows)
+
+
+def fit_aggregator(
+    features: dict[str, list[VolumeFeatures]],
+    splits: dict[str, list[Volume]],
+    config: TrainConfig,
+    run: Run,
+    device: torch.device,
+) -> tuple[StudyAggregator | None, dict[str, Any]]:
+    """Trains the sequence model and keeps it only if it beats max-pooling on validation."""
+    seed_everything(config.seed)
+    train_f, val_f = features["train"], features["val"]
+    dim = aggregator_features(train_f[0].logits, train_f[0].embeddings).shape[-1]
+    aggregator = StudyAggregator(AggregatorConfig(input_dim=dim))
+    optimiser = torch.optim.AdamW(aggregator.parameters(), lr=2e-3, weight_decay=1e-3)
+    val_labels = np.stack([v.study_labels for v in splits["val"]])
+    best, best_loss, stale = None, math.inf, 0
+    for epoch in range(config.aggregator_epochs):
+        aggregator.train()
+        for i in np.random.default_rng(config.seed + epoch).permutation(len(train_f)):
+            study, slices = _aggregate(aggregator, train_f[i])
+            volume = splits["train"][i]
+            loss = masked_bce(study, torch.from_numpy(volume.study_labels)[None])
+            loss = loss + 0.5 * masked_bce(slices, torch.from_numpy(volume.slice_labels))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        aggregator.eval()
+        with torch.no_grad():
+            val_logits = torch.stack([_aggregate(aggregator, f)[0][0] for f in val_f])
+        val_loss = float(masked_bce(val_logits, torch.from_numpy(val_labels)))
+        if val_loss < best_loss - 1e-4:
+            best_loss, stale = val_loss, 0
+            best = {k: v.clone() for k, v in aggregator.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= 10:
+                break
+    if best is not None:
+        aggregator.load_state_dict(best)
+    aggregator.eval()
+    gru_auc = _mean_auc(np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in val_f]), val_labels)
+    max_auc = _mean_auc(max_study_logits(val_f), val_labels)
+    choice = config.aggregator if config.aggregator != "auto" else ("gru" if gru_auc >= max_auc else "max")
+    report = {"val_mean_study_auc": {"gru": gru_auc, "max": max_auc}, "chosen": choice,
+              "epochs": epoch + 1}
+    run.log({"aggregator": report})
+    tqdm.write(f"study aggregation on validation: GRU mean AUC {gru_auc:.3f}, "
+               f"max-pooling {max_auc:.3f} -> {choice}")
+    del device
+    return (aggregator if choice == "gru" else None), report
+
+
+def _aggregate(aggregator: StudyAggregator, f: VolumeFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    x = aggregator_features(f.logits, f.embeddings)[None]  # (1, N, F)
+    mask = torch.ones(x.shape[:2], dtype=torch.bool)
+    study, slices = aggregator(x, mask)
+    return study, slices[0]
+
+
+def _mean_auc(logits: np.ndarray, labels: np.ndarray) -> float:
+    values = [roc_auc(labels[~np.isnan(labels[:, i]), i], logits[~np.isnan(labels[:, i]), i])
+              for i in range(len(CLASSES))]
+    return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class (a, b) minimising log-loss of sigmoid(a * logit + b) on validation data."""
+    params = np.tile([1.0, 0.0], (len(CLASSES), 1))
+    for i in range(len(CLASSES)):
+        known = ~np.isnan(labels[:, i])
+        y = labels[known, i]
+        if len(np.unique(y)) < 2:
+            continue
+        x = torch.tensor(logits[known, i], dtype=torch.float64)
+        target = torch.tensor(y, dtype=torch.float64)
+        ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([ab], lr=0.5, max_iter=100)
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(ab[0] * x + ab[1], target)
+            loss = loss + 1e-3 * (ab[0] - 1) ** 2  # keep the slope sane on tiny sets
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        a, b = ab.detach().numpy()
+        params[i] = [max(float(a), 1e-3), float(b)]
+    return params
+
+
+def operating_points(probabilities: np.ndarray, labels: np.ndarray, config: TrainConfig) -> np.ndarray:
+    thresholds = np.full(len(CLASSES), 0.5)
+    for i in range(len(CLASSES)):
+        known = ~np.isnan(labels[:, i])
+        thresholds[i] = threshold_for_sensitivity(
+            labels[known, i] == 1, probabilities[known, i], config.target_sensitivity
+        )
+    return thresholds
+
+
+def training_summary(
+    config: TrainConfig,
+    splits: dict[str, list[Volume]],
+    aggregator_report: dict[str, Any],
+    package: ModelPackage,
+    features: dict[str, list[VolumeFeatures]],
+) -> dict[str, Any]:
+    test_logits = study_logits(package, features["test"]) if features["test"] else np.zeros((0, 6))
+    test_labels = np.stack([v.study_labels for v in splits["test"]]) if splits["test"] else np.zeros((0, 6))
+    test_auc = {}
+    for i, name in enumerate(CLASSES):
+        known = ~np.isnan(test_labels[:, i]) if len(test_labels) else np.zeros(0, bool)
+        test_auc[name] = roc_auc(test_labels[known, i], test_logits[known, i]) if known.any() else float("nan")
+    return {
+        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "counts": {part: len(v) for part, v in splits.items()},
+        "sources": sorted({v.source for part in splits.values() for v in part}),
+        "aggregator": aggregator_report,
+        "internal_test_study_auc": test_auc,
+        "split": {part: [v.key for v in volumes] for part, volumes in splits.items()},
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+    }

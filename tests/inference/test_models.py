@@ -1,0 +1,51 @@
+import torch
+
+from inference.gradcam import grad_cam
+from inference.models import (
+    AggregatorConfig,
+    EfficientNetLite,
+    StudyAggregator,
+    build_slice_model,
+    imagenet_weights_path,
+)
+
+
+def test_imagenet_weights_install_from_the_registry_packages() -> None:
+    for variant in ("efficientnet_lite0", "efficientnet_lite1"):
+        assert imagenet_weights_path(variant).is_file()
+
+
+def test_both_architectures_load_their_imagenet_weights_exactly() -> None:
+    for variant in ("efficientnet_lite0", "efficientnet_lite1"):
+        model = build_slice_model(variant)
+        checkpoint = torch.load(imagenet_weights_path(variant), weights_only=True)
+        assert torch.equal(model.conv_stem.weight, checkpoint["_conv_stem.weight"])
+        assert torch.equal(model.conv_head.weight, checkpoint["_conv_head.weight"])
+
+
+def test_the_interface_is_forward_features_forward_head_forward() -> None:
+    model = EfficientNetLite("efficientnet_lite0").eval()
+    x = torch.rand(2, 3, 96, 96)
+    features = model.forward_features(x)
+    assert features.shape == (2, 1280, 3, 3)
+    assert model.forward_head(features).shape == (2, 6)
+    assert torch.allclose(model(x), model.forward_head(features))
+
+
+def test_grad_cam_gives_one_map_per_class_in_unit_range() -> None:
+    model = EfficientNetLite("efficientnet_lite0").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    maps = grad_cam([model], [features], [0, 3], size=64)
+    assert set(maps) == {0, 3}
+    assert maps[0].shape == (2, 64, 64)
+    assert 0.0 <= maps[0].min() and maps[0].max() <= 1.0
+
+
+def test_the_aggregator_reads_any_number_of_slices() -> None:
+    aggregator = StudyAggregator(AggregatorConfig(input_dim=8)).eval()
+    for slices in (1, 7, 40):
+        study, per_slice = aggregator(torch.randn(1, slices, 8), torch.ones(1, slices, dtype=torch.bool))
+        assert study.shape == (1, 6)
+        assert per_slice.shape == (1, slices, 6)

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+
+from inference.constants import AIR_HU
+from inference.preprocess import (
+    BONE,
+    BRAIN,
+    SUBDURAL,
+    PreprocessConfig,
+    Window,
+    apply_windows,
+    clip_to_window,
+    hu_from_windowed,
+    neighbour_slices,
+    resample_inplane,
+    slice_context,
+    to_original,
+)
+
+
+def test_the_default_windows_are_the_papers() -> None:
+    assert (BRAIN.level, BRAIN.width) == (40, 80)
+    assert (SUBDURAL.level, SUBDURAL.width) == (80, 200)
+    assert (BONE.level, BONE.width) == (600, 2800)
+
+
+def test_window_arithmetic_matches_hand_computed_values() -> None:
+    hu = torch.tensor([[-1000.0, 0.0, 40.0, 60.0, 80.0, 200.0, 2000.0]])
+    windowed = apply_windows(hu, (BRAIN, SUBDURAL, BONE))  # (3, 1, 7)
+    # brain 40/80 spans 0..80 HU
+    assert windowed[0, 0].tolist() == pytest.approx([0, 0, 0.5, 0.75, 1, 1, 1])
+    # subdural 80/200 spans -20..180 HU
+    assert windowed[1, 0].tolist() == pytest.approx([0, 0.1, 0.3, 0.4, 0.5, 1, 1])
+    # bone 600/2800 spans -800..2000 HU
+    assert windowed[2, 0, 1].item() == pytest.approx(800 / 2800)
+    assert windowed[2, 0, 6].item() == pytest.approx(1.0)
+
+
+def test_a_windowed_picture_inverts_to_the_windows_range() -> None:
+    picture = np.array([[0, 51, 255]], dtype=np.uint8)
+    assert hu_from_windowed(picture, BRAIN)[0].tolist() == pytest.approx([0.0, 16.0, 80.0])
+
+
+def test_clipping_full_range_ct_gives_what_a_windowed_picture_holds() -> None:
+    hu = torch.tensor([-1000.0, 30.0, 1500.0])
+    assert clip_to_window(hu, BRAIN).tolist() == [0.0, 30.0, 80.0]
+
+
+def test_neighbours_are_found_by_position_not_by_index() -> None:
+    volume = torch.tensor([0.0, 10.0, 20.0, 30.0])[:, None]  # values = positions * 2
+    positions = np.array([0.0, 5.0, 10.0, 15.0])
+    below, above = neighbour_slices(volume, positions, distance_mm=2.5)
+    assert below[:, 0].tolist() == pytest.approx([0.0, 5.0, 15.0, 25.0])
+    assert above[:, 0].tolist() == pytest.approx([5.0, 15.0, 25.0, 30.0])
+
+
+def test_uneven_gaps_interpolate_between_the_real_neighbours() -> None:
+    volume = torch.tensor([0.0, 10.0, 100.0])[:, None]
+    positions = np.array([0.0, 1.0, 10.0])
+    below, above = neighbour_slices(volume, positions, distance_mm=5.0)
+    assert above[1, 0].item() == pytest.approx(10.0 + (100 - 10) * 5 / 9)
+    assert below[2, 0].item() == pytest.approx(10.0 + (100 - 10) * 4 / 9)
+
+
+def test_the_border_slices_repeat_themselves_instead_of_inventing_anatomy() -> None:
+    volume = torch.tensor([1.0, 2.0, 3.0])[:, None]
+    below, above = neighbour_slices(volume, np.array([0.0, 5.0, 10.0]), distance_mm=5.0)
+    assert below[0, 0].item() == 1.0
+    assert above[2, 0].item() == 3.0
+
+
+def test_slice_context_blends_by_the_interpolation_degree() -> None:
+    volume = torch.tensor([0.0, 1.0, 0.0])[:, None]
+    config = PreprocessConfig(interpolation_degree=0.5, context_mm=5.0)
+    blended = slice_context(volume, np.array([0.0, 5.0, 10.0]), config)
+    assert blended[:, 0].tolist() == pytest.approx([0.25, 0.5, 0.25])
+
+
+def test_a_single_slice_has_itself_as_context() -> None:
+    volume = torch.ones(1, 3, 4, 4)
+    assert torch.equal(slice_context(volume, np.array([0.0]), PreprocessConfig()), volume)
+
+
+def _disc(size: int, radius_px: float) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius_px**2
+    return np.where(inside, 40.0, AIR_HU).astype(np.float32)[None]
+
+
+def test_scans_of_different_pixel_size_show_the_head_at_the_same_scale() -> None:
+    config = PreprocessConfig(image_size=128, spacing_mm=2.0)
+    fine, _ = resample_inplane(_disc(512, 200), (0.45, 0.45), config)  # 90 mm radius
+    coarse, _ = resample_inplane(_disc(256, 200 * 0.45 / 0.9), (0.9, 0.9), config)
+    fine_area = (fine > -500).sum().item()
+    coarse_area = (coarse > -500).sum().item()
+    expected = np.pi * (90 / 2.0) ** 2
+    assert fine_area == pytest.approx(expected, rel=0.05)
+    assert coarse_area == pytest.approx(expected, rel=0.05)
+
+
+def test_outside_the_original_image_is_air() -> None:
+    config = PreprocessConfig(image_size=64, spacing_mm=4.0)
+    grid, _ = resample_inplane(np.full((1, 32, 32), 40.0, np.float32), (1.0, 1.0), config)
+    assert grid[0, 0, 0].item() == pytest.approx(AIR_HU)
+    assert grid[0, 32, 32].item() == pytest.approx(40.0)
+
+
+def test_a_heatmap_maps_back_onto_the_original_slice_where_the_head_was() -> None:
+    hu = _disc(256, 40)
+    hu[0, :, :] = np.roll(hu[0], (30, -20), axis=(0, 1))  # head off-centre
+    config = PreprocessConfig(image_size=96, spacing_mm=1.0)
+    grid, transform = resample_inplane(hu, (0.8, 0.8), config)
+    back = to_original((grid > -500).float(), transform)[0].numpy() > 0.5
+    original = hu[0] > -500
+    overlap = (back & original).sum() / original.sum()
+    assert overlap > 0.95
+
+
+def test_windows_round_trip_through_the_stored_configuration() -> None:
+    config = PreprocessConfig(windows=(Window(50, 100), Window(50, 130), BONE))
+    assert PreprocessConfig.from_dict(config.to_dict()) == config
