@@ -1,0 +1,423 @@
+"""Read one CT series from DICOM files or bytes into Hounsfield units, sorted along its normal.
+
+Uncompressed, JPEG Lossless and JPEG 2000 files are decoded by pydicom with the pylibjpeg plugins.
+Every problem with the input is a typed ``DicomInputError`` naming the file and the reason; messages
+never carry patient names or ids (file paths and UIDs only).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from inference.constants import AIR_HU, CT_IMAGE_STORAGE
+
+PADDING_HU_LIMIT = -1500.0  # at or below: scanner padding (-2000, -3024 after rescale), not tissue
+GEOMETRY_TOLERANCE = 1e-3
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+_PARSE_ERRORS = (EOFError, struct.error, ValueError, TypeError, KeyError, IndexError, OSError)
+
+
+class DicomInputError(ValueError):
+    """A file (or the series as a whole) cannot be read as the CT series we need."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class NotDicomError(DicomInputError):
+    pass
+
+
+class TruncatedFileError(DicomInputError):
+    pass
+
+
+class UnsupportedModalityError(DicomInputError):
+    pass
+
+
+class NoPixelDataError(DicomInputError):
+    pass
+
+
+class MixedSeriesError(DicomInputError):
+    pass
+
+
+class InconsistentGeometryError(DicomInputError):
+    pass
+
+
+class EmptySeriesError(DicomInputError):
+    pass
+
+
+class TooManySlicesError(DicomInputError):
+    pass
+
+
+@dataclass
+class SkippedFile:
+    source: str
+    reason: str
+
+
+@dataclass
+class CTSeries:
+    hu: np.ndarray  # (N, H, W) float32 Hounsfield units; padding and out-of-field values are AIR_HU
+    positions_mm: np.ndarray  # (N,) float64 along the slice normal, ascending
+    pixel_spacing_mm: tuple[float, float]  # (row, column)
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uids: list[str]
+    instance_numbers: list[int | None]
+    sources: list[str]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    modality: str = "CT"
+    body_part: str = ""
+    series_description: str = ""
+    slice_thickness_mm: float | None = None
+
+    @property
+    def slice_spacing_mm(self) -> float:
+        if len(self.positions_mm) > 1:
+            return float(np.median(np.diff(self.positions_mm)))
+        return float(self.slice_thickness_mm or 1.0)
+
+
+@dataclass
+class _Slice:
+    source: str
+    ds: Dataset
+    pixels: np.ndarray | None = None
+
+
+# --- Reading single files -------------------------------------------------------------------------
+
+
+def read_header(source: str | os.PathLike[str] | bytes, **dcmread_kwargs: Any) -> Dataset:
+    """The header of one DICOM file (no pixel data), for callers that only index metadata.
+
+    A path is read only up to the pixel data, so indexing large files stays cheap.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _parse("<bytes #0>", bytes(source), stop_before_pixels=True, **dcmread_kwargs)
+    name = str(source)
+    try:
+        with open(source, "rb") as handle:
+            return _parse(name, handle, stop_before_pixels=True, **dcmread_kwargs)
+    except OSError as error:
+        reason = f"cannot be read ({error.strerror or type(error).__name__})"
+        raise NotDicomError(name, reason) from None
+
+
+def _named_bytes(source: str | os.PathLike[str] | bytes, *, index: int) -> tuple[str, bytes]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<bytes #{index}>", bytes(source)
+    path = Path(source)
+    try:
+        return str(path), path.read_bytes()
+    except OSError as error:
+        reason = f"cannot be read ({error.strerror or type(error).__name__})"
+        raise NotDicomError(str(path), reason) from None
+
+
+def _parse(name: str, data: bytes | BinaryIO, **dcmread_kwargs: Any) -> Dataset:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            handle = io.BytesIO(data) if isinstance(data, bytes) else data
+            ds = pydicom.dcmread(handle, **dcmread_kwargs)
+        except InvalidDicomError:
+            raise NotDicomError(name, "not a DICOM file (no 'DICM' file header)") from None
+        except _PARSE_ERRORS as error:
+            raise TruncatedFileError(
+                name, f"truncated or corrupt DICOM ({type(error).__name__} while parsing)"
+            ) from None
+    if any("end of file" in str(w.message).lower() for w in caught):
+        raise TruncatedFileError(name, "truncated DICOM (file ends inside an element)")
+    return ds
+
+
+def _read_slice(name: str, data: bytes) -> _Slice:
+    ds = _parse(name, data)
+    modality = str(ds.get("Modality", "")).upper()
+    if modality != "CT" and not (modality == "" and ds.get("SOPClassUID") == CT_IMAGE_STORAGE):
+        raise UnsupportedModalityError(name, f"modality {modality or 'missing'} is not CT")
+    if "PixelData" not in ds:
+        if PIXEL_DATA_TAG in data:
+            raise TruncatedFileError(name, "truncated DICOM (pixel data cut short)")
+        raise NoPixelDataError(name, "no pixel data")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise UnsupportedModalityError(name, "multi-frame images are not supported")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise InconsistentGeometryError(name, "no Rows/Columns")
+    return _Slice(name, ds)
+
+
+def _decode(item: _Slice) -> None:
+    try:
+        pixels = item.ds.pixel_array
+    except Exception as error:  # decoders raise many kinds; each means unusable pixel data
+        raise TruncatedFileError(item.source, f"truncated or corrupt pixel data: {error}") from None
+    expected = (int(item.ds.Rows), int(item.ds.Columns))
+    if pixels.shape != expected:
+        raise TruncatedFileError(
+            item.source, f"decoded shape {pixels.shape} is not Rows x Columns {expected}"
+        )
+    item.pixels = pixels
+    del item.ds.PixelData  # keep only the decoded array in memory
+
+
+# --- Loading a series -----------------------------------------------------------------------------
+
+
+def load_series(
+    sources: str | os.PathLike[str] | bytes | Iterable[str | os.PathLike[str] | bytes],
+    *,
+    skip_bad: bool = False,
+    max_slices: int = 1000,
+) -> CTSeries:
+    """Load one CT series; with ``skip_bad`` per-file problems are listed in ``skipped`` instead."""
+    skipped: list[SkippedFile] = []
+
+    def reject(error: DicomInputError) -> None:
+        if not skip_bad:
+            raise error
+        skipped.append(SkippedFile(error.source, error.reason))
+
+    name = str(sources) if isinstance(sources, str | os.PathLike) else "<series>"
+    expanded = _expand(sources)
+    if len(expanded) > max_slices and not skip_bad:
+        raise TooManySlicesError(name, f"{len(expanded)} files, more than {max_slices}")
+    slices: list[_Slice] = []
+    for index, source in enumerate(expanded):
+        try:
+            slices.append(_read_slice(*_named_bytes(source, index=index)))
+        except DicomInputError as error:
+            reject(error)
+    slices = _keep_consistent(slices, reject)
+    _check_count(name, slices, skipped, max_slices)
+    decoded = []
+    for item in slices:
+        try:
+            _decode(item)
+            decoded.append(item)
+        except DicomInputError as error:
+            reject(error)
+    _check_count(name, decoded, skipped, max_slices)
+    return _build(decoded, skipped)
+
+
+def _expand(
+    sources: str | os.PathLike[str] | bytes | Iterable[str | os.PathLike[str] | bytes],
+) -> list[str | os.PathLike[str] | bytes]:
+    if isinstance(sources, bytes | bytearray | memoryview):
+        return [bytes(sources)]
+    if isinstance(sources, str | os.PathLike):
+        return list(_files_in(Path(sources)))
+    expanded: list[str | os.PathLike[str] | bytes] = []
+    for source in sources:
+        if isinstance(source, str | os.PathLike) and Path(source).is_dir():
+            expanded.extend(_files_in(Path(source)))
+        else:
+            expanded.append(source)
+    return expanded
+
+
+def _files_in(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+
+
+def _check_count(
+    name: str, slices: list[_Slice], skipped: list[SkippedFile], max_slices: int
+) -> None:
+    if not slices:
+        detail = f" ({len(skipped)} files skipped)" if skipped else ""
+        raise EmptySeriesError(name, f"no usable CT slices{detail}")
+    if len(slices) > max_slices:
+        raise TooManySlicesError(name, f"{len(slices)} slices, more than {max_slices}")
+
+
+def _keep_consistent(slices: list[_Slice], reject: Any) -> list[_Slice]:
+    """Drop (or refuse) files unlike the majority in series, size, orientation or spacing."""
+    checks = [
+        ("SeriesInstanceUID", _series_uid, MixedSeriesError, _equal),
+        ("Rows x Columns", _size, InconsistentGeometryError, _equal),
+        ("ImageOrientationPatient", _orientation, InconsistentGeometryError, _close),
+        ("PixelSpacing", _spacing, InconsistentGeometryError, _close),
+    ]
+    for label, key, error_type, same in checks:
+        majority = _majority([key(item.ds) for item in slices])
+        kept = []
+        for item in slices:
+            value = key(item.ds)
+            if same(value, majority):
+                kept.append(item)
+            else:
+                reason = f"{label} {value} differs from the series' {majority}"
+                reject(error_type(item.source, reason))
+        slices = kept
+    seen: set[str] = set()
+    unique = []
+    for item in slices:
+        uid = str(item.ds.get("SOPInstanceUID", ""))
+        if uid and uid in seen:
+            reject(DicomInputError(item.source, f"duplicate SOPInstanceUID {uid}"))
+        else:
+            seen.add(uid)
+            unique.append(item)
+    return unique
+
+
+def _majority(values: list[Any]) -> Any:
+    if not values:
+        return None
+    counts = Counter(repr(v) for v in values)
+    best = max(counts.values())
+    return next(v for v in values if counts[repr(v)] == best)  # ties: the first seen
+
+
+def _equal(a: Any, b: Any) -> bool:
+    return bool(a == b)
+
+
+def _close(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and bool(np.allclose(a, b, atol=GEOMETRY_TOLERANCE))
+
+
+def _series_uid(ds: Dataset) -> str:
+    return str(ds.get("SeriesInstanceUID", ""))
+
+
+def _size(ds: Dataset) -> tuple[int, int]:
+    return int(ds.Rows), int(ds.Columns)
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    value = ds.get(keyword)
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count else None
+
+
+def _orientation(ds: Dataset) -> tuple[float, ...] | None:
+    return _floats(ds, "ImageOrientationPatient", 6)
+
+
+def _spacing(ds: Dataset) -> tuple[float, ...] | None:
+    return _floats(ds, "PixelSpacing", 2)
+
+
+# --- Sorting and Hounsfield units -----------------------------------------------------------------
+
+
+def _build(slices: list[_Slice], skipped: list[SkippedFile]) -> CTSeries:
+    positions = _positions(slices)
+    order = sorted(range(len(slices)), key=lambda i: (positions[i], _instance(slices[i].ds) or 0))
+    slices = [slices[i] for i in order]
+    first = slices[0].ds
+    spacing = _spacing(first) or (1.0, 1.0)
+    return CTSeries(
+        hu=np.stack([_to_hu(item) for item in slices]),  # (N, H, W)
+        positions_mm=np.asarray([positions[i] for i in order], dtype=np.float64),
+        pixel_spacing_mm=(spacing[0], spacing[1]),
+        study_instance_uid=str(first.get("StudyInstanceUID", "")),
+        series_instance_uid=_series_uid(first),
+        sop_instance_uids=[str(item.ds.get("SOPInstanceUID", "")) for item in slices],
+        instance_numbers=[_instance(item.ds) for item in slices],
+        sources=[item.source for item in slices],
+        skipped=skipped,
+        modality=str(first.get("Modality", "")),
+        body_part=str(first.get("BodyPartExamined", "") or ""),
+        series_description=str(first.get("SeriesDescription", "") or ""),
+        slice_thickness_mm=_optional_float(first.get("SliceThickness")),
+    )
+
+
+def _positions(slices: list[_Slice]) -> list[float]:
+    """Distance of each slice along the normal; InstanceNumber times the thickness as a fallback."""
+    orientation = _orientation(slices[0].ds)
+    points = [_floats(item.ds, "ImagePositionPatient", 3) for item in slices]
+    if orientation is not None and all(p is not None for p in points):
+        normal = np.cross(orientation[:3], orientation[3:])
+        return [float(np.dot(np.asarray(p), normal)) for p in points]
+    step = _optional_float(slices[0].ds.get("SpacingBetweenSlices"))
+    step = step or _optional_float(slices[0].ds.get("SliceThickness")) or 1.0
+    numbers = [_instance(item.ds) for item in slices]
+    if any(n is None for n in numbers):
+        return [float(index) * step for index in range(len(slices))]  # keep the given order
+    return [float(n or 0) * step for n in numbers]
+
+
+def _instance(ds: Dataset) -> int | None:
+    try:
+        return int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _optional_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _to_hu(item: _Slice) -> np.ndarray:
+    ds, stored = item.ds, item.pixels
+    if stored is None:
+        raise NoPixelDataError(item.source, "pixel data was not decoded")
+    slope = _optional_float(ds.get("RescaleSlope")) or 1.0
+    intercept = _optional_float(ds.get("RescaleIntercept")) or 0.0
+    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)  # (H, W)
+    hu[_padding_mask(ds, stored) | (hu <= PADDING_HU_LIMIT)] = AIR_HU
+    return hu
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    padding = _stored_value(ds, "PixelPaddingValue")
+    if padding is None:
+        return np.zeros(stored.shape, dtype=bool)
+    limit = _stored_value(ds, "PixelPaddingRangeLimit")
+    if limit is None:
+        return stored == padding
+    low, high = sorted((padding, limit))
+    return (stored >= low) & (stored <= high)
+
+
+def _stored_value(ds: Dataset, keyword: str) -> int | None:
+    """A value in stored pixel units, read as signed when the pixels are signed."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    value = int(value)
+    bits = int(ds.get("BitsStored", 16) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and value >= 2 ** (bits - 1):
+        value -= 2**bits
+    return value
