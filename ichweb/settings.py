@@ -6,6 +6,9 @@ A bad value stops start-up with a message naming the variable.
 """
 
 import getpass
+import ipaddress
+import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -211,6 +214,46 @@ MEDIA_ROOT = Path(env_str("ICH_MEDIA_ROOT", str(VAR_DIR / "media")))
 
 # Priority and scoring (used by the worklist; see DESIGN.md "Priority").
 ICH_MAX_WAIT_MINUTES = env_int("ICH_MAX_WAIT_MINUTES", 30, minimum=1)
+ICH_STUDY_QUIET_SECONDS = env_int("ICH_STUDY_QUIET_SECONDS", 5, minimum=0, maximum=3600)
+ICH_SCORING_STUCK_MINUTES = env_int("ICH_SCORING_STUCK_MINUTES", 15, minimum=12)
+ICH_MODEL_PATH = os.environ.get("ICH_MODEL_PATH") or None  # None: the shipped model
+if ICH_MODEL_PATH and not Path(ICH_MODEL_PATH).is_file():
+    raise ImproperlyConfigured(f"ICH_MODEL_PATH={ICH_MODEL_PATH!r} is not a file.")
+CELERY_TASK_ROUTES = {"worklist.tasks.score_study": {"queue": "gpu"}}
+CELERY_BEAT_SCHEDULE = {
+    "sweep-stuck-studies": {"task": "worklist.tasks.sweep_stuck_studies", "schedule": 60.0},
+}
+
+# Ways in (worklist/ingest.py): the DICOM receiver (`manage.py dicom_receiver`), STOW-RS, uploads.
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII except backslash
+
+
+def _ae_title(name: str, value: str) -> str:
+    if not _AE_TITLE.fullmatch(value) or not value.strip():
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a DICOM AE title (1-16 printable ASCII, no backslash)."
+        )
+    return value.strip()
+
+
+def _bind_host(name: str, value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
+            return value
+        raise ImproperlyConfigured(f"{name}={value!r} is not an IP address or host name.") from None
+
+
+ICH_DICOM_AE_TITLE = _ae_title("ICH_DICOM_AE_TITLE", env_str("ICH_DICOM_AE_TITLE", "ICHTRIAGE"))
+ICH_DICOM_HOST = _bind_host("ICH_DICOM_HOST", env_str("ICH_DICOM_HOST", "127.0.0.1"))
+ICH_DICOM_PORT = env_int("ICH_DICOM_PORT", 11112, minimum=1, maximum=65535)
+ICH_DICOM_ALLOWED_AETS = [
+    _ae_title("ICH_DICOM_ALLOWED_AETS", title) for title in env_list("ICH_DICOM_ALLOWED_AETS", [])
+]
+ICH_UPLOAD_MAX_MB = env_int("ICH_UPLOAD_MAX_MB", 2048, minimum=1)
+# A browser upload of one series' files in one request; bigger sets go as a .zip.
+DATA_UPLOAD_MAX_NUMBER_FILES = 2000
 
 # Logs never carry PHI: the app logs ids, never names, patient ids or file contents.
 LOGGING = {

@@ -45,27 +45,26 @@ def build_atlas(
     features: Sequence["VolumeFeatures"],
     *,
     per_class: int = 12,
-) -> Atlas:
+) -> Atlas | None:
     from inference.data import slice_input
 
     entries: list[tuple[int, int, int, float]] = []  # (class, volume, slice, probability)
     vectors: list[np.ndarray] = []
     for c in range(len(CLASSES)):
-        candidates = []
-        for v, (volume, f) in enumerate(zip(volumes, features, strict=True)):
-            probability = torch.sigmoid(f.logits.mean(0)[:, c]).numpy()  # (N,)
-            right = (volume.slice_labels[:, c] == 1) & (probability >= CONFIDENT)
-            candidates += [(v, int(s), float(probability[s])) for s in np.flatnonzero(right)]
+        candidates = _correct_slices(volumes, features, c, CONFIDENT) or _correct_slices(
+            volumes, features, c, 0.5
+        )
         if not candidates:
             continue
-        embedded = np.stack([embedding_of(features[v].embeddings[:, s : s + 1])[0]
-                             for v, s, _ in candidates])
+        embedded = np.stack(
+            [embedding_of(features[v].embeddings[:, s : s + 1])[0] for v, s, _ in candidates]
+        )
         for pick in farthest_points(embedded, per_class):
             v, s, p = candidates[pick]
             entries.append((c, v, s, p))
             vectors.append(embedded[pick])
     if not entries:
-        raise ValueError("no confidently correct training slice for any class: no atlas")
+        return None  # the model gets no training slice right: nothing to show as a basis
     thumbnails, attention = [], []
     for c, v, s, _ in entries:
         x, _ = slice_input(volumes[v], s, package.preprocess, None)
@@ -77,8 +76,9 @@ def build_atlas(
     return Atlas(
         embeddings=np.stack(vectors).astype(np.float32),
         classes=np.array([c for c, *_ in entries]),
-        labels=np.stack([np.nan_to_num(volumes[v].slice_labels[s]).astype(np.uint8)
-                         for _, v, s, _ in entries]),
+        labels=np.stack(
+            [np.nan_to_num(volumes[v].slice_labels[s]).astype(np.uint8) for _, v, s, _ in entries]
+        ),
         probabilities=np.array([p for *_, p in entries], dtype=np.float32),
         thumbnails=np.stack(thumbnails),
         attention=np.stack(attention),
@@ -86,8 +86,20 @@ def build_atlas(
     )
 
 
+def _correct_slices(
+    volumes: Sequence["Volume"], features: Sequence["VolumeFeatures"], c: int, confidence: float
+) -> list[tuple[int, int, float]]:
+    """(volume, slice, probability) of positive slices the ensemble scores at ``confidence``+."""
+    found = []
+    for v, (volume, f) in enumerate(zip(volumes, features, strict=True)):
+        probability = torch.sigmoid(f.logits.mean(0)[:, c]).numpy()  # (N,)
+        right = (volume.slice_labels[:, c] == 1) & (probability >= confidence)
+        found += [(v, int(s), float(probability[s])) for s in np.flatnonzero(right)]
+    return found
+
+
 def farthest_points(vectors: np.ndarray, k: int) -> list[int]:
-    """A diverse subset: start from the first, then repeatedly the point farthest from the chosen."""
+    """A diverse subset: the first point, then each time the one farthest from those chosen."""
     chosen = [0]
     distance = 1 - vectors @ vectors[0]
     while len(chosen) < min(k, len(vectors)):
@@ -98,8 +110,13 @@ def farthest_points(vectors: np.ndarray, k: int) -> list[int]:
 
 
 def _resize(image: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(image[None, None], size=(THUMBNAIL, THUMBNAIL), mode="bilinear",
-                         antialias=True, align_corners=False)[0, 0]
+    return F.interpolate(
+        image[None, None],
+        size=(THUMBNAIL, THUMBNAIL),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[0, 0]
 
 
 def _thumbnail(hu: torch.Tensor) -> np.ndarray:

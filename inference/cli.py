@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,10 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--kind", choices=DATA_KINDS, default="study_folder")
     evaluate.add_argument("--labels", help="labels CSV for --kind image_folder")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"))
-    evaluate.add_argument("--include-training", action="store_true",
-                          help="also score items the model was trained or validated on")
+    evaluate.add_argument(
+        "--include-training",
+        action="store_true",
+        help="also score items the model was trained or validated on",
+    )
     evaluate.add_argument("--bootstrap", type=int, default=1000)
+    evaluate.add_argument("--title", help="how the model card names this data set")
+    evaluate.add_argument("--note", help="a sentence for the model card about this data set")
     evaluate.set_defaults(run=_evaluate)
+
+    card = commands.add_parser("card", help="write one model card from several evaluation reports")
+    card.add_argument("model", type=Path)
+    card.add_argument("reports", nargs="+", type=Path, help="report.json files from `ich evaluate`")
+    card.add_argument("--out", type=Path, required=True, help="the Markdown file to write")
+    card.set_defaults(run=_card)
 
     predict = commands.add_parser("predict", help="score one series (a folder or files)")
     predict.add_argument("paths", nargs="+", type=Path)
@@ -52,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     atlas_commands = atlas.add_subparsers(dest="atlas_command", required=True)
     build = atlas_commands.add_parser("build", help="rebuild a model's atlas from training data")
     build.add_argument("--model", type=Path, required=True)
-    build.add_argument("--data", action="append", required=True, metavar="KIND:PATH",
-                       help=f"training data, KIND one of {', '.join(DATA_KINDS)}; repeatable")
+    build.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="KIND:PATH",
+        help=f"training data, KIND one of {', '.join(DATA_KINDS)}; repeatable",
+    )
     build.add_argument("--per-class", type=int, default=12)
     build.add_argument("--out", type=Path, help="where to write the model (default: in place)")
     build.set_defaults(run=_atlas_build)
@@ -88,10 +105,26 @@ def _evaluate(args: argparse.Namespace) -> None:
     from inference.evaluation import evaluate
 
     source = DataSource(kind=args.kind, path=str(args.dataset), labels_csv=args.labels)
-    report = evaluate(args.model, source, args.out, exclude_training=not args.include_training,
-                      bootstrap_rounds=args.bootstrap)
+    report = evaluate(
+        args.model,
+        source,
+        args.out,
+        exclude_training=not args.include_training,
+        bootstrap_rounds=args.bootstrap,
+        title=args.title,
+        note=args.note,
+    )
     summary = {c: report["study_level"][c]["auc"] for c in CLASSES}
     print(json.dumps({"study_auc": summary, "report": str(args.out / "report.json")}, indent=2))
+
+
+def _card(args: argparse.Namespace) -> None:
+    from inference.evaluation import model_card
+    from inference.predictor import Predictor
+
+    reports = [json.loads(path.read_text()) for path in args.reports]
+    args.out.write_text(model_card(Predictor.load(args.model), reports))
+    print(f"model card written to {args.out}")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -105,7 +138,7 @@ def _predict(args: argparse.Namespace) -> None:
         _write_overlays(prediction, paths, args.heatmaps)
 
 
-def _write_overlays(prediction, paths, out: Path) -> None:  # type: ignore[no-untyped-def]
+def _write_overlays(prediction: Any, paths: Any, out: Path) -> None:
     from PIL import Image
 
     from inference.dicom_io import load_series
@@ -140,12 +173,14 @@ def _atlas_build(args: argparse.Namespace) -> None:
         volumes += prepare(read_source(source), package.preprocess, kind)
     features = extract(package.members, volumes, package.preprocess, device=_cpu())
     package.atlas = build_atlas(package, volumes, features, per_class=args.per_class)
+    if package.atlas is None:
+        raise ValueError("the model gets no positive training slice right: no atlas to build")
     target = args.out or args.model
     package.save(target)
     print(f"atlas of {len(package.atlas.classes)} slices written into {target}")
 
 
-def _cpu():  # type: ignore[no-untyped-def]
+def _cpu() -> Any:
     import torch
 
     return torch.device("cpu")

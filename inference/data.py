@@ -4,6 +4,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,13 +49,14 @@ class DataSource:
 
 
 def read_source(source: DataSource) -> list:
-    readers = {
+    readers: dict[str, Any] = {
         "phantom": datasets.read_phantom_dataset,
         "study_folder": datasets.read_study_folder,
         "cq500": datasets.read_cq500,
         "rsna": datasets.read_rsna,
         "yolo": datasets.read_yolo_slices,
     }
+    items: list[Any]
     if source.kind == "image_folder":
         items = datasets.read_image_folder(Path(source.path), Path(source.labels_csv or ""))
     elif source.kind in readers:
@@ -121,13 +123,15 @@ def _boxes_to_mask(boxes: Iterable, shape: tuple[int, int]) -> np.ndarray:
     mask = np.zeros(shape, dtype=np.uint8)
     height, width = shape
     for subtype, x0, y0, x1, y1 in boxes:
-        rows = slice(int(y0 * height), max(int(math.ceil(y1 * height)), int(y0 * height) + 1))
-        cols = slice(int(x0 * width), max(int(math.ceil(x1 * width)), int(x0 * width) + 1))
+        rows = slice(int(y0 * height), max(math.ceil(y1 * height), int(y0 * height) + 1))
+        cols = slice(int(x0 * width), max(math.ceil(x1 * width), int(x0 * width) + 1))
         mask[rows, cols] |= np.uint8(1 << subtype)
     return mask
 
 
-def prepare(items: Sequence, config: PreprocessConfig, source: str, progress=None) -> list[Volume]:  # type: ignore[no-untyped-def]
+def prepare(
+    items: Sequence[Any], config: PreprocessConfig, source: str, progress: Any = None
+) -> list[Volume]:
     volumes = []
     for item in items:
         if isinstance(item, datasets.SliceItem):
@@ -158,15 +162,14 @@ def slice_input(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """One network input (3, S, S) for slice ``index`` with its neighbours, augmented."""
-    hu = volume.hu.float()  # (N, S, S)
     positions = volume.positions_mm
+    here = volume.hu[index].float()  # (S, S)
     if len(positions) > 1:
-        here = positions[index : index + 1]
-        below = interpolate_at(hu, positions, here - config.context_mm)[0]
-        above = interpolate_at(hu, positions, here + config.context_mm)[0]
-        stack = torch.stack([below, hu[index], above])  # (3 slices, S, S)
+        below = _slice_at(volume.hu, positions, positions[index] - config.context_mm)
+        above = _slice_at(volume.hu, positions, positions[index] + config.context_mm)
+        stack = torch.stack([below, here, above])  # (3 slices, S, S)
     else:
-        stack = hu[index].expand(3, -1, -1)
+        stack = here.expand(3, -1, -1)
     mask = volume.masks[index] if volume.masks is not None else None
     if augment is not None and augment.enabled:
         stack, mask = _augment(stack, mask, volume.windowed_source, augment, generator)
@@ -174,6 +177,11 @@ def slice_input(
     degree = config.interpolation_degree
     blended = (1 - degree) * windowed[1] + degree * 0.5 * (windowed[0] + windowed[2])
     return blended, mask
+
+
+def _slice_at(hu: torch.Tensor, positions: np.ndarray, target: float) -> torch.Tensor:
+    """The slice at ``target`` mm, interpolated from the two real slices around it."""
+    return interpolate_at(hu, positions, np.array([target]), dtype=torch.float32)[0]
 
 
 def _rand(generator: torch.Generator | None) -> float:
@@ -203,19 +211,26 @@ def _augment(
     size = stack.shape[-1]
     grid = F.affine_grid(theta, [1, 1, size, size], align_corners=False)
     floor = float(stack.min())
-    moved = F.grid_sample(
-        (stack - floor)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )[0] + floor
-    moved = moved + torch.randn(moved.shape, generator=generator) * augment.noise_hu * _rand(generator)
+    moved = (
+        F.grid_sample(
+            (stack - floor)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )[0]
+        + floor
+    )
+    moved = moved + torch.randn(moved.shape, generator=generator) * augment.noise_hu * _rand(
+        generator
+    )
     if mask is not None:
         planes = torch.from_numpy(np.unpackbits(mask[None], axis=0, bitorder="little")).float()
-        planes = F.grid_sample(planes[None], grid.expand(1, -1, -1, -1), mode="nearest", align_corners=False)[0]
+        planes = F.grid_sample(
+            planes[None], grid.expand(1, -1, -1, -1), mode="nearest", align_corners=False
+        )[0]
         mask = np.packbits(planes.numpy().astype(bool), axis=0, bitorder="little")[0]
     return moved, mask
 
 
 class SliceSampler:
-    """Each epoch: a fixed number of labelled slices, half of them positive, rare subtypes upweighted."""
+    """Each epoch: a fixed number of labelled slices, half positive, rare subtypes upweighted."""
 
     def __init__(self, volumes: Sequence[Volume], positive_fraction: float = 0.5) -> None:
         index = [
@@ -239,7 +254,7 @@ class SliceSampler:
         self.labels = labels
 
     def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        n_pos = int(round(count * self.positive_fraction)) if self.positive_p is not None else 0
+        n_pos = round(count * self.positive_fraction) if self.positive_p is not None else 0
         n_pos = count if self.negative_p is None else n_pos
         picks = []
         if n_pos:

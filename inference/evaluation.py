@@ -37,10 +37,17 @@ def picture_series(item: "datasets.SliceItem", predictor: Predictor) -> CTSeries
     picture = np.asarray(Image.open(item.image_path).convert("L"))
     hu = hu_from_windowed(picture, predictor.package.preprocess.windowed_source)[None]
     return CTSeries(
-        hu=hu, positions_mm=np.zeros(1), pixel_spacing_mm=None,  # type: ignore[arg-type]
-        study_instance_uid=item.image_path.stem, series_instance_uid=item.image_path.stem,
-        sop_instance_uids=[item.image_path.stem], instance_numbers=[1],
-        sources=[str(item.image_path)], skipped=[], modality="OT", body_part="HEAD",
+        hu=hu,
+        positions_mm=np.zeros(1),
+        pixel_spacing_mm=None,  # type: ignore[arg-type]
+        study_instance_uid=item.image_path.stem,
+        series_instance_uid=item.image_path.stem,
+        sop_instance_uids=[item.image_path.stem],
+        instance_numbers=[1],
+        sources=[str(item.image_path)],
+        skipped=[],
+        modality="OT",
+        body_part="HEAD",
         series_description="windowed picture",
     )
 
@@ -53,6 +60,8 @@ def evaluate(
     exclude_training: bool = True,
     bootstrap_rounds: int = 1000,
     device: str | None = None,
+    title: str | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
     predictor = Predictor.load(model_path, device=device)
     items = read_source(source)
@@ -64,6 +73,7 @@ def evaluate(
     for item in tqdm(items, desc=f"evaluate {source.kind}", unit="item", disable=None):
         _evaluate_item(item, predictor, collected)
     report = _report(predictor, source, collected, bootstrap_rounds)
+    report["dataset"].update({"title": title, "note": note, "held_out_only": exclude_training})
     out_dir.mkdir(parents=True, exist_ok=True)
     _roc_png(collected, out_dir / "roc_study.png", predictor)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -98,14 +108,22 @@ def _evaluate_item(item: Any, predictor: Predictor, collected: Collected) -> Non
     collected.study_probs.append(probs)
     collected.slice_labels.append(slice_labels)
     collected.slice_probs.append(prediction.slice_probabilities)
-    collected.per_study.append({
-        "item": _key(item),
-        "labels": {c: _int_or_none(item.labels[i]) for i, c in enumerate(CLASSES)},
-        "probabilities": {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)},
-        "flags": prediction.flags,
-        "flag_correct": {c: (None if np.isnan(item.labels[i]) else bool(prediction.flags[c]) == bool(item.labels[i]))
-                         for i, c in enumerate(CLASSES)},
-    })
+    collected.per_study.append(
+        {
+            "item": _key(item),
+            "labels": {c: _int_or_none(item.labels[i]) for i, c in enumerate(CLASSES)},
+            "probabilities": {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)},
+            "flags": prediction.flags,
+            "flag_correct": {
+                c: (
+                    None
+                    if np.isnan(item.labels[i])
+                    else bool(prediction.flags[c]) == bool(item.labels[i])
+                )
+                for i, c in enumerate(CLASSES)
+            },
+        }
+    )
     if has_masks:
         _pointing(item, series, prediction, slice_labels, collected)
 
@@ -136,7 +154,10 @@ def _masks(item: Any, series: CTSeries) -> np.ndarray | None:
 
 
 def _pointing(
-    item: Any, series: CTSeries, prediction: StudyPrediction, slice_labels: np.ndarray,
+    item: Any,
+    series: CTSeries,
+    prediction: StudyPrediction,
+    slice_labels: np.ndarray,
     collected: Collected,
 ) -> None:
     """For each correctly flagged positive slice: does the attention peak fall inside the bleed?"""
@@ -164,7 +185,9 @@ def _dilate(mask: np.ndarray, radius: int = 3) -> np.ndarray:
     return out
 
 
-def _level(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, rounds: int) -> dict[str, Any]:
+def _level(
+    labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, rounds: int
+) -> dict[str, Any]:
     out = {}
     for i, name in enumerate(CLASSES):
         known = ~np.isnan(labels[:, i])
@@ -172,10 +195,13 @@ def _level(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, rounds
         auc, low, high = bootstrap_auc(y, p, rounds=rounds)
         point = at_threshold(y, p, float(thresholds[i]))
         out[name] = {
-            "n": int(known.sum()), "positives": int(y.sum()),
-            "auc": _round(auc), "auc_95ci": [_round(low), _round(high)],
+            "n": int(known.sum()),
+            "positives": int(y.sum()),
+            "auc": _round(auc),
+            "auc_95ci": [_round(low), _round(high)],
             "threshold": _round(float(thresholds[i])),
-            "sensitivity": _round(point.sensitivity), "specificity": _round(point.specificity),
+            "sensitivity": _round(point.sensitivity),
+            "specificity": _round(point.specificity),
             "calibration": calibration(y, p) if known.any() else None,
         }
     return out
@@ -195,7 +221,8 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
         "dataset": {"kind": source.kind, "path": source.path, "items": len(c.names)},
         "study_level": study,
         "slice_level": _level(slices_l, slices_p, np.full(len(CLASSES), 0.5), rounds)
-        if has_slice_labels else None,
+        if has_slice_labels
+        else None,
         "pointing_game": {
             name: {"slices": len(hits), "hit_rate": _round(float(np.mean(hits))) if hits else None}
             for name, hits in c.pointing_hits.items()
@@ -228,27 +255,33 @@ def _roc_png(c: Collected, path: Path, predictor: Predictor) -> None:
 
 def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
     """A Markdown model card: data, metrics with the data they were measured on, use and limits."""
-    training = predictor.package.training
+    package = predictor.package
+    training = package.training
+    windows = ", ".join(f"{w.level:g}/{w.width:g}" for w in package.preprocess.windows)
+    members = ", ".join(m.variant for m in package.members)
+    study_level = (
+        "a bidirectional GRU over slice embeddings" if package.aggregator else "maximum over slices"
+    )
+    chosen_on = training.get("aggregator", {}).get("val_mean_study_auc")
     lines = [
         f"# Model card: {predictor.name} {predictor.version}",
         "",
-        "**Triage support, not diagnosis.** A computer-aided triage (CADt) model that flags head CT",
-        "studies likely to show acute intracranial haemorrhage so a clinician reads them sooner.",
-        "It never replaces a clinician's reading of the full images. Not a medical device.",
+        "**Triage support, not diagnosis.** A computer-aided triage (CADt) model that flags head",
+        "CT studies likely to show acute intracranial haemorrhage so a clinician reads them",
+        "sooner. It never replaces a clinician's reading of the full images. Not a medical device.",
         "",
         "## Model",
-        f"- Ensemble of {len(predictor.package.members)} ImageNet-initialised 2D CNNs: "
-        + ", ".join(m.variant for m in predictor.package.members)
-        + "; multi-window input (" + ", ".join(f"{w.level:g}/{w.width:g}" for w in predictor.package.preprocess.windows)
-        + f" level/width) with slice interpolation (degree {predictor.package.preprocess.interpolation_degree}).",
-        f"- Study level: {'a bidirectional GRU over slice embeddings' if predictor.package.aggregator else 'maximum over slices'}"
-        f" (chosen on validation: {training.get('aggregator', {}).get('val_mean_study_auc')}), Platt-calibrated;"
-        " operating points chosen on validation data for high sensitivity.",
-        "- Explanations: Grad-CAM at the last convolutional stage; prediction basis from an atlas of"
-        " confidently correct training slices.",
+        f"- Ensemble of {len(package.members)} ImageNet-initialised 2D CNNs ({members});",
+        f"  windows {windows} (level/width) as channels; slice interpolation degree"
+        f" {package.preprocess.interpolation_degree}; {package.preprocess.image_size} px at"
+        f" {package.preprocess.spacing_mm} mm.",
+        f"- Study level: {study_level} (mean validation AUC of each: {chosen_on}),",
+        "  Platt-calibrated; operating points chosen on validation data for high sensitivity.",
+        "- Explanations: Grad-CAM at the last convolutional stage; prediction basis from an atlas",
+        "  of confidently correct training slices.",
         "",
         "## Training data",
-        f"- Sources: {', '.join(training.get('sources', [])) or 'unknown'}; studies/slices per part:"
+        f"- Sources: {', '.join(training.get('sources', [])) or 'unknown'}; items per part:"
         f" {training.get('counts')}.",
         "",
         "## Operating points (calibrated probability)",
@@ -256,34 +289,62 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "| class | threshold |",
         "| --- | --- |",
     ]
-    lines += [f"| {CLASS_LABELS[c]} | {predictor.package.thresholds[i]:.3f} |" for i, c in enumerate(CLASSES)]
+    lines += [f"| {CLASS_LABELS[c]} | {package.thresholds[i]:.3f} |" for i, c in enumerate(CLASSES)]
     for report in reports:
         lines += _card_section(report)
     lines += [
         "",
         "## Intended use and limits",
-        "- Intended use: prioritising a worklist of non-contrast head CT for review by clinicians.",
+        "- Intended use: prioritising a worklist of non-contrast head CT for clinicians' review.",
         "- Figures above hold only for the data they were measured on. Synthetic phantoms are far",
-        "  easier than real CT; the real-data figures come from small public sets and measure little.",
-        "- Not validated on clinical data from any site: a demonstration model until it is trained and",
-        "  evaluated on real clinical data with radiologist labels.",
+        "  easier than real CT; the real-data figures come from small public sets.",
+        "- Not validated on clinical data from any site: a demonstration model until it is",
+        "  trained and evaluated on real clinical data with radiologist labels.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def _card_section(report: dict[str, Any]) -> list[str]:
     d = report["dataset"]
-    lines = ["", f"## Measured on {d['kind']} ({d['items']} items, {d['path']})", "",
-             "| class | n (pos) | study AUC [95% CI] | sensitivity | specificity | pointing game |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    title = d.get("title") or f"{d['kind']} ({d['path']})"
+    lines = ["", f"## Measured on {title}: {d['items']} items", ""]
+    if d.get("note"):
+        lines += [d["note"], ""]
+    lines += [
+        "| class | n (pos) | study AUC [95% CI] | sensitivity | specificity | pointing game |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for c in CLASSES:
         s = report["study_level"][c]
         pg = report["pointing_game"][c]
         ci = s["auc_95ci"]
         auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
         pointing = "n/a" if pg["hit_rate"] is None else f"{pg['hit_rate']:.0%} of {pg['slices']}"
-        lines.append(f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "
-                     f"{_fmt(s['sensitivity'])} | {_fmt(s['specificity'])} | {pointing} |")
+        lines.append(
+            f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "
+            f"{_fmt(s['sensitivity'])} | {_fmt(s['specificity'])} | {pointing} |"
+        )
+    if len(report["per_item"]) <= 10:
+        lines += _per_item_table(report["per_item"])
+    return lines
+
+
+def _per_item_table(items: list[dict[str, Any]]) -> list[str]:
+    """Small sets are shown study by study: probability per class, and whether the flag is right."""
+    lines = [
+        "",
+        "| item | " + " | ".join(CLASS_LABELS[c] for c in CLASSES) + " |",
+        "| --- |" + " --- |" * len(CLASSES),
+    ]
+    for item in items:
+        cells = []
+        for c in CLASSES:
+            label, correct = item["labels"][c], item["flag_correct"][c]
+            mark = "" if correct is None else (" ✓" if correct else " ✗")
+            flag = "flagged" if item["flags"][c] else "not flagged"
+            truth = "?" if label is None else ("positive" if label else "negative")
+            cells.append(f"{item['probabilities'][c]:.2f} {flag}, {truth}{mark}")
+        lines.append(f"| {item['item']} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al. 2017) at the last convolutional stage, per class, up-sampled to the slice."""
+"""Grad-CAM (Selvaraju et al. 2017) at the last convolutional stage, per class, up-sampled."""
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,9 @@ def grad_cam(
                 cam = torch.relu((weights * stage).sum(dim=1))  # (B, h, w)
                 maps[c].append(_normalise(cam.detach()))
     return {
-        c: F.interpolate(torch.stack(m).mean(0)[:, None], size=(size, size), mode="bilinear",
-                         align_corners=False)[:, 0]
+        c: F.interpolate(
+            torch.stack(m).mean(0)[:, None], size=(size, size), mode="bilinear", align_corners=False
+        )[:, 0]
         for c, m in maps.items()
     }
 

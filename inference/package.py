@@ -90,8 +90,13 @@ class ModelPackage:
             "classes": list(CLASSES),
             "preprocess": self.preprocess.to_dict(),
             "members": [
-                {"variant": m.variant, "state": {k: v.half() if v.is_floating_point() else v
-                                                 for k, v in m.state_dict().items()}}
+                {
+                    "variant": m.variant,
+                    "state": {
+                        k: v.half() if v.is_floating_point() else v
+                        for k, v in m.state_dict().items()
+                    },
+                }
                 for m in self.members
             ],
             "aggregator": None
@@ -116,8 +121,9 @@ class ModelPackage:
         members = []
         for member in state["members"]:
             model = EfficientNetLite(member["variant"])
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                   for k, v in member["state"].items()})
+            model.load_state_dict(
+                {k: v.float() if v.is_floating_point() else v for k, v in member["state"].items()}
+            )
             members.append(model.to(device).eval())
         aggregator = None
         if state["aggregator"] is not None:
@@ -149,9 +155,15 @@ def slice_outputs(
         embeddings.append(model.pool(maps))
         if keep_features:
             features.append(maps)
-    return {"logits": torch.stack(logits), "embeddings": torch.stack(embeddings), "features": features}
+    return {
+        "logits": torch.stack(logits),
+        "embeddings": torch.stack(embeddings),
+        "features": features,
+    }
 
 
 def aggregator_features(logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     """(M, N, 6) and (M, N, E) -> (N, M * (E + 6)): what the study aggregator reads per slice."""
-    return torch.cat([torch.cat([logits[m], embeddings[m]], dim=-1) for m in range(len(logits))], -1)
+    return torch.cat(
+        [torch.cat([logits[m], embeddings[m]], dim=-1) for m in range(len(logits))], -1
+    )

@@ -47,7 +47,9 @@ class StudyPrediction:
     slice_probabilities: np.ndarray  # (N, 6), slices in position order
     key_slices: dict[str, int]  # slice index of the strongest evidence per class
     sop_instance_uids: list[str]
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # flagged class -> (N, H, W) uint8
+    heatmaps: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # flagged class -> (N, H, W) uint8
     prediction_basis: dict[str, list[BasisEntry]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -66,8 +68,12 @@ class StudyPrediction:
                     "key_slice": self.key_slices[name],
                     "key_sop_instance_uid": self.sop_instance_uids[self.key_slices[name]],
                     "prediction_basis": [
-                        {"atlas_index": b.atlas_index, "similarity": round(b.similarity, 4),
-                         "labels": [k for k, v in b.labels.items() if v], "source": b.source}
+                        {
+                            "atlas_index": b.atlas_index,
+                            "similarity": round(b.similarity, 4),
+                            "labels": [k for k, v in b.labels.items() if v],
+                            "source": b.source,
+                        }
                         for b in self.prediction_basis.get(name, [])
                     ],
                 }
@@ -187,7 +193,8 @@ class Predictor:
         self, embeddings: torch.Tensor, key: np.ndarray, flagged: list[int], k: int
     ) -> dict[str, list[BasisEntry]]:
         atlas = self.package.atlas
-        assert atlas is not None
+        if atlas is None:
+            return {}
         out = {}
         for c in flagged:
             query = torch.nn.functional.normalize(

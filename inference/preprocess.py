@@ -1,4 +1,4 @@
-"""From Hounsfield units to model input: in-plane resampling, multi-window conversion, slice context.
+"""From Hounsfield units to model input: in-plane resampling, multi-window conversion, context.
 
 Follows Lee et al. 2019: three windows of the same slice become three channels (as a radiologist
 flips between brain, subdural and bone windows), and each slice is blended with its neighbours
@@ -114,24 +114,36 @@ def resample_inplane(
 
 
 def _flat(head: np.ndarray) -> np.ndarray:
-    return head.any(axis=0) if head.ndim == 3 else head
+    return np.asarray(head.any(axis=0) if head.ndim == 3 else head)
+
+
+def _bounds(head: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Robust bounding box (1st to 99th percentile) of the head pixels: a thin table or head
+    holder under the head holds few pixels and does not move it."""
+    flat = _flat(head)
+    if not flat.any():
+        return None
+    rows, cols = np.nonzero(flat)
+    r0, r1 = np.percentile(rows, [1, 99])
+    c0, c1 = np.percentile(cols, [1, 99])
+    return float(r0), float(r1), float(c0), float(c1)
 
 
 def _centre(head: np.ndarray) -> tuple[float, float]:
-    """Centre of the head's bounding box in pixels; the image centre if there is no head."""
-    flat = _flat(head)
-    if not flat.any():
-        return (flat.shape[0] - 1) / 2, (flat.shape[1] - 1) / 2
-    rows, cols = np.nonzero(flat)
-    return (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+    """Centre of the head in pixels; the image centre if there is no head."""
+    bounds = _bounds(head)
+    if bounds is None:
+        return (head.shape[-2] - 1) / 2, (head.shape[-1] - 1) / 2
+    r0, r1, c0, c1 = bounds
+    return (r0 + r1) / 2, (c0 + c1) / 2
 
 
 def _extent(head: np.ndarray) -> float:
-    flat = _flat(head)
-    if not flat.any():
-        return float(max(flat.shape))
-    rows, cols = np.nonzero(flat)
-    return float(max(rows.max() - rows.min(), cols.max() - cols.min()) + 1)
+    bounds = _bounds(head)
+    if bounds is None:
+        return float(max(head.shape[-2:]))
+    r0, r1, c0, c1 = bounds
+    return max(r1 - r0, c1 - c0) + 1
 
 
 def resample_mask(mask: np.ndarray, transform: InplaneTransform, size: int) -> np.ndarray:
@@ -151,9 +163,16 @@ def _sample(
     shifted = volume - air  # air becomes 0, so zero padding means air
     if transform.scale < 1.0:
         # Shrink the whole image first with antialiasing, then crop by the same affine.
-        new_h, new_w = max(1, round(height * transform.scale)), max(1, round(width * transform.scale))
+        new_h, new_w = (
+            max(1, round(height * transform.scale)),
+            max(1, round(width * transform.scale)),
+        )
         shifted = F.interpolate(
-            shifted[:, None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+            shifted[:, None],
+            size=(new_h, new_w),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
         )[:, 0]
         row_scale, col_scale = new_h / height, new_w / width
         offset_row = (transform.offset_row + 0.5) * row_scale - 0.5
@@ -212,15 +231,23 @@ def neighbour_slices(
     return below, above
 
 
-def interpolate_at(volume: torch.Tensor, positions: np.ndarray, targets: np.ndarray) -> torch.Tensor:
+def interpolate_at(
+    volume: torch.Tensor,
+    positions: np.ndarray,
+    targets: np.ndarray,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Slices at ``targets`` mm, linear between the real slices around each, clamped at the ends.
+    Only the slices needed are read (and converted to ``dtype``)."""
+    dtype = dtype or volume.dtype
     clipped = np.clip(targets, positions[0], positions[-1])
     upper = np.clip(np.searchsorted(positions, clipped, side="left"), 1, len(positions) - 1)
     lower = upper - 1
     gap = positions[upper] - positions[lower]
     weight = np.where(gap > 0, (clipped - positions[lower]) / np.where(gap > 0, gap, 1), 0.0)
     shape = (-1,) + (1,) * (volume.dim() - 1)
-    w = torch.as_tensor(weight, dtype=volume.dtype).reshape(shape)
-    return volume[lower] * (1 - w) + volume[upper] * w
+    w = torch.as_tensor(weight, dtype=dtype).reshape(shape)
+    return volume[lower].to(dtype) * (1 - w) + volume[upper].to(dtype) * w
 
 
 def slice_context(

@@ -21,7 +21,15 @@ from tqdm import tqdm
 from inference import datasets
 from inference.atlas import build_atlas
 from inference.constants import CLASSES
-from inference.data import Augment, DataSource, SliceSampler, Volume, prepare, read_source, slice_input
+from inference.data import (
+    Augment,
+    DataSource,
+    SliceSampler,
+    Volume,
+    prepare,
+    read_source,
+    slice_input,
+)
 from inference.metrics import roc_auc, threshold_for_sensitivity
 from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator, build_slice_model
 from inference.package import ModelPackage, aggregator_features, slice_outputs
@@ -71,7 +79,11 @@ class TrainConfig:
             raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
         sources = [DataSource(**s) for s in raw.pop("sources", [])]
         for source in sources:
-            source.path = str((base / source.path).resolve()) if not Path(source.path).is_absolute() else source.path
+            source.path = (
+                str((base / source.path).resolve())
+                if not Path(source.path).is_absolute()
+                else source.path
+            )
         preprocess = raw.pop("preprocess", {})
         if "windows" in preprocess:
             preprocess["windows"] = tuple(Window(*w) for w in preprocess["windows"])
@@ -79,7 +91,9 @@ class TrainConfig:
         for key in ("architectures", "split"):
             if key in raw:
                 raw[key] = tuple(raw[key])
-        return cls(sources=sources, preprocess=PreprocessConfig(**preprocess), augment=augment, **raw)
+        return cls(
+            sources=sources, preprocess=PreprocessConfig(**preprocess), augment=augment, **raw
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -122,14 +136,17 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     run = Run(Path(config.out_dir))
     (run.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     splits = split_sources(config)
-    (run.dir / "split.json").write_text(json.dumps(
-        {part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2))
+    (run.dir / "split.json").write_text(
+        json.dumps({part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2)
+    )
     members = [
         train_member(arch, splits["train"], splits["val"], config, run, device, progress)
         for arch in config.architectures
     ]
-    features = {part: extract(members, volumes, config.preprocess, device)
-                for part, volumes in splits.items()}
+    features = {
+        part: extract(members, volumes, config.preprocess, device)
+        for part, volumes in splits.items()
+    }
     aggregator, aggregator_report = fit_aggregator(features, splits, config, run, device)
     package = ModelPackage(
         name=config.name,
@@ -178,7 +195,9 @@ def train_member(
 ) -> EfficientNetLite:
     seed_everything(config.seed)
     model = build_slice_model(arch, pretrained=config.pretrained).to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     steps_per_epoch = math.ceil(config.samples_per_epoch / config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=config.lr, total_steps=steps_per_epoch * config.epochs, pct_start=0.15
@@ -192,8 +211,12 @@ def train_member(
         picks = sampler.sample(steps_per_epoch * config.batch_size, rng)
         model.train()
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"{arch} epoch {epoch}/{config.epochs}",
-                   unit="batch", disable=not progress or None)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{arch} epoch {epoch}/{config.epochs}",
+            unit="batch",
+            disable=not progress or None,
+        )
         for step in bar:
             batch = picks[step * config.batch_size : (step + 1) * config.batch_size]
             x, y = training_batch(train_volumes, batch, config, generator)
@@ -202,16 +225,24 @@ def train_member(
             loss.backward()
             optimiser.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         val = validate_slices(model, val_volumes, config.preprocess, device)
         score = float(np.nanmean(list(val["auc"].values())))
-        record = {"member": arch, "epoch": epoch, "train_loss": float(np.mean(losses)),
-                  "val_loss": val["loss"], "val_slice_auc": val["auc"], "val_mean_auc": score,
-                  "seconds": round(time.monotonic() - started, 1)}
+        record = {
+            "member": arch,
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val["loss"],
+            "val_slice_auc": val["auc"],
+            "val_mean_auc": score,
+            "seconds": round(time.monotonic() - started, 1),
+        }
         run.log(record)
-        tqdm.write(f"{arch} epoch {epoch}: train loss {record['train_loss']:.3f}, "
-                   f"val loss {val['loss']:.3f}, val mean slice AUC {score:.3f}")
+        tqdm.write(
+            f"{arch} epoch {epoch}: train loss {record['train_loss']:.3f}, "
+            f"val loss {val['loss']:.3f}, val mean slice AUC {score:.3f}"
+        )
         torch.save(model.state_dict(), run.dir / "checkpoints" / f"{arch}-last.pt")
         if score > best_score:
             best_score, stale = score, 0
@@ -283,17 +314,21 @@ class VolumeFeatures:
 
 @torch.no_grad()
 def extract(
-    members: list[EfficientNetLite], volumes: list[Volume], config: PreprocessConfig,
+    members: list[EfficientNetLite],
+    volumes: list[Volume],
+    config: PreprocessConfig,
     device: torch.device,
 ) -> list[VolumeFeatures]:
     out = []
     for volume in tqdm(volumes, desc="slice features", unit="study", disable=None):
         x = volume_inputs(volume, config)
         parts = [slice_outputs(members, chunk.to(device)) for chunk in torch.split(x, 64)]
-        out.append(VolumeFeatures(
-            logits=torch.cat([p["logits"].float().cpu() for p in parts], dim=1),
-            embeddings=torch.cat([p["embeddings"].float().cpu() for p in parts], dim=1),
-        ))
+        out.append(
+            VolumeFeatures(
+                logits=torch.cat([p["logits"].float().cpu() for p in parts], dim=1),
+                embeddings=torch.cat([p["embeddings"].float().cpu() for p in parts], dim=1),
+            )
+        )
     return out
 
 
@@ -353,14 +388,25 @@ def fit_aggregator(
     if best is not None:
         aggregator.load_state_dict(best)
     aggregator.eval()
-    gru_auc = _mean_auc(np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in val_f]), val_labels)
+    gru_auc = _mean_auc(
+        np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in val_f]), val_labels
+    )
     max_auc = _mean_auc(max_study_logits(val_f), val_labels)
-    choice = config.aggregator if config.aggregator != "auto" else ("gru" if gru_auc >= max_auc else "max")
-    report = {"val_mean_study_auc": {"gru": gru_auc, "max": max_auc}, "chosen": choice,
-              "epochs": epoch + 1}
+    choice = (
+        config.aggregator
+        if config.aggregator != "auto"
+        else ("gru" if gru_auc >= max_auc else "max")
+    )
+    report = {
+        "val_mean_study_auc": {"gru": gru_auc, "max": max_auc},
+        "chosen": choice,
+        "epochs": epoch + 1,
+    }
     run.log({"aggregator": report})
-    tqdm.write(f"study aggregation on validation: GRU mean AUC {gru_auc:.3f}, "
-               f"max-pooling {max_auc:.3f} -> {choice}")
+    tqdm.write(
+        f"study aggregation on validation: GRU mean AUC {gru_auc:.3f}, "
+        f"max-pooling {max_auc:.3f} -> {choice}"
+    )
     del device
     return (aggregator if choice == "gru" else None), report
 
@@ -373,8 +419,10 @@ def _aggregate(aggregator: StudyAggregator, f: VolumeFeatures) -> tuple[torch.Te
 
 
 def _mean_auc(logits: np.ndarray, labels: np.ndarray) -> float:
-    values = [roc_auc(labels[~np.isnan(labels[:, i]), i], logits[~np.isnan(labels[:, i]), i])
-              for i in range(len(CLASSES))]
+    values = [
+        roc_auc(labels[~np.isnan(labels[:, i]), i], logits[~np.isnan(labels[:, i]), i])
+        for i in range(len(CLASSES))
+    ]
     return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
 
 
@@ -386,25 +434,31 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         y = labels[known, i]
         if len(np.unique(y)) < 2:
             continue
-        x = torch.tensor(logits[known, i], dtype=torch.float64)
-        target = torch.tensor(y, dtype=torch.float64)
-        ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-        optimiser = torch.optim.LBFGS([ab], lr=0.5, max_iter=100)
-
-        def closure() -> torch.Tensor:
-            optimiser.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(ab[0] * x + ab[1], target)
-            loss = loss + 1e-3 * (ab[0] - 1) ** 2  # keep the slope sane on tiny sets
-            loss.backward()
-            return loss
-
-        optimiser.step(closure)
-        a, b = ab.detach().numpy()
-        params[i] = [max(float(a), 1e-3), float(b)]
+        params[i] = _platt_one(logits[known, i], y)
     return params
 
 
-def operating_points(probabilities: np.ndarray, labels: np.ndarray, config: TrainConfig) -> np.ndarray:
+def _platt_one(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+    x = torch.tensor(logits, dtype=torch.float64)
+    target = torch.tensor(labels, dtype=torch.float64)
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([ab], lr=0.5, max_iter=100)
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(ab[0] * x + ab[1], target)
+        loss = loss + 1e-3 * (ab[0] - 1) ** 2  # keep the slope sane on tiny sets
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    a, b = ab.detach().numpy()
+    return [max(float(a), 1e-3), float(b)]
+
+
+def operating_points(
+    probabilities: np.ndarray, labels: np.ndarray, config: TrainConfig
+) -> np.ndarray:
     thresholds = np.full(len(CLASSES), 0.5)
     for i in range(len(CLASSES)):
         known = ~np.isnan(labels[:, i])
@@ -422,11 +476,15 @@ def training_summary(
     features: dict[str, list[VolumeFeatures]],
 ) -> dict[str, Any]:
     test_logits = study_logits(package, features["test"]) if features["test"] else np.zeros((0, 6))
-    test_labels = np.stack([v.study_labels for v in splits["test"]]) if splits["test"] else np.zeros((0, 6))
+    test_labels = (
+        np.stack([v.study_labels for v in splits["test"]]) if splits["test"] else np.zeros((0, 6))
+    )
     test_auc = {}
     for i, name in enumerate(CLASSES):
         known = ~np.isnan(test_labels[:, i]) if len(test_labels) else np.zeros(0, bool)
-        test_auc[name] = roc_auc(test_labels[known, i], test_logits[known, i]) if known.any() else float("nan")
+        test_auc[name] = (
+            roc_auc(test_labels[known, i], test_logits[known, i]) if known.any() else float("nan")
+        )
     return {
         "config": json.loads(json.dumps(config.to_dict(), default=str)),
         "counts": {part: len(v) for part, v in splits.items()},
@@ -435,5 +493,5 @@ def training_summary(
         "internal_test_study_auc": test_auc,
         "split": {part: [v.key for v in volumes] for part, volumes in splits.items()},
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }

@@ -2,6 +2,7 @@
 
 from django.core.exceptions import ObjectDoesNotExist
 from django.http import FileResponse, StreamingHttpResponse
+from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, status
 from rest_framework.exceptions import NotFound, ValidationError
@@ -12,9 +13,10 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from worklist import selectors, services
 from worklist.media import open_instance_file
-from worklist.models import InvalidTransition
+from worklist.models import AIResult, InvalidTransition
 from worklist.roles import IsAdmin, IsEdPhysician, IsRadiologist, roles_of
 from worklist.serializers import (
+    AIResultSerializer,
     AuditEventSerializer,
     AuditFilterSerializer,
     FindingReviewInputSerializer,
@@ -161,3 +163,62 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     elif isinstance(exc, ValueError | InvalidTransition):
         exc = ValidationError({"detail": str(exc)})
     return drf_exception_handler(exc, context)
+
+
+class StudyResultView(APIView):
+    """The latest AI result of a study: findings, per-slice probabilities, heatmap and
+    prediction-basis image URLs. Audited as "study opened"."""
+
+    permission_classes = [IsEdPhysician]
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request, study_id: int) -> Response:
+        result = services.study_result_open(
+            study_id=study_id, user=request.user, address=services.client_address(request)
+        )
+        return Response(result_payload(result, request))
+
+
+class ResultImageView(APIView):
+    """A stored result image (a heatmap slice or a prediction-basis picture) as PNG."""
+
+    permission_classes = [IsEdPhysician]
+
+    @extend_schema(responses={(200, "image/png"): bytes})
+    def get(self, request: Request, result_id: int, kind: str, name: str, key: str) -> FileResponse:
+        path = services.result_image_fetch(
+            result_id=result_id,
+            kind=kind,
+            class_name=name,
+            key=key,
+            user=request.user,
+            address=services.client_address(request),
+        )
+        return FileResponse(path.open("rb"), content_type="image/png")
+
+
+def result_payload(result: AIResult, request: Request) -> dict:
+    def url(kind: str, name: str, key: str) -> str:
+        return request.build_absolute_uri(
+            reverse("api-result-image", args=[result.pk, kind, name, key])
+        )
+
+    return {
+        **AIResultSerializer(result).data,
+        "slice_probabilities": result.slice_probabilities,
+        "heatmaps": {
+            name: {uid: url("heatmaps", name, uid) for uid in slices}
+            for name, slices in result.heatmaps.items()
+        },
+        "prediction_basis": {
+            name: [
+                {
+                    **{k: v for k, v in entry.items() if k != "image"},
+                    "image": url("basis", name, str(rank)),
+                }
+                for rank, entry in enumerate(entries)
+            ]
+            for name, entries in result.prediction_basis.items()
+        },
+        "notice": "Triage support, not diagnosis: a clinician reads the full images.",
+    }

@@ -1,15 +1,34 @@
 """Everything that reads: querysets for the API, the admin and the services."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from django.db.models import QuerySet
+from django.conf import settings
+from django.db.models import Case, IntegerField, QuerySet, Value, When
+from django.utils import timezone
 
-from worklist.models import AuditEvent, Finding, Instance, Study
+from worklist.models import (
+    AIResult,
+    AIResultStatus,
+    AuditEvent,
+    Finding,
+    Instance,
+    ReviewState,
+    Study,
+)
 
 
-def worklist_studies() -> QuerySet[Study]:
-    """Highest priority first, then the longest waiting."""
-    return Study.objects.order_by("-priority", "received_at", "pk")
+def worklist_studies(now: datetime | None = None) -> QuerySet[Study]:
+    """Unreviewed studies waiting past the maximum first (so no study starves, flagged or not),
+    then the highest priority, then the longest waiting. Failed studies keep arrival order."""
+    limit = (now or timezone.now()) - timedelta(minutes=settings.ICH_MAX_WAIT_MINUTES)
+    overdue = Case(
+        When(received_at__lt=limit, review_state=ReviewState.UNREVIEWED, then=Value(1)),
+        default=Value(0),
+        output_field=IntegerField(),
+    )
+    return Study.objects.annotate(overdue=overdue).order_by(
+        "-overdue", "-priority", "received_at", "pk"
+    )
 
 
 def study_get(*, study_id: int) -> Study:
@@ -52,3 +71,17 @@ def audit_events(
 
 def finding_get(*, finding_id: int) -> Finding:
     return Finding.objects.select_related("result__study").get(pk=finding_id)
+
+
+def latest_result(*, study: Study) -> AIResult:
+    """The newest finished (succeeded or failed) AI result of a study."""
+    return (
+        AIResult.objects.filter(study=study)
+        .exclude(status=AIResultStatus.RUNNING)
+        .prefetch_related("findings")
+        .latest("created_at")
+    )
+
+
+def result_get(*, result_id: int) -> AIResult:
+    return AIResult.objects.select_related("study").get(pk=result_id)

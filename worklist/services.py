@@ -4,6 +4,7 @@ import csv
 import io
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from django.contrib import auth
@@ -13,7 +14,9 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from worklist import events, selectors
+from worklist.media import media_path
 from worklist.models import (
+    AIResult,
     AuditAction,
     AuditEvent,
     Finding,
@@ -102,6 +105,51 @@ def instance_fetch(*, instance_id: int, user: Any, address: str | None) -> Insta
         obj=instance,
     )
     return instance
+
+
+@transaction.atomic
+def study_result_open(*, study_id: int, user: Any, address: str | None) -> AIResult:
+    """The study's latest finished AI result; opening it is opening the study."""
+    study = selectors.study_get(study_id=study_id)
+    result = selectors.latest_result(study=study)
+    audit_record(
+        action=AuditAction.STUDY_OPENED,
+        user=user,
+        address=address,
+        study=study,
+        obj=result,
+        details={"what": "ai result"},
+    )
+    return result
+
+
+RESULT_IMAGE_KINDS = ("heatmaps", "basis")
+
+
+@transaction.atomic
+def result_image_fetch(
+    *, result_id: int, kind: str, class_name: str, key: str, user: Any, address: str | None
+) -> Path:
+    """The file of one heatmap slice (key = SOPInstanceUID) or basis picture (key = rank)."""
+    result = selectors.result_get(result_id=result_id)
+    if kind not in RESULT_IMAGE_KINDS:
+        raise AIResult.DoesNotExist(f"no result images of kind {kind!r}")
+    if kind == "heatmaps":
+        relative = result.heatmaps.get(class_name, {}).get(key)
+    else:
+        entries = result.prediction_basis.get(class_name, [])
+        relative = entries[int(key)]["image"] if key.isdigit() and int(key) < len(entries) else None
+    if relative is None:
+        raise AIResult.DoesNotExist(f"no {kind} image {class_name}/{key}")
+    audit_record(
+        action=AuditAction.IMAGES_FETCHED,
+        user=user,
+        address=address,
+        study=result.study,
+        obj=result,
+        details={"kind": kind, "class": class_name},
+    )
+    return media_path(relative)
 
 
 @transaction.atomic

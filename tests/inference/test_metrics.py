@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from inference.metrics import at_threshold, bootstrap_auc, calibration, roc_auc, threshold_for_sensitivity
+from inference.metrics import (
+    at_threshold,
+    bootstrap_auc,
+    calibration,
+    roc_auc,
+    threshold_for_sensitivity,
+)
 
 
 def test_auc_matches_hand_computed_values() -> None:

@@ -40,12 +40,14 @@ def test_grad_cam_gives_one_map_per_class_in_unit_range() -> None:
     maps = grad_cam([model], [features], [0, 3], size=64)
     assert set(maps) == {0, 3}
     assert maps[0].shape == (2, 64, 64)
-    assert 0.0 <= maps[0].min() and maps[0].max() <= 1.0
+    assert maps[0].min() >= 0.0 and maps[0].max() <= 1.0
 
 
 def test_the_aggregator_reads_any_number_of_slices() -> None:
     aggregator = StudyAggregator(AggregatorConfig(input_dim=8)).eval()
     for slices in (1, 7, 40):
-        study, per_slice = aggregator(torch.randn(1, slices, 8), torch.ones(1, slices, dtype=torch.bool))
+        study, per_slice = aggregator(
+            torch.randn(1, slices, 8), torch.ones(1, slices, dtype=torch.bool)
+        )
         assert study.shape == (1, 6)
         assert per_slice.shape == (1, slices, 6)

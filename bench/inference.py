@@ -1,0 +1,138 @@
+"""Per-stage timings and peak memory of one study through the Predictor.
+
+    .venv/bin/python bench/inference.py                 # 40 and 500 slices, shipped model, CPU
+    .venv/bin/python bench/inference.py --device cuda   # on a GPU machine
+
+Each study size runs in its own process so its peak memory (max RSS) is its own. Prints a table
+and one JSON line per run. Figures go to docs/benchmarks.md with the machine they ran on.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def child(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from inference.dicom_io import load_series
+    from inference.phantom import generate_study, write_study
+    from inference.predictor import Predictor
+
+    study = generate_study(
+        args.seed,
+        subtypes=["subdural", "intraparenchymal"],
+        size="medium",
+        n_slices=min(args.slices, 40),
+    )
+    if args.slices > len(study.hu):
+        study = _resliced(study, args.slices, np)
+    with tempfile.TemporaryDirectory() as folder:
+        write_study(study, Path(folder))
+        started = time.perf_counter()
+        series = load_series(Path(folder))
+        read_s = time.perf_counter() - started
+    predictor = Predictor.load(args.model, device=args.device)
+    predictor.predict(series, heatmaps=True, basis=True, batch_size=args.batch)  # warm-up
+    runs = []
+    for _ in range(args.repeat):
+        started = time.perf_counter()
+        prediction = predictor.predict(series, heatmaps=True, basis=True, batch_size=args.batch)
+        runs.append((time.perf_counter() - started, prediction.timings))
+    total = statistics.median(r[0] for r in runs)
+    stages = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1] if k != "total"}
+    result = {
+        "slices": len(series.sop_instance_uids),
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "read_dicom_s": round(read_s, 3),
+        "predict_s_median": round(total, 3),
+        "stages_s": {k: round(v, 3) for k, v in stages.items()},
+        "flagged": [k for k, v in prediction.flags.items() if v],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if args.device == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name()
+    print("RESULT " + json.dumps(result))
+
+
+def _resliced(study, slices, np):  # type: ignore[no-untyped-def]
+    """A long thin-slice study from a phantom: the same head resampled to many slices along z."""
+    from dataclasses import replace
+
+    z = np.linspace(study.positions_mm[0], study.positions_mm[-1], slices)
+    below = np.clip(np.searchsorted(study.positions_mm, z) - 1, 0, len(study.positions_mm) - 2)
+    w = (z - study.positions_mm[below]) / np.diff(study.positions_mm)[below]
+    hu = study.hu[below] * (1 - w[:, None, None]) + study.hu[below + 1] * w[:, None, None]
+    step = float(z[1] - z[0])
+    return replace(
+        study,
+        hu=hu.astype(np.int16),
+        positions_mm=z,
+        slice_thickness_mm=step,
+        masks=np.zeros(hu.shape, np.uint8),
+        slice_labels=np.zeros((slices, 6), np.uint8),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slices", type=int, nargs="*", default=[40, 500])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--child", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}"
+    )
+    for slices in args.slices:
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--slices",
+            str(slices),
+            "--device",
+            args.device,
+            "--batch",
+            str(args.batch),
+            "--repeat",
+            str(args.repeat),
+        ]
+        if args.model:
+            command += ["--model", args.model]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
+        line = next(x for x in output.splitlines() if x.startswith("RESULT "))
+        result = json.loads(line[len("RESULT ") :])
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in result["stages_s"].items())
+        print(
+            f"{result['slices']:>4} slices on {result['device']}: "
+            f"predict {result['predict_s_median']:.2f}s "
+            f"median of {args.repeat} ({stages}); DICOM read {result['read_dicom_s']:.2f}s; "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB"
+        )
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

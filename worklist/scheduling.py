@@ -1,0 +1,51 @@
+"""When to score: a study is complete when no instance has arrived for a quiet period.
+
+Every ingest path calls ``study_instance_arrived`` inside its transaction. The first instance of a
+quiet period schedules one completeness check (a Redis key guards it), so a 500-slice study
+enqueues one check, not 500. A late instance sends a scored study back to receiving, and it is
+scored again as a new AIResult.
+"""
+
+import redis
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from worklist import events
+from worklist.models import Study, StudyStatus
+
+CHECK_KEY = "ich:completeness-check:{study_id}"
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def study_instance_arrived(*, study: Study, new_study: bool) -> None:
+    """Record the arrival, reopen a finished study, announce it and schedule one check."""
+    now = timezone.now()
+    Study.objects.filter(pk=study.pk).update(last_instance_at=now)
+    study.last_instance_at = now
+    reopened = study.status != StudyStatus.RECEIVING and study.can_transition_to(
+        StudyStatus.RECEIVING
+    )
+    if reopened:
+        study.transition_to(StudyStatus.RECEIVING, at=now)
+    if new_study or reopened:
+        events.send_event(events.STUDY_RECEIVED, {"study_id": study.pk, "status": study.status})
+    transaction.on_commit(lambda: schedule_completeness_check(study.pk))
+
+
+def schedule_completeness_check(study_id: int, delay: float | None = None) -> bool:
+    """Enqueue one check per quiet period; returns whether this call enqueued it."""
+    from worklist.tasks import check_study_complete
+
+    delay = settings.ICH_STUDY_QUIET_SECONDS if delay is None else delay
+    if not _redis().set(CHECK_KEY.format(study_id=study_id), 1, nx=True, ex=int(delay * 10) + 60):
+        return False
+    check_study_complete.apply_async((study_id,), countdown=delay)
+    return True
+
+
+def release_completeness_check(study_id: int) -> None:
+    _redis().delete(CHECK_KEY.format(study_id=study_id))

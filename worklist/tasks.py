@@ -1,0 +1,155 @@
+"""Celery tasks: the one adapter between the web app and ``inference``.
+
+Tasks take ids, load, call one service and own their retries. The model is loaded once per
+worker process and kept warm (CUDA when present).
+"""
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import OperationalError
+from django.utils import timezone
+
+from worklist import scheduling, scoring
+from worklist.media import instance_file_path
+from worklist.models import Instance, Study, StudyStatus
+
+logger = logging.getLogger(__name__)
+_predictor: Any = None
+
+
+def predictor() -> Any:
+    """The model, loaded on first use in this worker process and then kept."""
+    global _predictor
+    if _predictor is None:
+        from inference.predictor import Predictor
+
+        _predictor = Predictor.load(settings.ICH_MODEL_PATH or None)
+        logger.info(
+            "model %s %s loaded on %s", _predictor.name, _predictor.version, _predictor.device
+        )
+    return _predictor
+
+
+@shared_task(acks_late=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+def check_study_complete(study_id: int) -> str:
+    """Queues scoring once the study has been quiet long enough; otherwise looks again later."""
+    study = Study.objects.get(pk=study_id)
+    quiet = (timezone.now() - study.last_instance_at).total_seconds()
+    wait = settings.ICH_STUDY_QUIET_SECONDS - quiet
+    if study.status == StudyStatus.RECEIVING and wait > 0:
+        check_study_complete.apply_async((study_id,), countdown=wait)
+        return "waiting"
+    scheduling.release_completeness_check(study_id)
+    return scoring.study_complete(study_id=study_id)
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=5,
+    max_retries=3,
+    soft_time_limit=600,
+    time_limit=660,
+)
+def score_study(self: Any, study_id: int) -> str:
+    model = predictor()
+    result = scoring.study_scoring_start(
+        study_id=study_id, model_name=model.name, model_version=model.version
+    )
+    if result is None:
+        return "not waiting for scoring"
+    try:
+        output = _run_model(model, scoring.scoring_instances(result.study))
+    except OperationalError:
+        raise
+    except SoftTimeLimitExceeded:
+        scoring.study_scoring_fail(
+            study_id=study_id, result_id=result.pk, error="scoring timed out"
+        )
+        return "failed"
+    except Exception as error:  # the study must show why, never vanish
+        logger.exception("scoring study %s failed", study_id)
+        scoring.study_scoring_fail(
+            study_id=study_id, result_id=result.pk, error=f"{type(error).__name__}: {error}"
+        )
+        return "failed"
+    scoring.study_scoring_finish(result_id=result.pk, output=output)
+    return "scored"
+
+
+def _run_model(model: Any, instances: list[Instance]) -> scoring.ScoringOutput:
+    if not instances:
+        raise ValueError("no CT image instances to score")
+    paths = [instance_file_path(instance) for instance in instances]
+    prediction = model.predict(paths)
+    basis = {
+        name: [
+            {
+                "atlas_index": b.atlas_index,
+                "similarity": round(b.similarity, 4),
+                "labels": [k for k, v in b.labels.items() if v],
+                "source": b.source,
+                "probability": round(b.probability, 4),
+            }
+            for b in entries
+        ]
+        for name, entries in prediction.prediction_basis.items()
+    }
+    images = {
+        name: [_side_by_side(b.thumbnail, b.attention) for b in entries]
+        for name, entries in prediction.prediction_basis.items()
+    }
+    return scoring.ScoringOutput(
+        model_name=prediction.model_name,
+        model_version=prediction.model_version,
+        probabilities=prediction.probabilities,
+        thresholds=prediction.thresholds,
+        flags=prediction.flags,
+        slice_probabilities=prediction.slice_probabilities.tolist(),
+        key_slices=prediction.key_slices,
+        sop_instance_uids=prediction.sop_instance_uids,
+        heatmaps=prediction.heatmaps,
+        basis=basis,
+        basis_images=images,
+        timings=prediction.timings,
+    )
+
+
+def _side_by_side(thumbnail: Any, attention: Any) -> Any:
+    """An atlas slice and the same slice with its attention map in red, side by side (RGB)."""
+    import numpy as np
+
+    gray = np.repeat(thumbnail[..., None], 3, axis=-1).astype(np.float32)
+    heat = attention.astype(np.float32)[..., None] / 255
+    red = np.zeros_like(gray)
+    red[..., 0] = 255
+    overlay = gray * (1 - 0.5 * heat) + red * 0.5 * heat
+    return np.concatenate([gray, overlay], axis=1).round().astype(np.uint8)
+
+
+@shared_task
+def sweep_stuck_studies() -> int:
+    """Re-queues studies stuck in queued or scoring past the limit, and studies whose
+    completeness check was lost. Runs every minute from celery beat."""
+    limit = timezone.now() - timedelta(minutes=settings.ICH_SCORING_STUCK_MINUTES)
+    stuck = Study.objects.filter(
+        status__in=[StudyStatus.QUEUED, StudyStatus.SCORING], status_changed_at__lt=limit
+    )
+    count = 0
+    for study in stuck:
+        score_study.apply_async((study.pk,), queue="gpu")
+        count += 1
+    quiet_limit = timezone.now() - timedelta(seconds=settings.ICH_STUDY_QUIET_SECONDS * 3 + 30)
+    for study in Study.objects.filter(
+        status=StudyStatus.RECEIVING, last_instance_at__lt=quiet_limit
+    ):
+        if scheduling.schedule_completeness_check(study.pk, delay=0):
+            count += 1
+    return count
