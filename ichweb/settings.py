@@ -255,6 +255,20 @@ ICH_UPLOAD_MAX_MB = env_int("ICH_UPLOAD_MAX_MB", 2048, minimum=1)
 # A browser upload of one series' files in one request; bigger sets go as a .zip.
 DATA_UPLOAD_MAX_NUMBER_FILES = 2000
 
+
+def _destination(name: str) -> tuple[str, str, int] | None:
+    """AE@host:port of the PACS that receives results, or None."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", raw)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise ImproperlyConfigured(f"{name}={raw!r} must look like AE_TITLE@host:port.")
+    return _ae_title(name, match.group(1)), match.group(2), int(match.group(3))
+
+
+ICH_RESULTS_DESTINATION = _destination("ICH_RESULTS_DESTINATION")
+
 # Logs never carry PHI: the app logs ids, never names, patient ids or file contents.
 LOGGING = {
     "version": 1,

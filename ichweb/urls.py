@@ -12,6 +12,7 @@ urlpatterns = [
     path("accounts/logout/", views.logout, name="logout"),
     path("admin/", admin_site.urls),
     path("api/", include("worklist.urls")),
+    path("dicomweb/", include("worklist.dicomweb")),
     path(
         "api/schema/",
         SpectacularAPIView.as_view(permission_classes=[IsEdPhysician]),

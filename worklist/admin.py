@@ -14,7 +14,7 @@ from django.shortcuts import redirect
 from django.urls import reverse
 
 from worklist import services
-from worklist.models import AIResult, AuditEvent, Finding, Review, Study
+from worklist.models import AIResult, AuditEvent, Finding, QuarantinedFile, Review, Study
 from worklist.roles import ADMIN, has_role
 
 
@@ -129,3 +129,20 @@ class AuditEventAdmin(ReadOnlyAdmin):
     search_fields = ("username", "study__study_instance_uid", "object_id")
     date_hierarchy = "created_at"
     actions = (export_csv,)
+
+
+@admin.register(QuarantinedFile, site=admin_site)
+class QuarantinedFileAdmin(ReadOnlyAdmin):
+    """Files refused at ingest with their reason; the files are under quarantine/ in media."""
+
+    list_display = ("received_at", "source", "calling_ae", "client_address", "reason", "size_bytes")
+    list_filter = ("source", "received_at")
+    search_fields = ("reason", "sha256", "sop_instance_uid", "calling_ae", "path")
+    date_hierarchy = "received_at"
+
+    # Any admin sees the quarantine, without a model permission on the admin group.
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return has_role(request.user, ADMIN)
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return has_role(request.user, ADMIN)

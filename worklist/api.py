@@ -1,7 +1,7 @@
 """The JSON API. Views validate input, call one service or selector and serialise the output."""
 
 from django.core.exceptions import ObjectDoesNotExist
-from django.http import FileResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, status
@@ -197,6 +197,21 @@ class ResultImageView(APIView):
         return FileResponse(path.open("rb"), content_type="image/png")
 
 
+class ResultDicomView(APIView):
+    """The result as DICOM: the Structured Report and the heatmap series, zipped."""
+
+    permission_classes = [IsEdPhysician]
+
+    @extend_schema(responses={(200, "application/zip"): bytes})
+    def get(self, request: Request, result_id: int) -> HttpResponse:
+        content = services.result_dicom_export(
+            result_id=result_id, user=request.user, address=services.client_address(request)
+        )
+        response = HttpResponse(content, content_type="application/zip")
+        response["Content-Disposition"] = f'attachment; filename="ai-result-{result_id}.zip"'
+        return response
+
+
 def result_payload(result: AIResult, request: Request) -> dict:
     def url(kind: str, name: str, key: str) -> str:
         return request.build_absolute_uri(
@@ -220,5 +235,6 @@ def result_payload(result: AIResult, request: Request) -> dict:
             ]
             for name, entries in result.prediction_basis.items()
         },
+        "dicom": request.build_absolute_uri(reverse("api-result-dicom", args=[result.pk])),
         "notice": "Triage support, not diagnosis: a clinician reads the full images.",
     }

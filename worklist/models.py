@@ -269,6 +269,10 @@ class AuditAction(models.TextChoices):
     IMAGES_FETCHED = "images.fetched", "Images fetched"
     REVIEW_SAVED = "review.saved", "Review saved"
     EXPORT = "export", "Export"
+    INSTANCE_RECEIVED = "instance.received", "Instance received"
+    INSTANCE_QUARANTINED = "instance.quarantined", "Instance refused and quarantined"
+    DICOMWEB_QUERY = "dicomweb.query", "DICOMweb query (QIDO-RS)"
+    DICOMWEB_RETRIEVE = "dicomweb.retrieve", "DICOMweb retrieve (WADO-RS)"
 
 
 class AuditEvent(models.Model):
@@ -297,3 +301,42 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"AuditEvent {self.pk} {self.action}"
+
+
+class IngestSource(models.TextChoices):
+    C_STORE = "c-store", "DICOM C-STORE"
+    STOW_RS = "stow-rs", "DICOMweb STOW-RS"
+    UPLOAD = "upload", "Browser upload"
+
+
+class QuarantinedFile(models.Model):
+    """A file refused at ingest, kept for an admin to inspect; never deleted by the app.
+
+    The file and a JSON side-car with the same facts lie under ``quarantine/`` in the media root.
+    """
+
+    path = models.CharField(max_length=512, unique=True, help_text="Relative to the media root.")
+    reason = models.TextField()
+    source = models.CharField(max_length=16, choices=IngestSource.choices)
+    calling_ae = models.CharField(max_length=16, blank=True)
+    client_address = models.GenericIPAddressField(null=True, blank=True)
+    sop_instance_uid = models.CharField(
+        max_length=UID_LENGTH, blank=True, help_text="When the file was readable enough to tell."
+    )
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.PositiveBigIntegerField()
+
+    class Meta:
+        ordering: ClassVar = ["-received_at", "-id"]
+        constraints: ClassVar = [
+            models.CheckConstraint(
+                condition=Q(sha256__regex=r"^[0-9a-f]{64}$"), name="quarantine_sha256_hex"
+            ),
+            models.CheckConstraint(
+                condition=Q(source__in=IngestSource.values), name="quarantine_source_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"QuarantinedFile {self.pk}"

@@ -6,6 +6,8 @@ enqueues one check, not 500. A late instance sends a scored study back to receiv
 scored again as a new AIResult.
 """
 
+import functools
+
 import redis
 from django.conf import settings
 from django.db import transaction
@@ -17,8 +19,14 @@ from worklist.models import Study, StudyStatus
 CHECK_KEY = "ich:completeness-check:{study_id}"
 
 
+@functools.cache
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL)
+    """One connection pool per process (and per URL, so tests can point elsewhere)."""
+    return _client(settings.REDIS_URL)
 
 
 def study_instance_arrived(*, study: Study, new_study: bool) -> None:

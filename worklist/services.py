@@ -153,6 +153,26 @@ def result_image_fetch(
 
 
 @transaction.atomic
+def result_dicom_export(*, result_id: int, user: Any, address: str | None) -> bytes:
+    """The SR and heatmap series of a result as a zip; the export is audited."""
+    from worklist import dicom_results
+
+    result = selectors.result_get(result_id=result_id)
+    content = dicom_results.results_zip(result)
+    if len(content) <= 22:  # an empty zip: the worker has not written them (yet)
+        raise AIResult.DoesNotExist("the DICOM results of this AI result are not ready")
+    audit_record(
+        action=AuditAction.EXPORT,
+        user=user,
+        address=address,
+        study=result.study,
+        obj=result,
+        details={"what": "ai result as DICOM"},
+    )
+    return content
+
+
+@transaction.atomic
 def finding_review(
     *, finding: Finding, reviewer: Any, decision: str, comment: str, address: str | None
 ) -> Review:
@@ -276,6 +296,7 @@ ADMIN_GROUP_PERMISSIONS = (
     ("worklist", "finding", ("view",)),
     ("worklist", "review", ("view",)),
     ("worklist", "auditevent", ("view",)),
+    ("worklist", "quarantinedfile", ("view",)),
 )
 
 

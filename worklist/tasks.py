@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from worklist import scheduling, scoring
 from worklist.media import instance_file_path
-from worklist.models import Instance, Study, StudyStatus
+from worklist.models import AIResult, Instance, Study, StudyStatus
 
 logger = logging.getLogger(__name__)
 _predictor: Any = None
@@ -81,7 +81,23 @@ def score_study(self: Any, study_id: int) -> str:
         )
         return "failed"
     scoring.study_scoring_finish(result_id=result.pk, output=output)
+    export_results.delay(result.pk)
     return "scored"
+
+
+@shared_task(
+    acks_late=True,
+    autoretry_for=(ConnectionError, OperationalError),
+    retry_backoff=10,
+    max_retries=5,
+)
+def export_results(result_id: int) -> int:
+    """The result as DICOM (SR + heatmap series) beside it, and to the PACS when configured."""
+    from worklist import dicom_results
+
+    result = AIResult.objects.get(pk=result_id)
+    paths = dicom_results.write_results(result)
+    return dicom_results.send_results(paths)
 
 
 def _run_model(model: Any, instances: list[Instance]) -> scoring.ScoringOutput:

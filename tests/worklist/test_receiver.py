@@ -1,0 +1,249 @@
+"""The DICOM receiver over real associations: pynetdicom (and dcmtk when installed) as senders."""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+)
+from pynetdicom import AE
+
+from tests.worklist.dicom_samples import (
+    ct_without_pixels,
+    part10,
+    phantom_series,
+    small_image,
+    stub_scheduling,
+)
+from worklist.ingest import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+from worklist.models import AuditAction, AuditEvent, Instance, QuarantinedFile, Series, Study
+from worklist.receiver import (
+    RECEIVED_SOP_CLASSES,
+    TCP_NODELAY_HANDLERS,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    start_receiver,
+)
+
+AE_TITLE = "ICHTEST"
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@contextmanager
+def running_receiver(allowed: list[str] | None = None) -> Iterator[int]:
+    server = start_receiver(
+        host="127.0.0.1", port=0, ae_title=AE_TITLE, allowed_calling_aets=allowed, block=False
+    )
+    assert server is not None
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def scheduled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return stub_scheduling(monkeypatch)
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    with running_receiver() as listening:
+        yield listening
+
+
+def _sender(calling_ae: str = "TESTSCU") -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(VERIFICATION)
+    for sop_class in RECEIVED_SOP_CLASSES[:6]:
+        for syntax in TRANSFER_SYNTAXES:  # one context each, so every syntax can be accepted
+            ae.add_requested_context(sop_class, syntax)
+    return ae
+
+
+@contextmanager
+def association(port: int, calling_ae: str = "TESTSCU") -> Iterator:  # type: ignore[type-arg]
+    assoc = _sender(calling_ae).associate(
+        "127.0.0.1", port, ae_title=AE_TITLE, evt_handlers=list(TCP_NODELAY_HANDLERS)
+    )
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
+def _dataset(data: bytes) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def _meta_only(data: bytes) -> bytes:
+    """The preamble and file meta of a Part-10 file, without its data set."""
+    group_length = int(_dataset(data).file_meta.FileMetaInformationGroupLength)
+    return data[: 132 + 12 + group_length]
+
+
+def _write(folder: Path, name: str, data: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+def test_it_answers_c_echo(port: int) -> None:
+    with association(port) as assoc:
+        assert assoc.send_c_echo().Status == 0x0000
+
+
+def test_a_phantom_series_sent_by_c_store_is_stored_indexed_and_audited(port: int) -> None:
+    with association(port, calling_ae="CT_SCANNER") as assoc:
+        statuses = [assoc.send_c_store(_dataset(data)).Status for data in phantom_series()]
+    assert statuses == [0x0000] * len(phantom_series())
+    study = Study.objects.get()
+    assert Instance.objects.filter(series__study=study).count() == len(phantom_series())
+    events = AuditEvent.objects.filter(action=AuditAction.INSTANCE_RECEIVED, study=study)
+    assert events.count() == len(phantom_series())
+    event = events.first()
+    assert event is not None
+    assert event.details == {"source": "c-store", "calling_ae": "CT_SCANNER", "outcome": "stored"}
+    assert event.client_address == "127.0.0.1"
+
+
+def test_the_received_bytes_are_stored_as_sent(port: int, tmp_path: Path) -> None:
+    sent = _write(tmp_path, "IM1.dcm", phantom_series()[0])
+    call_command("send_study", str(sent), port=port, ae_title=AE_TITLE, stdout=io.StringIO())
+    received = _stored(Instance.objects.get())
+    original = _dataset(phantom_series()[0])
+    assert received.PixelData == original.PixelData
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+
+
+def _stored(instance: Instance) -> pydicom.Dataset:
+    return pydicom.dcmread(Path(settings.MEDIA_ROOT) / instance.path)
+
+
+def test_a_resend_answers_success_and_changes_nothing(port: int) -> None:
+    with association(port) as assoc:
+        assoc.send_c_store(_dataset(phantom_series()[0]))
+    with association(port) as assoc:
+        assert assoc.send_c_store(_dataset(phantom_series()[0])).Status == 0x0000
+    assert Instance.objects.count() == 1
+
+
+def test_bad_files_are_refused_with_reasons_while_the_rest_is_stored(
+    port: int, tmp_path: Path
+) -> None:
+    folder = tmp_path / "study"
+    series = phantom_series()
+    for index, data in enumerate(series):
+        _write(folder, f"IM{index}.dcm", data)
+    _write(folder, "truncated.dcm", series[0][:-2000])
+    _write(folder, "malformed.dcm", _meta_only(series[0]) + b"\x08\x00\x16\x00UI\xff\xff" * 3)
+    _write(folder, "mr.dcm", part10(small_image(modality="MR")))
+    _write(folder, "no-pixels.dcm", part10(ct_without_pixels()))
+    output, errors = io.StringIO(), io.StringIO()
+    call_command(
+        "send_study", str(folder), port=port, ae_title=AE_TITLE, stdout=output, stderr=errors
+    )
+    assert "6 accepted, 3 refused" in output.getvalue()
+    refusals = errors.getvalue()
+    assert f"truncated.dcm: 0x{CANNOT_UNDERSTAND:04X} truncated DICOM" in refusals
+    assert f"malformed.dcm: 0x{CANNOT_UNDERSTAND:04X}" in refusals
+    assert f"no-pixels.dcm: 0x{DATA_SET_DOES_NOT_MATCH_SOP_CLASS:04X} no pixel data" in refusals
+    assert Instance.objects.count() == len(series) + 1
+    assert set(Series.objects.values_list("modality", flat=True)) == {"CT", "MR"}
+    assert QuarantinedFile.objects.count() == 3
+    assert set(QuarantinedFile.objects.values_list("source", "calling_ae")) == {
+        ("c-store", "ICH_SEND")
+    }
+
+
+def test_a_calling_ae_not_on_the_allow_list_is_rejected() -> None:
+    with running_receiver(allowed=["CT_SCANNER"]) as port:
+        refused = _sender("INTRUDER").associate("127.0.0.1", port, ae_title=AE_TITLE)
+        assert refused.is_rejected
+        with association(port, calling_ae="CT_SCANNER") as assoc:
+            assert assoc.send_c_echo().Status == 0x0000
+
+
+def test_jpeg_2000_is_received(port: int) -> None:
+    dataset = _dataset(phantom_series()[1])
+    dataset.compress(JPEG2000Lossless)
+    with association(port) as assoc:
+        assert assoc.send_c_store(dataset).Status == 0x0000
+    stored = _stored(Instance.objects.get())
+    assert stored.file_meta.TransferSyntaxUID == JPEG2000Lossless
+
+
+def test_both_ends_turn_off_nagle(port: int) -> None:
+    with association(port) as assoc:
+        client = assoc.dul.socket.socket
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def _needs(tool: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        pytest.skip(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
+    return found
+
+
+def test_jpeg_lossless_from_dcmtk_is_received(port: int, tmp_path: Path) -> None:
+    dcmcjpeg = _needs("dcmcjpeg")
+    source = _write(tmp_path, "plain.dcm", phantom_series()[2])
+    compressed = tmp_path / "sv1.dcm"
+    subprocess.run([dcmcjpeg, "+e1", "+sr", str(source), str(compressed)], check=True)
+    assert _dataset(compressed.read_bytes()).file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    call_command("send_study", str(compressed), port=port, ae_title=AE_TITLE, stdout=io.StringIO())
+    stored = _stored(Instance.objects.get())
+    assert stored.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    assert (stored.pixel_array == _dataset(phantom_series()[2]).pixel_array).all()
+
+
+def test_dcmtk_storescu_and_echoscu_are_answered(port: int, tmp_path: Path) -> None:
+    storescu, echoscu = _needs("storescu"), _needs("echoscu")
+    echo = [echoscu, "-aet", "DCMTK", "-aec", AE_TITLE, "127.0.0.1", str(port)]
+    subprocess.run(echo, check=True, timeout=60)
+    folder = tmp_path / "study"
+    for index, data in enumerate(phantom_series()):
+        _write(folder, f"IM{index}.dcm", data)
+    store = [
+        storescu,
+        "-aet",
+        "DCMTK",
+        "-aec",
+        AE_TITLE,
+        "+sd",
+        "127.0.0.1",
+        str(port),
+        str(folder),
+    ]
+    result = subprocess.run(store, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert Instance.objects.count() == len(phantom_series())
+
+
+def test_the_receiver_command_refuses_a_bad_ae_title() -> None:
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env={**os.environ, "ICH_DICOM_AE_TITLE": "A\\B"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "ICH_DICOM_AE_TITLE" in result.stderr

@@ -1,0 +1,208 @@
+"""The DICOM receiver: scanners and archives send images by C-STORE, and check it by C-ECHO.
+
+Every received instance goes through ``ingest.instance_ingest``, the same door as STOW-RS and
+uploads. The answer is the ingest outcome as a DICOM status: success for a stored instance and
+for a resend of a known one; a failure status with an ErrorComment naming the reason for a
+refused one (which is then in quarantine). The raw bytes as received are stored: nothing is
+decoded and re-encoded on the way in.
+
+Logs name AE titles, addresses and counts, never patient data.
+"""
+
+import logging
+import socket
+import threading
+from collections import Counter
+from typing import Any
+
+from django.db import connections
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    LegacyConvertedEnhancedCTImageStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    XRayAngiographicImageStorage,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from worklist.ingest import (
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    IngestOutcome,
+    instance_ingest,
+)
+from worklist.models import IngestSource
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+VERIFICATION = "1.2.840.10008.1.1"
+# The image storage SOP classes a head-CT triage site is sent: CT first, and whatever else a
+# scanner or archive routes along (stored, listed, never scored).
+RECEIVED_SOP_CLASSES = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    XRayAngiographicImageStorage,
+    PositronEmissionTomographyImageStorage,
+    NuclearMedicineImageStorage,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+)
+# What the series reader decodes: uncompressed, JPEG Lossless (process 14, and its SV1 form),
+# JPEG 2000 (lossless and lossy).
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+)
+# Larger PDUs than pynetdicom's 16 kB mean fewer reads per 512 x 512 slice; peers may send less.
+MAXIMUM_PDU_SIZE = 1024 * 1024
+ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
+
+
+def set_tcp_nodelay(event: Event) -> None:
+    """Send each PDU at once: with Nagle's algorithm a small command PDU followed by the data
+    set waits for the peer's delayed ACK (about 40 ms per instance on Linux)."""
+    wrapper = event.assoc.dul.socket
+    if wrapper is not None and wrapper.socket is not None:
+        wrapper.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+TCP_NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
+
+
+def build_receiver(*, ae_title: str, allowed_calling_aets: list[str] | None = None) -> AE:
+    """The acceptor AE: verification and image storage in the transfer syntaxes we decode.
+
+    ``allowed_calling_aets``: when not empty, associations from other AE titles are rejected.
+    """
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
+    ae.require_calling_aet = list(allowed_calling_aets or [])
+    ae.add_supported_context(VERIFICATION)
+    for sop_class in RECEIVED_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+def receiver_handlers() -> list[Any]:
+    return [
+        *TCP_NODELAY_HANDLERS,
+        (evt.EVT_C_STORE, handle_store),
+        (evt.EVT_ACCEPTED, _log_accepted),
+        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_RELEASED, _association_ended),
+        (evt.EVT_ABORTED, _association_ended),
+    ]
+
+
+def start_receiver(
+    *,
+    host: str,
+    port: int,
+    ae_title: str,
+    allowed_calling_aets: list[str] | None = None,
+    block: bool = True,
+) -> ThreadedAssociationServer | None:
+    """Listen for associations; ``block=False`` returns the running server (``.shutdown()``)."""
+    ae = build_receiver(ae_title=ae_title, allowed_calling_aets=allowed_calling_aets)
+    return ae.start_server((host, port), block=block, evt_handlers=receiver_handlers())
+
+
+# --- C-STORE --------------------------------------------------------------------------------
+
+
+_tallies: dict[int, Counter[str]] = {}
+_tallies_lock = threading.Lock()
+
+
+def handle_store(event: Event) -> Dataset:
+    requestor = event.assoc.requestor
+    try:
+        outcome = instance_ingest(
+            data=event.encoded_dataset(include_meta=True),
+            source=IngestSource.C_STORE,
+            address=requestor.address,
+            calling_ae=requestor.ae_title,
+        )
+    except OSError:
+        logger.exception("C-STORE from %s: the file could not be written", requestor.ae_title)
+        return _status(OUT_OF_RESOURCES, "the receiver could not store the file")
+    except Exception:
+        logger.exception("C-STORE from %s: ingest failed", requestor.ae_title)
+        return _status(PROCESSING_FAILURE, "the receiver failed to process the instance")
+    _tally(event, outcome)
+    if outcome.accepted:
+        return _status(SUCCESS)
+    return _status(outcome.failure_code or PROCESSING_FAILURE, outcome.reason)
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:ERROR_COMMENT_LENGTH]
+    return status
+
+
+def _tally(event: Event, outcome: IngestOutcome) -> None:
+    with _tallies_lock:
+        _tallies.setdefault(id(event.assoc), Counter())[outcome.status.value] += 1
+
+
+# --- Association log ------------------------------------------------------------------------
+
+
+def _peer(event: Event) -> str:
+    requestor = event.assoc.requestor
+    return f"AE {requestor.ae_title!r} at {requestor.address}:{requestor.port}"
+
+
+def _log_accepted(event: Event) -> None:
+    logger.info("Association accepted from %s", _peer(event))
+
+
+def _log_rejected(event: Event) -> None:
+    logger.warning("Association rejected from %s", _peer(event))
+
+
+def _association_ended(event: Event) -> None:
+    """Log what the association brought; close this thread's database connection with it."""
+    with _tallies_lock:
+        counts = _tallies.pop(id(event.assoc), Counter())
+    how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing"
+    logger.info("Association %s by %s: %s", how, _peer(event), summary)
+    connections.close_all()
