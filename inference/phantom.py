@@ -79,6 +79,7 @@ _CAPACITY_ML = {
 }
 _BIT = {name: 1 << i for i, name in enumerate(SUBTYPES)}
 _F32 = np.float32
+_CHUNK = 16  # slices per batch of random-field matrix products
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class PhantomStudy:
     pixel_spacing_mm: float
     slice_thickness_mm: float
     positions_mm: np.ndarray  # (N,) slice centre z in mm, ascending
-    mimics: list[str]
+    mimics: list[str]  # hard mimics visible in the scanned slices (any label)
     seed: int = 0
     size: str | None = None  # None for a negative study
     padded: bool = False
@@ -124,7 +125,7 @@ class PhantomSummary:
     labels: dict[str, int]
     volumes_ml: dict[str, float]
     n_slices: int
-    mimics: list[str]
+    mimics: list[str]  # hard mimics visible in the scanned slices (any label)
     size: str | None
     sop_instance_uids: list[str] = field(default_factory=list)
 
@@ -205,14 +206,45 @@ class _Field:
         self._last = (z, out)
         return out
 
+    def schedule(self, zs: Sequence[float]) -> None:
+        """Slices about to be asked for, in order: they are evaluated a chunk at a time, a few
+        large matrix products instead of many small ones (far kinder to a busy machine)."""
+        self._todo = list(zs)
+        self._cache: dict[float, tuple[np.ndarray, ...]] = {}
+
+    def _eval(self, z: float) -> tuple[np.ndarray, ...]:
+        todo = getattr(self, "_todo", [])
+        hit = self._cache.pop(z, None) if todo else None
+        if hit is not None:
+            return hit
+        zlist = [z]
+        if z in todo:
+            start = todo.index(z)
+            zlist = todo[start : start + _CHUNK]
+        k, nc = len(zlist), self.shape[1]
+        rows, cols = self.wr.shape[0], self.wc.shape[0]
+        planes = np.concatenate([self._plane(zz) for zz in zlist], axis=1)  # (nr, k * nc)
+
+        def through_cols(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+            stacked = a.reshape(rows, k, nc).transpose(1, 0, 2).reshape(k * rows, nc)
+            return (stacked @ w.T).reshape(k, rows, cols)
+
+        a = self.wr @ planes
+        outs = [through_cols(a, self.wc)]
+        if self.grad:
+            outs += [through_cols(a, self.dwc), through_cols(self.dwr @ planes, self.wc)]
+        results = [tuple(o[j] for o in outs) for j in range(k)]
+        if todo:
+            self._cache.update(zip(zlist[1:], results[1:], strict=True))
+        return results[0]
+
     def value(self, z: float) -> np.ndarray:
-        return (self.wr @ self._plane(z)) @ self.wc.T
+        return self._eval(z)[0]
 
     def value_grad(self, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Value and its derivatives along columns (x) and rows (y), per mm."""
-        p = self._plane(z)
-        a = self.wr @ p
-        return a @ self.wc.T, a @ self.dwc.T, (self.dwr @ p) @ self.wc.T
+        f, fx, fy = self._eval(z)
+        return f, fx, fy
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,6 +698,7 @@ class _Renderer:
 
         fb = np.abs(sphi)  # 1 front/back, 0 at the temples
         slow = _Field(h.seeds[0] ^ 0x5107, px, 12.0, 15.0, rows, cols)
+        slow.schedule([0.0, 40.0, 80.0, 120.0, 160.0])  # five independent maps, one batch
         self.L1 = (h.t_in * (1 + 0.12 * slow.value(0.0))).astype(_F32)
         dip = h.t_dip * (0.35 + 0.85 * fb**1.5) * (1 + 0.2 * slow.value(40.0))
         self.L2 = (self.L1 + np.maximum(dip, 0.3)).astype(_F32)
@@ -759,7 +792,8 @@ class _Renderer:
         h = self.h
         sa, sb = h.sa, h.sb
         zs = 0.5 * (1 + h.hz_up / 73.0)
-        self.calc: list[tuple[_Blob, float]] = []
+        self.calc: list[tuple[str, _Blob, float]] = []
+        self.seen: set[str] = set()  # mimics that showed on at least one rendered slice
         if "falx_calcification" in self.mimics:
             for _ in range(int(rng.integers(1, 3))):
                 zc = rng.uniform(8.0, 50.0)
@@ -774,7 +808,7 @@ class _Renderer:
                     ],
                     float,
                 )
-                self.calc.append((_Blob(fr, False), rng.uniform(150.0, 450.0)))
+                self.calc.append(("falx_calcification", _Blob(fr, False), rng.uniform(150, 450)))
         if "choroid_plexus_calcification" in self.mimics:
             r = rng.uniform(1.5, 3.0)
             fr = _scale_frames(
@@ -790,7 +824,9 @@ class _Renderer:
                 sz=zs,
             )
             fr[:, 3:5] *= np.array([r / sa, r / sb])
-            self.calc.append((_Blob(fr, True), rng.uniform(150.0, 350.0)))
+            self.calc.append(
+                ("choroid_plexus_calcification", _Blob(fr, True), rng.uniform(150, 350))
+            )
         if "pineal_calcification" in self.mimics:
             r = rng.uniform(1.5, 3.0)
             fr = _scale_frames(
@@ -805,7 +841,7 @@ class _Renderer:
                 sz=zs,
             )
             fr[:, 3:5] *= np.array([r / sa, r / sb])
-            self.calc.append((_Blob(fr, False), rng.uniform(150.0, 400.0)))
+            self.calc.append(("pineal_calcification", _Blob(fr, False), rng.uniform(150, 400)))
         self.sinus_hu = h.hu_sinus
         if "dense_venous_sinus" in self.mimics:
             self.sinus_hu = rng.uniform(62.0, 78.0)
@@ -914,6 +950,7 @@ class _Renderer:
             fields["content"] = content
         if self.streaks and abs(z - self.streak_z) < 12:
             hu += self._streaks(z) * _ramp(D - self.L3, inv_w)
+            self.seen.add("beam_hardening")
         return hu, fields
 
     def _content(
@@ -1002,10 +1039,15 @@ class _Renderer:
         if cb is not None:
             tent = self.w_post * np.exp(-(((z - self.TT) / (0.45 * T)) ** 2)) * (1 - stem)
             _lerp_(content, h.hu_falx, tent * 0.35)
-        _lerp_(content, self.sinus_hu + 3 * ff, self._sinuses(z, D))
-        for blob, val in self.calc:
+        sinus = self._sinuses(z, D)
+        _lerp_(content, self.sinus_hu + 3 * ff, sinus)
+        if "dense_venous_sinus" in self.mimics and sinus.max() > 0.5:
+            self.seen.add("dense_venous_sinus")
+        for name, blob, val in self.calc:
             acc = self._blobs((blob,), z)
             _lerp_(content, val, acc)
+            if acc.max() > 0.5:
+                self.seen.add(name)
 
         # skull base: bone, air cells, sinuses, orbits below the cranial floor
         if z - T / 2 < self.Fmax:
@@ -1459,6 +1501,8 @@ def generate_study(
         need |= {"inside", "content"}
 
     zs = head.z_lo + (np.arange(head.n) + 0.5) * thickness
+    for random_field in (rend.f_fine, rend.f_slow, rend.f_sulc):
+        random_field.schedule(zs.tolist())
     clean: list[np.ndarray] = []
     fields: list[dict[str, np.ndarray]] = []
     for z in zs.tolist():
@@ -1517,7 +1561,7 @@ def generate_study(
         pixel_spacing_mm=head.px,
         slice_thickness_mm=thickness,
         positions_mm=np.round(head.table_z + (zs - zs[0]), 3),
-        mimics=mimic_list,
+        mimics=[m for m in mimic_list if m in rend.seen],
         seed=seed,
         size=size_used if labels["any"] else None,
         padded=head.padded,
