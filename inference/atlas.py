@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from inference.constants import CLASSES
 from inference.gradcam import grad_cam
-from inference.package import Atlas, ModelPackage, slice_outputs
+from inference.package import Atlas, ModelPackage
 from inference.preprocess import BRAIN
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from inference.training import VolumeFeatures
 
 THUMBNAIL = 96
+CAM_OUTPUT_STRIDE = 8  # as the Predictor: the last stage computed densely for finer maps
 CONFIDENT = 0.8
 ATTRIBUTION = {
     "phantom": "synthetic phantom",
@@ -69,8 +70,8 @@ def build_atlas(
     for c, v, s, _ in entries:
         x, _ = slice_input(volumes[v], s, package.preprocess, None)
         with torch.no_grad():
-            outputs = slice_outputs(package.members, x[None], keep_features=True)
-        cam = grad_cam(package.members, outputs["features"], [c], package.preprocess.image_size)[c]
+            stage_maps = [m.forward_features(x[None], CAM_OUTPUT_STRIDE) for m in package.members]
+        cam = grad_cam(package.members, stage_maps, [c], package.preprocess.image_size)[c]
         thumbnails.append(_thumbnail(volumes[v].hu[s].float()))
         attention.append(_to_uint8(_resize(cam[0])))
     return Atlas(

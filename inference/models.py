@@ -11,8 +11,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inference.constants import CLASSES
@@ -68,15 +70,26 @@ class MBConv(nn.Module):
             self.expand_conv, self.bn0 = _conv_bn(cin, mid, 1)
         self.depthwise_conv, self.bn1 = _conv_bn(mid, mid, kernel, stride, groups=mid)
         self.project_conv, self.bn2 = _conv_bn(mid, cout, 1)
+        self.stride = stride
         self.residual = stride == 1 and cin == cout
         self.act = nn.ReLU6(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, dense: bool = False, dilation: int = 1) -> torch.Tensor:
+        """``dense``: a stride-2 block keeps the resolution; ``dilation``: the depthwise kernel's
+        spacing (the "a trous" algorithm: the same function sampled more densely)."""
         out = x
         if self.expand_conv is not None and self.bn0 is not None:
             out = self.act(self.bn0(self.expand_conv(out)))
-        out = self.act(self.bn1(self.depthwise_conv(out)))
-        out = self.bn2(self.project_conv(out))
+        if dense or dilation != 1:
+            conv = cast(nn.Conv2d, self.depthwise_conv)
+            kernel = int(conv.kernel_size[0])
+            stride = 1 if dense else self.stride
+            out = F.conv2d(
+                out, conv.weight, None, stride, dilation * (kernel // 2), dilation, conv.groups
+            )
+        else:
+            out = self.depthwise_conv(out)
+        out = self.bn2(self.project_conv(self.act(self.bn1(out))))
         return out + x if self.residual else out
 
 
@@ -103,11 +116,23 @@ class EfficientNetLite(nn.Module):
         self.fc = nn.Linear(HEAD_CHANNELS, num_classes)
         self.embedding_dim = HEAD_CHANNELS
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 1280, H/32, W/32): the last convolutional stage."""
+    def forward_features(self, x: torch.Tensor, output_stride: int = 32) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1280, H/s, W/s): the last convolutional stage.
+
+        ``output_stride`` 16 or 8 computes the same trained stage more densely (the last stride-2
+        blocks keep the resolution and later kernels are dilated), for finer attention maps; the
+        pooled features, and so the classification, stay nearly the same.
+        """
         x = (x - 0.5) / 0.5  # the Lite weights expect inputs in [-1, 1]
         x = self.act(self.bn0(self.conv_stem(x)))
-        x = self.blocks(x)
+        stride, dilation = 2, 1
+        for block in cast(list[MBConv], list(self.blocks)):
+            if block.stride == 2 and stride * 2 > output_stride:
+                x = block(x, dense=True, dilation=dilation)
+                dilation *= 2
+            else:
+                stride *= block.stride
+                x = block(x, dilation=dilation)
         return self.act(self.bn1(self.conv_head(x)))
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:

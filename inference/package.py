@@ -143,23 +143,14 @@ class ModelPackage:
         )
 
 
-def slice_outputs(
-    members: list[EfficientNetLite], x: torch.Tensor, *, keep_features: bool = False
-) -> dict[str, Any]:
-    """Run every member on a batch (B, 3, S, S): logits (M, B, 6), embeddings (M, B, E) and,
-    when asked, the last-stage feature maps for Grad-CAM."""
-    logits, embeddings, features = [], [], []
+def slice_outputs(members: list[EfficientNetLite], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run every member on a batch (B, 3, S, S): logits (M, B, 6) and embeddings (M, B, E)."""
+    logits, embeddings = [], []
     for model in members:
         maps = model.forward_features(x)  # (B, E, h, w)
         logits.append(model.forward_head(maps))
         embeddings.append(model.pool(maps))
-        if keep_features:
-            features.append(maps)
-    return {
-        "logits": torch.stack(logits),
-        "embeddings": torch.stack(embeddings),
-        "features": features,
-    }
+    return {"logits": torch.stack(logits), "embeddings": torch.stack(embeddings)}
 
 
 def aggregator_features(logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

@@ -84,10 +84,15 @@ class StudyPrediction:
         }
 
 
+CAM_MIN_SLICE_PROBABILITY = 0.1
+CAM_OUTPUT_STRIDE = 8
+
+
 class Predictor:
     def __init__(self, package: ModelPackage, device: torch.device) -> None:
         self.package = package
         self.device = device
+        self.cam_output_stride = CAM_OUTPUT_STRIDE
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str | None = None) -> "Predictor":
@@ -121,7 +126,7 @@ class Predictor:
         x = model_input(grid, series.positions_mm, config)  # (N, 3, S, S)
         del grid
         clock.lap("preprocess")
-        logits, embeddings, features = self._run_members(x, batch_size, keep=heatmaps)
+        logits, embeddings = self._run_members(x, batch_size)
         clock.lap("networks")
         study = self._study_logits(logits, embeddings)
         probabilities = self.package.calibrate(study)
@@ -142,7 +147,9 @@ class Predictor:
         )
         flagged = [i for i in range(len(CLASSES)) if flags[i]]
         if heatmaps and flagged:
-            prediction.heatmaps = self._heatmaps(features, flagged, transform)
+            prediction.heatmaps = self._heatmaps(
+                x, slice_probabilities, key, flagged, transform, batch_size
+            )
             clock.lap("heatmaps")
         if basis and flagged and self.package.atlas is not None:
             prediction.prediction_basis = self._basis(embeddings, key, flagged, basis_k)
@@ -156,18 +163,14 @@ class Predictor:
         return nullcontext()
 
     @torch.no_grad()
-    def _run_members(
-        self, x: torch.Tensor, batch_size: int, keep: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
-        logits, embeddings, features = [], [], []
+    def _run_members(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, embeddings = [], []
         with self._autocast():
             for chunk in torch.split(x, batch_size):
-                out = slice_outputs(self.package.members, chunk.to(self.device), keep_features=keep)
+                out = slice_outputs(self.package.members, chunk.to(self.device))
                 logits.append(out["logits"].float().cpu())
                 embeddings.append(out["embeddings"].float().cpu())
-                if keep:
-                    features.append(out["features"])
-        return torch.cat(logits, dim=1), torch.cat(embeddings, dim=1), features
+        return torch.cat(logits, dim=1), torch.cat(embeddings, dim=1)
 
     @torch.no_grad()
     def _study_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:
@@ -178,16 +181,40 @@ class Predictor:
         return self.package.aggregator(x, mask)[0][0].float().cpu().numpy()
 
     def _heatmaps(
-        self, features: list[list[torch.Tensor]], flagged: list[int], transform: Any
+        self,
+        x: torch.Tensor,
+        slice_probabilities: np.ndarray,
+        key: np.ndarray,
+        flagged: list[int],
+        transform: Any,
+        batch_size: int,
     ) -> dict[str, np.ndarray]:
+        """Grad-CAM of each flagged class on the slices that carry its evidence (slice
+        probability >= CAM_MIN_SLICE_PROBABILITY, and the key slice), on the original grid; zero
+        elsewhere. The last stage is computed densely (``cam_output_stride``) for finer maps."""
         size = self.package.preprocess.image_size
-        parts: dict[int, list[np.ndarray]] = {c: [] for c in flagged}
-        for chunk in features:
-            maps = grad_cam(self.package.members, chunk, flagged, size)
-            for c, cam in maps.items():
+        wanted = {
+            c: set(np.flatnonzero(slice_probabilities[:, c] >= CAM_MIN_SLICE_PROBABILITY))
+            | {int(key[c])}
+            for c in flagged
+        }
+        selected = sorted(set().union(*wanted.values()))
+        height, width = transform.original_shape
+        maps = {c: np.zeros((len(slice_probabilities), height, width), np.uint8) for c in flagged}
+        for start in range(0, len(selected), batch_size):
+            chunk = [int(i) for i in selected[start : start + batch_size]]
+            batch = x[torch.tensor(chunk)].to(self.device)
+            with torch.no_grad(), self._autocast():
+                features = [
+                    m.forward_features(batch, self.cam_output_stride) for m in self.package.members
+                ]
+            for c, cam in grad_cam(self.package.members, features, flagged, size).items():
                 original = to_original(cam.float().cpu(), transform)  # (B, H, W)
-                parts[c].append((original.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
-        return {CLASSES[c]: np.concatenate(p) for c, p in parts.items()}
+                as_bytes = (original.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+                for row, index in enumerate(chunk):
+                    if index in wanted[c]:
+                        maps[c][index] = as_bytes[row]
+        return {CLASSES[c]: m for c, m in maps.items()}
 
     def _basis(
         self, embeddings: torch.Tensor, key: np.ndarray, flagged: list[int], k: int

@@ -51,3 +51,14 @@ def test_the_aggregator_reads_any_number_of_slices() -> None:
         )
         assert study.shape == (1, 6)
         assert per_slice.shape == (1, slices, 6)
+
+
+def test_the_dense_last_stage_is_the_same_stage_sampled_more_finely() -> None:
+    model = EfficientNetLite("efficientnet_lite0").eval()
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        coarse = model.forward_features(x)  # (1, 1280, 4, 4)
+        dense = model.forward_features(x, output_stride=16)  # (1, 1280, 8, 8)
+    assert dense.shape[-1] == 2 * coarse.shape[-1]
+    # away from the zero-padded border the "a trous" computation reproduces every coarse value
+    assert torch.allclose(dense[..., 2:-2:2, 2:-2:2], coarse[..., 1:-1, 1:-1], atol=1e-5)
