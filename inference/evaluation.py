@@ -29,6 +29,9 @@ class Collected:
     slice_labels: list[np.ndarray] = field(default_factory=list)
     slice_probs: list[np.ndarray] = field(default_factory=list)
     pointing_hits: dict[str, list[bool]] = field(default_factory=lambda: {c: [] for c in CLASSES})
+    pointing_chance: dict[str, list[float]] = field(
+        default_factory=lambda: {c: [] for c in CLASSES}
+    )
     per_study: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -173,7 +176,13 @@ def _pointing(
             if not (positive and prediction.slice_probabilities[s, c] >= 0.5 and inside.any()):
                 continue
             peak = np.unravel_index(int(np.argmax(heatmap[s])), heatmap[s].shape)
-            collected.pointing_hits[name].append(bool(_dilate(inside)[peak]))
+            target = _dilate(inside)
+            collected.pointing_hits[name].append(bool(target[peak]))
+            # what a peak anywhere in the head would score: the bleed's share of the head
+            head = series.hu[s] > -500
+            collected.pointing_chance[name].append(
+                float((target & head).sum() / max(head.sum(), 1))
+            )
 
 
 def _dilate(mask: np.ndarray, radius: int = 3) -> np.ndarray:
@@ -224,7 +233,11 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
         if has_slice_labels
         else None,
         "pointing_game": {
-            name: {"slices": len(hits), "hit_rate": _round(float(np.mean(hits))) if hits else None}
+            name: {
+                "slices": len(hits),
+                "hit_rate": _round(float(np.mean(hits))) if hits else None,
+                "chance_rate": _round(float(np.mean(c.pointing_chance[name]))) if hits else None,
+            }
             for name, hits in c.pointing_hits.items()
         },
         "per_item": c.per_study,
@@ -319,7 +332,11 @@ def _card_section(report: dict[str, Any]) -> list[str]:
         pg = report["pointing_game"][c]
         ci = s["auc_95ci"]
         auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-        pointing = "n/a" if pg["hit_rate"] is None else f"{pg['hit_rate']:.0%} of {pg['slices']}"
+        pointing = (
+            "n/a"
+            if pg["hit_rate"] is None
+            else f"{pg['hit_rate']:.0%} of {pg['slices']} (chance {pg.get('chance_rate') or 0:.0%})"
+        )
         lines.append(
             f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "
             f"{_fmt(s['sensitivity'])} | {_fmt(s['specificity'])} | {pointing} |"

@@ -27,12 +27,25 @@ def grad_cam(
                 weights = gradient.mean(dim=(2, 3), keepdim=True)  # (B, E, 1, 1)
                 cam = torch.relu((weights * stage).sum(dim=1))  # (B, h, w)
                 maps[c].append(_normalise(cam.detach()))
-    return {
-        c: F.interpolate(
-            torch.stack(m).mean(0)[:, None], size=(size, size), mode="bilinear", align_corners=False
-        )[:, 0]
-        for c, m in maps.items()
-    }
+    return {c: upsample(torch.stack(m).mean(0), size) for c, m in maps.items()}
+
+
+def upsample(cam: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, h, w) -> (B, size, size). With zero-padded odd kernels, feature i of a stride-s stage
+    is centred on input pixel s * i, so input pixel p reads feature p / s."""
+    batch, height, width = cam.shape
+    rows = torch.arange(size, dtype=torch.float32) * height / size  # feature coordinate of p
+    cols = torch.arange(size, dtype=torch.float32) * width / size
+    grid_y = 2 * rows / max(height - 1, 1) - 1
+    grid_x = 2 * cols / max(width - 1, 1) - 1
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)
+    return F.grid_sample(
+        cam[:, None].float(),
+        grid.expand(batch, size, size, 2),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )[:, 0]
 
 
 def _normalise(cam: torch.Tensor) -> torch.Tensor:

@@ -59,45 +59,70 @@ def admin_client_(client_as) -> Client:  # type: ignore[no-untyped-def]
     return client_as(ADMIN)
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment, pointed at the test database, Redis and media root."""
     env = dict(os.environ)
     env["ICH_DB_NAME"] = settings.DATABASES["default"]["NAME"]  # the test database
     env["REDIS_URL"] = settings.REDIS_URL
+    env["ICH_MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
+    env.update(extra or {})
     return env
+
+
+def start_celery_worker(
+    *, env: dict[str, str] | None = None, task_events: bool = False
+) -> tuple[subprocess.Popen, str]:
+    """A real Celery worker process (solo pool, queues default and gpu) that answers a ping.
+
+    ``env``: variables added to the test database, Redis and media root of ``_worker_env``.
+    ``task_events``: the worker publishes task events (tests count the tasks it received)."""
+    name = f"test-{os.getpid()}-{time.monotonic_ns()}@localhost"
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "--app",
+        "ichweb",
+        "worker",
+        "--pool",
+        "solo",
+        "--queues",
+        "default,gpu",
+        "--hostname",
+        name,
+        "--loglevel",
+        "WARNING",
+        "--without-mingle",
+        "--without-gossip",
+        *(["--task-events"] if task_events else []),
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, env=_worker_env(env))
+    try:
+        _wait_for_worker(name, process)
+    except BaseException:
+        stop_celery_worker(process)
+        raise
+    return process, name
+
+
+def stop_celery_worker(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 @pytest.fixture
 def celery_worker_process(transactional_db) -> Iterator[subprocess.Popen]:  # type: ignore[no-untyped-def]
     """A real Celery worker process on the test database and the test Redis database."""
-    name = f"test-{os.getpid()}-{time.monotonic_ns()}@localhost"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "--app",
-            "ichweb",
-            "worker",
-            "--pool",
-            "solo",
-            "--queues",
-            "default,gpu",
-            "--hostname",
-            name,
-            "--loglevel",
-            "WARNING",
-            "--without-mingle",
-            "--without-gossip",
-        ],
-        cwd=ROOT,
-        env=_worker_env(),
-    )
+    process, _ = start_celery_worker()
     try:
-        _wait_for_worker(name, process)
         yield process
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_celery_worker(process)
 
 
 def _wait_for_worker(name: str, process: subprocess.Popen, timeout: float = 60) -> None:

@@ -33,32 +33,36 @@ def tiny_model(phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             "name": "tiny",
             "out_dir": str(tmp_path_factory.mktemp("run")),
             "architectures": ["efficientnet_lite0"],
-            "epochs": 3,
+            "epochs": 4,
             "samples_per_epoch": 384,
             "batch_size": 32,
             "lr": 1e-3,
             "patience": 3,
             "seed": 3,
             "split": [0.7, 0.3, 0.0],
-            "aggregator_epochs": 30,
+            "aggregator": "max",  # a sequence model needs more than a dozen studies
             "atlas_per_class": 3,
-            "preprocess": {"image_size": 96, "spacing_mm": 2.5},
+            "preprocess": {"image_size": 128, "spacing_mm": 2.0},
             "sources": [{"kind": "phantom", "path": str(phantoms["train"])}],
         }
     )
     return train(config, progress=False)
 
 
-def test_a_tiny_training_run_really_learns(
-    tiny_model: Path, phantoms: dict[str, Path], tmp_path: Path
-) -> None:
-    report = evaluate(
-        tiny_model, DataSource("phantom", str(phantoms["test"])), tmp_path, bootstrap_rounds=50
-    )
-    study_auc = report["study_level"]["any"]["auc"]
-    assert study_auc >= 0.9, report["study_level"]["any"]
-    assert (tmp_path / "roc_study.png").stat().st_size > 1000
-    assert "Triage support, not diagnosis" in (tmp_path / "MODEL_CARD.md").read_text()
+@pytest.fixture(scope="module")
+def held_out(
+    tiny_model: Path, phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    out = tmp_path_factory.mktemp("evaluation")
+    source = DataSource("phantom", str(phantoms["test"]))
+    return {"report": evaluate(tiny_model, source, out, bootstrap_rounds=50), "out": out}
+
+
+def test_a_tiny_training_run_really_learns(held_out: dict) -> None:
+    report, out = held_out["report"], held_out["out"]
+    assert report["study_level"]["any"]["auc"] >= 0.9, report["study_level"]["any"]
+    assert (out / "roc_study.png").stat().st_size > 1000
+    assert "Triage support, not diagnosis" in (out / "MODEL_CARD.md").read_text()
 
 
 def test_training_writes_checkpoints_metrics_and_a_complete_package(tiny_model: Path) -> None:
@@ -69,19 +73,14 @@ def test_training_writes_checkpoints_metrics_and_a_complete_package(tiny_model: 
     package = ModelPackage.load(tiny_model)
     assert package.atlas is not None and len(package.atlas.classes) > 0
     assert package.thresholds.shape == (len(CLASSES),)
-    assert package.preprocess.image_size == 96
+    assert package.preprocess.image_size == 128
 
 
-def test_grad_cam_peaks_inside_the_bleed_more_often_than_chance(
-    tiny_model: Path, phantoms: dict[str, Path], tmp_path: Path
-) -> None:
-    report = evaluate(
-        tiny_model, DataSource("phantom", str(phantoms["test"])), tmp_path, bootstrap_rounds=10
-    )
-    hits = report["pointing_game"]["any"]
+def test_grad_cam_peaks_inside_the_bleed_more_often_than_chance(held_out: dict) -> None:
+    hits = held_out["report"]["pointing_game"]["any"]
     assert hits["slices"] >= 5
-    # chance: the share of the head the bleeds cover, far below a third on phantoms
-    assert hits["hit_rate"] > 0.33, hits
+    # chance: where a peak anywhere in the head would land, the bleeds' share of the head
+    assert hits["hit_rate"] > 2 * hits["chance_rate"], hits
 
 
 def test_the_predictor_explains_a_flagged_study(

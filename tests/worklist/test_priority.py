@@ -70,4 +70,4 @@ def test_a_reviewed_study_is_not_lifted(settings) -> None:
         last_instance_at=now,
         review_state=ReviewState.REVIEWED,
     )
-    assert list(selectors.worklist_studies(now))[0] == flagged
+    assert selectors.worklist_studies(now).first() == flagged
