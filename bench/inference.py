@@ -31,14 +31,15 @@ def child(args: argparse.Namespace) -> None:
     from inference.phantom import generate_study, write_study
     from inference.predictor import Predictor
 
+    slices = args.slices[0]
     study = generate_study(
         args.seed,
         subtypes=["subdural", "intraparenchymal"],
         size="medium",
-        n_slices=min(args.slices, 40),
+        n_slices=min(slices, 40),
     )
-    if args.slices > len(study.hu):
-        study = _resliced(study, args.slices, np)
+    if slices > len(study.hu):
+        study = _resliced(study, slices, np)
     with tempfile.TemporaryDirectory() as folder:
         write_study(study, Path(folder))
         started = time.perf_counter()

@@ -452,8 +452,12 @@ def _platt_one(logits: np.ndarray, labels: np.ndarray) -> list[float]:
         return loss
 
     optimiser.step(closure)
-    a, b = ab.detach().numpy()
-    return [max(float(a), 1e-3), float(b)]
+    a, b = (float(v) for v in ab.detach().numpy())
+    if not (0.05 <= a <= 20 and abs(b) <= 20):
+        # A validation set too small or too odd to calibrate on would flatten or invert the
+        # ranking: keep the plain sigmoid instead.
+        return [1.0, 0.0]
+    return [a, b]
 
 
 def operating_points(

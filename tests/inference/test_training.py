@@ -60,7 +60,8 @@ def held_out(
 
 def test_a_tiny_training_run_really_learns(held_out: dict) -> None:
     report, out = held_out["report"], held_out["out"]
-    assert report["study_level"]["any"]["auc"] >= 0.9, report["study_level"]["any"]
+    assert report["slice_level"]["any"]["auc"] >= 0.9, report["slice_level"]["any"]
+    assert report["study_level"]["any"]["auc"] >= 0.8, report["study_level"]["any"]
     assert (out / "roc_study.png").stat().st_size > 1000
     assert "Triage support, not diagnosis" in (out / "MODEL_CARD.md").read_text()
 
