@@ -119,7 +119,13 @@ if not REDIS_URL.startswith(("redis://", "rediss://")):
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("ICH_CHANNEL_PREFIX", "ich")},
+        "CONFIG": {
+            # A consumer waits for messages with BZPOPMIN for 5 s at a time; redis-py 8 also
+            # times socket reads out at 5 s by default, which killed every WebSocket left idle
+            # for 5 s. The read timeout must outlast the blocking pop.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+            "prefix": env_str("ICH_CHANNEL_PREFIX", "ich"),
+        },
     }
 }
 
@@ -220,6 +226,24 @@ ICH_MODEL_PATH = os.environ.get("ICH_MODEL_PATH") or None  # None: the shipped m
 if ICH_MODEL_PATH and not Path(ICH_MODEL_PATH).is_file():
     raise ImproperlyConfigured(f"ICH_MODEL_PATH={ICH_MODEL_PATH!r} is not a file.")
 CELERY_TASK_ROUTES = {"worklist.tasks.score_study": {"queue": "gpu"}}
+# With acks_late, a task whose worker died (SIGKILL, OOM, power loss) stays unacknowledged in
+# Redis until the visibility timeout passes, then goes back to its queue. Kombu's default is an
+# hour; 5 minutes is longer than any normal scoring run or countdown here (a task still running
+# past it may be handed to a second worker too: harmless, scoring is idempotent, only wasted).
+# Unacknowledged messages are looked at every 10 s (kombu's default scan is every 100 s).
+ICH_BROKER_VISIBILITY_TIMEOUT_SECONDS = env_int(
+    "ICH_BROKER_VISIBILITY_TIMEOUT_SECONDS", 300, minimum=10, maximum=86400
+)
+if ICH_BROKER_VISIBILITY_TIMEOUT_SECONDS <= ICH_STUDY_QUIET_SECONDS:
+    raise ImproperlyConfigured(
+        "ICH_BROKER_VISIBILITY_TIMEOUT_SECONDS must be longer than ICH_STUDY_QUIET_SECONDS "
+        "(a completeness check waits that long unacknowledged)."
+    )
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": ICH_BROKER_VISIBILITY_TIMEOUT_SECONDS,
+    "unacked_restore_interval": 10,
+    "unacked_restore_throttle": 1,
+}
 CELERY_BEAT_SCHEDULE = {
     "sweep-stuck-studies": {"task": "worklist.tasks.sweep_stuck_studies", "schedule": 60.0},
 }

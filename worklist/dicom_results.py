@@ -8,6 +8,8 @@ SNOMED codes; Yes/No and units use SNOMED CT and UCUM.
 
 import io
 import logging
+import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -78,7 +80,7 @@ def structured_report(result: AIResult) -> pydicom.Dataset:
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
-        SeriesDescription="AI triage support (not diagnosis)",
+        series_description="AI triage support (not diagnosis)",
     )
 
 
@@ -164,37 +166,63 @@ def _overlay(
         instance_number=number,
         manufacturer=MANUFACTURER,
         pixel_spacing=(float(source.PixelSpacing[0]), float(source.PixelSpacing[1])),  # type: ignore[arg-type]
+        patient_orientation=_patient_orientation(source),
     )
     image.SeriesDescription = "AI attention maps (triage support, not diagnosis)"
     image.DerivationDescription = "Grad-CAM of the flagged classes over the brain window"
     return image
 
 
+_AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z in the patient system
+
+
+def _patient_orientation(source: pydicom.Dataset) -> tuple[str, str]:
+    """PatientOrientation of the rows and columns, from the slice's ImageOrientationPatient
+    (the dominant axis of each; a secondary capture in the patient system must carry it)."""
+    try:
+        cosines = [float(v) for v in source.ImageOrientationPatient]
+    except (AttributeError, TypeError, ValueError):
+        return ("L", "P")  # the usual axial slice
+    if len(cosines) != 6:
+        return ("L", "P")
+
+    def letter(direction: list[float]) -> str:
+        axis = int(np.argmax(np.abs(direction)))
+        return _AXIS_LETTERS[axis][0 if direction[axis] >= 0 else 1]
+
+    return letter(cosines[:3]), letter(cosines[3:])
+
+
 def write_results(result: AIResult) -> list[Path]:
-    """Writes the SR and the heatmap series beside the result; returns the files."""
+    """Writes the heatmap series, then the SR, beside the result; returns the files.
+
+    The SR is written last and atomically, so its presence means the export is complete (a
+    download never sees half of it). A repeat (a redelivered or retried task) returns the files
+    already written: their UIDs stay the ones a PACS may have received."""
+    report_path, folder = sr_path(result), heatmap_series_dir(result)
+    if report_path.exists():
+        return [report_path, *sorted(folder.glob("*.dcm"))]
+    shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left
+    folder.mkdir(parents=True)
     written = []
-    report = structured_report(result)
-    path = sr_path(result)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report.save_as(path, enforce_file_format=True)
-    written.append(path)
-    folder = heatmap_series_dir(result)
-    folder.mkdir(parents=True, exist_ok=True)
     for image in heatmap_series(result):
         target = folder / f"{image.InstanceNumber:04d}.dcm"
         image.save_as(target, enforce_file_format=True)
         written.append(target)
-    return written
+    partial = report_path.with_name(f".{report_path.name}.partial")
+    structured_report(result).save_as(partial, enforce_file_format=True)
+    os.replace(partial, report_path)
+    return [report_path, *written]
 
 
 def results_zip(result: AIResult) -> bytes:
-    """The SR and the heatmap series in one zip for download."""
+    """The SR and the heatmap series in one zip for download; empty until the export is done."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        if sr_path(result).exists():
-            archive.write(sr_path(result), "report-sr.dcm")
-        folder = heatmap_series_dir(result)
-        for path in sorted(folder.glob("*.dcm")) if folder.exists() else []:
+        if not sr_path(result).exists():
+            return b""
+        archive.write(sr_path(result), "report-sr.dcm")
+        for path in sorted(heatmap_series_dir(result).glob("*.dcm")):
             archive.write(path, f"heatmap-series/{path.name}")
     return buffer.getvalue()
 
@@ -203,7 +231,7 @@ def send_results(paths: list[Path]) -> int:
     """C-STORE the result files to the configured destination (ICH_RESULTS_DESTINATION)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        ComprehensiveSRStorage,
+        Comprehensive3DSRStorage,
         SecondaryCaptureImageStorage,
     )
 
@@ -212,7 +240,7 @@ def send_results(paths: list[Path]) -> int:
         return 0
     ae_title, host, port = destination
     ae = AE(ae_title=settings.ICH_DICOM_AE_TITLE)
-    ae.add_requested_context(ComprehensiveSRStorage)
+    ae.add_requested_context(Comprehensive3DSRStorage)  # what structured_report writes
     ae.add_requested_context(SecondaryCaptureImageStorage)
     association = ae.associate(host, port, ae_title=ae_title)
     if not association.is_established:

@@ -17,6 +17,8 @@ from worklist import events
 from worklist.models import Study, StudyStatus
 
 CHECK_KEY = "ich:completeness-check:{study_id}"
+REQUEUE_KEY = "ich:stuck-requeued:{study_id}"
+ATTEMPTS_KEY = "ich:scoring-attempts:{result_id}"
 
 
 @functools.cache
@@ -49,11 +51,37 @@ def schedule_completeness_check(study_id: int, delay: float | None = None) -> bo
     from worklist.tasks import check_study_complete
 
     delay = settings.ICH_STUDY_QUIET_SECONDS if delay is None else delay
-    if not _redis().set(CHECK_KEY.format(study_id=study_id), 1, nx=True, ex=int(delay * 10) + 60):
+    if not _redis().set(CHECK_KEY.format(study_id=study_id), 1, nx=True, ex=_check_expiry(delay)):
         return False
     check_study_complete.apply_async((study_id,), countdown=delay)
     return True
 
 
+def _check_expiry(delay: float) -> int:
+    return int(delay * 10) + 60
+
+
+def renew_completeness_check(study_id: int) -> None:
+    """The check is looking again later: keep its guard, or a long send would start a second."""
+    _redis().expire(
+        CHECK_KEY.format(study_id=study_id), _check_expiry(settings.ICH_STUDY_QUIET_SECONDS)
+    )
+
+
 def release_completeness_check(study_id: int) -> None:
     _redis().delete(CHECK_KEY.format(study_id=study_id))
+
+
+def claim_stuck_requeue(study_id: int, *, seconds: int) -> bool:
+    """At most one re-queue of a stuck study per period: a backlog must not snowball."""
+    return bool(_redis().set(REQUEUE_KEY.format(study_id=study_id), 1, nx=True, ex=seconds))
+
+
+def count_scoring_attempt(result_id: int) -> int:
+    """How many times a scoring run has started (a redelivery after a lost worker counts)."""
+    key = ATTEMPTS_KEY.format(result_id=result_id)
+    pipeline = _redis().pipeline()
+    pipeline.incr(key)
+    pipeline.expire(key, 7 * 24 * 3600)
+    attempts, _ = pipeline.execute()
+    return int(attempts)

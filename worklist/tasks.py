@@ -5,6 +5,7 @@ worker process and kept warm (CUDA when present).
 """
 
 import logging
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -42,6 +43,7 @@ def check_study_complete(study_id: int) -> str:
     quiet = (timezone.now() - study.last_instance_at).total_seconds()
     wait = settings.ICH_STUDY_QUIET_SECONDS - quiet
     if study.status == StudyStatus.RECEIVING and wait > 0:
+        scheduling.renew_completeness_check(study_id)
         check_study_complete.apply_async((study_id,), countdown=wait)
         return "waiting"
     scheduling.release_completeness_check(study_id)
@@ -59,7 +61,14 @@ def check_study_complete(study_id: int) -> str:
     time_limit=660,
 )
 def score_study(self: Any, study_id: int) -> str:
-    model = predictor()
+    try:
+        model = predictor()
+    except Exception as error:  # a missing or broken model: every study would wait for ever
+        logger.exception("the model could not be loaded")
+        scoring.study_scoring_fail(
+            study_id=study_id, error=f"the model could not be loaded: {type(error).__name__}"
+        )
+        return "failed"
     result = scoring.study_scoring_start(
         study_id=study_id, model_name=model.name, model_version=model.version
     )
@@ -101,10 +110,20 @@ def export_results(result_id: int) -> int:
 
 
 def _run_model(model: Any, instances: list[Instance]) -> scoring.ScoringOutput:
+    from inference.dicom_io import load_series
+
     if not instances:
         raise ValueError("no CT image instances to score")
-    paths = [instance_file_path(instance) for instance in instances]
-    prediction = model.predict(paths)
+    # Ingest checks pixel data without decoding it; a slice that fails to decode is left out
+    # here rather than failing the study (a series with no readable slice still fails).
+    started = time.perf_counter()
+    series = load_series([instance_file_path(i) for i in instances], skip_bad=True)
+    read = time.perf_counter() - started
+    if series.skipped:
+        logger.warning("%d of %d slices could not be read", len(series.skipped), len(instances))
+    prediction = model.predict(series)
+    prediction.timings = {"read": read, **prediction.timings}
+    prediction.timings["total"] += read
     basis = {
         name: [
             {
@@ -154,14 +173,16 @@ def _side_by_side(thumbnail: Any, attention: Any) -> Any:
 def sweep_stuck_studies() -> int:
     """Re-queues studies stuck in queued or scoring past the limit, and studies whose
     completeness check was lost. Runs every minute from celery beat."""
-    limit = timezone.now() - timedelta(minutes=settings.ICH_SCORING_STUCK_MINUTES)
+    period = settings.ICH_SCORING_STUCK_MINUTES * 60
+    limit = timezone.now() - timedelta(seconds=period)
     stuck = Study.objects.filter(
         status__in=[StudyStatus.QUEUED, StudyStatus.SCORING], status_changed_at__lt=limit
     )
     count = 0
     for study in stuck:
-        score_study.apply_async((study.pk,), queue="gpu")
-        count += 1
+        if scheduling.claim_stuck_requeue(study.pk, seconds=period):
+            score_study.apply_async((study.pk,), queue="gpu")
+            count += 1
     quiet_limit = timezone.now() - timedelta(seconds=settings.ICH_STUDY_QUIET_SECONDS * 3 + 30)
     for study in Study.objects.filter(
         status=StudyStatus.RECEIVING, last_instance_at__lt=quiet_limit

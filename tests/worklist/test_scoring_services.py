@@ -1,0 +1,137 @@
+"""The scoring services on their own (no worker, no model): runs, reruns, failures and export.
+
+The end-to-end path with a real worker and model is in test_scoring.py.
+"""
+
+import numpy as np
+import pytest
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from tests.factories import InstanceFactory, SeriesFactory
+from worklist import dicom_results, scoring
+from worklist.models import AIResult, AIResultStatus, Finding, HaemorrhageClass, Study, StudyStatus
+
+pytestmark = pytest.mark.django_db
+
+CLASSES = HaemorrhageClass.values
+
+
+@pytest.fixture(autouse=True)
+def _no_counts_from_earlier_sessions() -> None:
+    """Result ids restart with each test database; attempt counts kept in Redis do not."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stale = list(client.scan_iter("ich:scoring-attempts:*"))
+    if stale:
+        client.delete(*stale)
+
+
+def _queued_study(slices: int = 3) -> tuple[Study, list[str]]:
+    series = SeriesFactory(body_part="HEAD")
+    uids = [InstanceFactory(series=series).sop_instance_uid for _ in range(slices)]
+    study = series.study
+    study.transition_to(StudyStatus.QUEUED)
+    return study, uids
+
+
+def _output(uids: list[str], flagged: bool = True) -> scoring.ScoringOutput:
+    flags = {c: flagged and c in ("any", "subdural") for c in CLASSES}
+    return scoring.ScoringOutput(
+        model_name="test-model",
+        model_version="1",
+        probabilities={c: 0.8 if flags[c] else 0.1 for c in CLASSES},
+        thresholds={c: 0.5 for c in CLASSES},
+        flags=flags,
+        slice_probabilities=[[0.5] * 6 for _ in uids],
+        key_slices={c: 0 for c in CLASSES},
+        sop_instance_uids=uids,
+        heatmaps={c: np.full((len(uids), 8, 8), 200, np.uint8) for c in CLASSES if flags[c]},
+    )
+
+
+def _start(study: Study) -> AIResult:
+    result = scoring.study_scoring_start(study_id=study.pk, model_name="m", model_version="1")
+    assert result is not None
+    return result
+
+
+def _reopen_and_queue(study: Study) -> None:
+    study.refresh_from_db()
+    study.transition_to(StudyStatus.RECEIVING)  # a late instance
+    study.transition_to(StudyStatus.QUEUED)  # quiet again
+
+
+def test_finishing_the_same_run_twice_stores_its_findings_once() -> None:
+    study, uids = _queued_study()
+    result = _start(study)
+    scoring.study_scoring_finish(result_id=result.pk, output=_output(uids))
+    scoring.study_scoring_finish(result_id=result.pk, output=_output(uids))
+    assert Finding.objects.filter(result=result).count() == 6
+    study.refresh_from_db()
+    assert study.status == StudyStatus.SCORED
+    assert set(AIResult.objects.get(pk=result.pk).heatmaps) == {"any", "subdural"}
+
+
+def test_a_redelivered_task_continues_the_same_run() -> None:
+    study, _ = _queued_study()
+    first = _start(study)
+    assert _start(study).pk == first.pk  # the worker was lost; the task came back
+    assert AIResult.objects.filter(study=study).count() == 1
+
+
+def test_a_run_overtaken_by_a_newer_run_of_the_reopened_study_does_not_speak_for_it() -> None:
+    study, uids = _queued_study()
+    old = _start(study)
+    _reopen_and_queue(study)
+    new = _start(study)  # a second worker scores the study with its late instance
+    assert new.pk != old.pk
+
+    scoring.study_scoring_finish(result_id=old.pk, output=_output(uids[:2]))
+    study.refresh_from_db()
+    assert study.status == StudyStatus.SCORING  # still waiting for the newer run
+    scoring.study_scoring_finish(result_id=new.pk, output=_output(uids))
+    study.refresh_from_db()
+    assert study.status == StudyStatus.SCORED
+    assert AIResult.objects.get(pk=old.pk).status == AIResultStatus.SUCCEEDED
+
+
+def test_a_failure_of_a_study_reopened_meanwhile_leaves_it_to_be_scored_again() -> None:
+    study, _ = _queued_study()
+    result = _start(study)
+    study.refresh_from_db()
+    study.transition_to(StudyStatus.RECEIVING)  # a late instance while scoring
+    scoring.study_scoring_fail(study_id=study.pk, result_id=result.pk, error="boom")
+    study.refresh_from_db()
+    assert study.status == StudyStatus.RECEIVING
+    assert AIResult.objects.get(pk=result.pk).error == "boom"
+
+
+def test_a_failure_marks_a_scoring_study_failed_with_the_reason() -> None:
+    study, _ = _queued_study()
+    result = _start(study)
+    scoring.study_scoring_fail(study_id=study.pk, result_id=result.pk, error="ValueError: bad")
+    study.refresh_from_db()
+    assert study.status == StudyStatus.FAILED
+    assert AIResult.objects.get(pk=result.pk).status == AIResultStatus.FAILED
+
+
+def test_a_run_that_keeps_losing_its_worker_fails_instead_of_looping() -> None:
+    study, _ = _queued_study()
+    result = _start(study)
+    for _ in range(scoring.MAX_SCORING_ATTEMPTS - 1):
+        assert _start(study).pk == result.pk
+    assert scoring.study_scoring_start(study_id=study.pk, model_name="m", model_version="1") is None
+    study.refresh_from_db()
+    assert study.status == StudyStatus.FAILED
+    assert "interrupted" in AIResult.objects.get(pk=result.pk).error
+
+
+def test_the_dicom_download_is_empty_until_the_report_is_written() -> None:
+    study, _ = _queued_study()
+    result = AIResult.objects.create(
+        study=study, model_name="m", model_version="1", finished_at=timezone.now()
+    )
+    dicom_results.heatmap_series_dir(result).mkdir(parents=True)
+    (dicom_results.heatmap_series_dir(result) / "0001.dcm").write_bytes(b"half an export")
+    assert dicom_results.results_zip(result) == b""
