@@ -194,7 +194,14 @@ def test_both_ends_turn_off_nagle(port: int) -> None:
 
 
 def _needs(tool: str) -> str:
-    found = shutil.which(tool)
+    # pynetdicom installs apps of the same names (storescu, echoscu) into the virtualenv: look
+    # for dcmtk's outside it.
+    outside_venv = os.pathsep.join(
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if not Path(d).resolve().is_relative_to(Path(sys.prefix).resolve())
+    )
+    found = shutil.which(tool, path=outside_venv)
     if found is None:
         pytest.skip(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
     return found
