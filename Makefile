@@ -11,7 +11,7 @@ export ICH_HOST ?= 127.0.0.1
 export ICH_PORT ?= 8000
 SERVICES := $(CURDIR)/scripts/services.sh
 
-.PHONY: help run test setup services migrate demo-passwords lint format stop clean demo-model bench
+.PHONY: help run test test-tools setup services migrate demo-passwords lint format stop clean demo-model bench
 
 REAL_DATA ?= $(abspath $(CURDIR)/../shared/data)
 DEMO_RUN := $(ICH_VAR_DIR)/runs/ich-demo
@@ -63,8 +63,15 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# DICOM peers the tests talk to (dcmtk's storescu, echoscu, storescp): Debian's dcmtk package.
+test-tools:
+	@command -v storescp >/dev/null && command -v dcmdump >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "dcmtk is missing: apt-get install dcmtk"; exit 1; }; \
+	  echo "installing dcmtk (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; }
+
 # Tests use Redis database 1 so a running `make run` (database 0) never takes their tasks.
-test: setup lint
+test: setup lint test-tools
 	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-test.started
 	@trap '$(SERVICES) stop $(ICH_VAR_DIR)/run/make-test.started' EXIT; \
 	  export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:$${ICH_REDIS_PORT:-6390}/1}; \

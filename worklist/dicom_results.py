@@ -227,8 +227,15 @@ def results_zip(result: AIResult) -> bytes:
     return buffer.getvalue()
 
 
+class ResultsNotDeliveredError(ConnectionError):
+    """The destination refused some result files (the task retries with backoff)."""
+
+
 def send_results(paths: list[Path]) -> int:
-    """C-STORE the result files to the configured destination (ICH_RESULTS_DESTINATION)."""
+    """C-STORE the result files to the configured destination (ICH_RESULTS_DESTINATION).
+
+    Returns how many were stored. A refused association, or any file the peer does not store
+    with a success or warning status, raises (a ConnectionError: the task retries)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         Comprehensive3DSRStorage,
@@ -245,11 +252,20 @@ def send_results(paths: list[Path]) -> int:
     association = ae.associate(host, port, ae_title=ae_title)
     if not association.is_established:
         raise ConnectionError(f"could not associate with {ae_title}@{host}:{port}")
-    sent = 0
+    sent, refused = 0, []
     try:
         for path in paths:
             status = association.send_c_store(pydicom.dcmread(path))
-            sent += int(getattr(status, "Status", 0xFFFF) == 0x0000)
+            code = int(getattr(status, "Status", 0xFFFF))
+            if code == 0x0000 or code in (0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
+                sent += 1  # success, or a warning: the peer stored it
+            else:
+                refused.append(f"{path.name}: 0x{code:04X}")
     finally:
         association.release()
+    if refused:
+        raise ResultsNotDeliveredError(
+            f"{ae_title}@{host}:{port} did not store {len(refused)} of {len(paths)} result "
+            f"files ({'; '.join(refused[:5])})"
+        )
     return sent
