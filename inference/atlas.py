@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.constants import CLASSES
-from inference.gradcam import grad_cam
+from inference.gradcam import class_activation
 from inference.package import Atlas, ModelPackage
 from inference.preprocess import BRAIN
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from inference.training import VolumeFeatures
 
 THUMBNAIL = 96
-CAM_OUTPUT_STRIDE = 8  # as the Predictor: the last stage computed densely for finer maps
 CONFIDENT = 0.8
 ATTRIBUTION = {
     "phantom": "synthetic phantom",
@@ -70,8 +69,8 @@ def build_atlas(
     for c, v, s, _ in entries:
         x, _ = slice_input(volumes[v], s, package.preprocess, None)
         with torch.no_grad():
-            stage_maps = [m.forward_features(x[None], CAM_OUTPUT_STRIDE) for m in package.members]
-        cam = grad_cam(package.members, stage_maps, [c], package.preprocess.image_size)[c]
+            maps = [m.forward_maps(m.forward_features(x[None])) for m in package.members]
+        cam = class_activation(package.members, maps, c, package.preprocess.image_size)
         thumbnails.append(_thumbnail(volumes[v].hu[s].float()))
         attention.append(_to_uint8(_resize(cam[0])))
     return Atlas(

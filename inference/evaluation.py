@@ -29,6 +29,7 @@ class Collected:
     slice_labels: list[np.ndarray] = field(default_factory=list)
     slice_probs: list[np.ndarray] = field(default_factory=list)
     pointing_hits: dict[str, list[bool]] = field(default_factory=lambda: {c: [] for c in CLASSES})
+    pointing_strict: dict[str, list[bool]] = field(default_factory=lambda: {c: [] for c in CLASSES})
     pointing_chance: dict[str, list[float]] = field(
         default_factory=lambda: {c: [] for c in CLASSES}
     )
@@ -156,6 +157,10 @@ def _masks(item: Any, series: CTSeries) -> np.ndarray | None:
         return stored["masks"][[order[u] for u in series.sop_instance_uids]]
 
 
+POINTING_TOLERANCE_MM = 7.5  # the pointing game's 15 pixels (Zhang et al.) at 0.5 mm
+POINTING_STRICT_MM = 1.5
+
+
 def _pointing(
     item: Any,
     series: CTSeries,
@@ -163,10 +168,16 @@ def _pointing(
     slice_labels: np.ndarray,
     collected: Collected,
 ) -> None:
-    """For each correctly flagged positive slice: does the attention peak fall inside the bleed?"""
+    """For each correctly flagged positive slice: does the attention peak fall on the bleed?
+
+    A hit is a peak within POINTING_TOLERANCE_MM of the bleed (the pointing game's usual 15-pixel
+    tolerance); the strict rate allows POINTING_STRICT_MM. The chance rate is what a peak
+    anywhere in the head would score: the tolerant bleed's share of the head.
+    """
     masks = _masks(item, series)
     if masks is None:
         return
+    spacing = float(np.mean(series.pixel_spacing_mm)) if series.pixel_spacing_mm else 1.0
     for name, heatmap in prediction.heatmaps.items():
         c = CLASSES.index(name)
         bits = (1 << len(SUBTYPES)) - 1 if c == 0 else 1 << (c - 1)
@@ -175,22 +186,25 @@ def _pointing(
             positive = slice_labels[s, c] == 1 or (np.isnan(slice_labels[s, c]) and inside.any())
             if not (positive and prediction.slice_probabilities[s, c] >= 0.5 and inside.any()):
                 continue
-            peak = np.unravel_index(int(np.argmax(heatmap[s])), heatmap[s].shape)
-            target = _dilate(inside)
-            collected.pointing_hits[name].append(bool(target[peak]))
-            # what a peak anywhere in the head would score: the bleed's share of the head
+            peak = np.array(np.unravel_index(int(np.argmax(heatmap[s])), heatmap[s].shape))
+            distance_mm = float(np.sqrt(((np.argwhere(inside) - peak) ** 2).sum(1)).min()) * spacing
+            collected.pointing_hits[name].append(distance_mm <= POINTING_TOLERANCE_MM)
+            collected.pointing_strict[name].append(distance_mm <= POINTING_STRICT_MM)
             head = series.hu[s] > -500
+            target = _dilate(inside, round(POINTING_TOLERANCE_MM / spacing))
             collected.pointing_chance[name].append(
                 float((target & head).sum() / max(head.sum(), 1))
             )
 
 
-def _dilate(mask: np.ndarray, radius: int = 3) -> np.ndarray:
-    """A few pixels of tolerance around the bleed (the attention map is 32x coarser)."""
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The mask grown by ``radius`` pixels (a square, by separable running maxima)."""
     out = mask.copy()
-    for dr in range(-radius, radius + 1):
-        for dc in range(-radius, radius + 1):
-            out |= np.roll(np.roll(mask, dr, 0), dc, 1)
+    for axis in (0, 1):
+        grown = out.copy()
+        for shift in range(1, radius + 1):
+            grown |= np.roll(out, shift, axis) | np.roll(out, -shift, axis)
+        out = grown
     return out
 
 
@@ -236,6 +250,11 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
             name: {
                 "slices": len(hits),
                 "hit_rate": _round(float(np.mean(hits))) if hits else None,
+                "tolerance_mm": POINTING_TOLERANCE_MM,
+                "strict_hit_rate": _round(float(np.mean(c.pointing_strict[name])))
+                if hits
+                else None,
+                "strict_tolerance_mm": POINTING_STRICT_MM,
                 "chance_rate": _round(float(np.mean(c.pointing_chance[name]))) if hits else None,
             }
             for name, hits in c.pointing_hits.items()
@@ -335,7 +354,9 @@ def _card_section(report: dict[str, Any]) -> list[str]:
         pointing = (
             "n/a"
             if pg["hit_rate"] is None
-            else f"{pg['hit_rate']:.0%} of {pg['slices']} (chance {pg.get('chance_rate') or 0:.0%})"
+            else f"{pg['hit_rate']:.0%} of {pg['slices']} "
+            f"(chance {pg.get('chance_rate') or 0:.0%}; "
+            f"within {pg.get('strict_tolerance_mm', 1.5)} mm: {pg.get('strict_hit_rate') or 0:.0%})"
         )
         lines.append(
             f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "

@@ -97,11 +97,17 @@ class EfficientNetLite(nn.Module):
     """A 2D slice classifier: (B, 3, H, W) windowed slices -> (B, 6) logits."""
 
     def __init__(
-        self, variant: str = "efficientnet_lite0", num_classes: int = len(CLASSES)
+        self,
+        variant: str = "efficientnet_lite0",
+        num_classes: int = len(CLASSES),
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output stride {output_stride}: 8, 16 or 32")
         depth, dropout, _, _ = VARIANTS[variant]
         self.variant = variant
+        self.output_stride = output_stride
         self.conv_stem, self.bn0 = _conv_bn(3, STEM_CHANNELS, 3, stride=2)
         blocks: list[nn.Module] = []
         cin = STEM_CHANNELS
@@ -116,13 +122,14 @@ class EfficientNetLite(nn.Module):
         self.fc = nn.Linear(HEAD_CHANNELS, num_classes)
         self.embedding_dim = HEAD_CHANNELS
 
-    def forward_features(self, x: torch.Tensor, output_stride: int = 32) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, output_stride: int | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1280, H/s, W/s): the last convolutional stage.
 
-        ``output_stride`` 16 or 8 computes the same trained stage more densely (the last stride-2
-        blocks keep the resolution and later kernels are dilated), for finer attention maps; the
-        pooled features, and so the classification, stay nearly the same.
+        The model's own ``output_stride`` (trained with it) unless given. 16 or 8 computes the
+        stage more densely (the last stride-2 blocks keep the resolution and later kernels are
+        dilated, the ImageNet weights unchanged), for finer attention maps.
         """
+        output_stride = output_stride or self.output_stride
         x = (x - 0.5) / 0.5  # the Lite weights expect inputs in [-1, 1]
         x = self.act(self.bn0(self.conv_stem(x)))
         stride, dilation = 2, 1
@@ -140,6 +147,16 @@ class EfficientNetLite(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.pool(features)))  # (B, 6)
+
+    def forward_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """Each location's contribution to each class logit, (B, 6, h, w): the head applied
+        before pooling, so its mean over locations is the slice logit (in eval mode). Because the
+        head is linear after average pooling, a class's Grad-CAM is exactly
+        ReLU(map - bias) up to a positive factor (see ``gradcam.class_activation``)."""
+        return (
+            torch.einsum("behw,ce->bchw", features, self.fc.weight)
+            + self.fc.bias[None, :, None, None]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -165,8 +182,10 @@ def load_imagenet(model: EfficientNetLite) -> None:
         )
 
 
-def build_slice_model(variant: str, *, pretrained: bool = True) -> EfficientNetLite:
-    model = EfficientNetLite(variant)
+def build_slice_model(
+    variant: str, *, pretrained: bool = True, output_stride: int = 32
+) -> EfficientNetLite:
+    model = EfficientNetLite(variant, output_stride=output_stride)
     if pretrained:
         load_imagenet(model)
     return model

@@ -92,6 +92,7 @@ class ModelPackage:
             "members": [
                 {
                     "variant": m.variant,
+                    "output_stride": m.output_stride,
                     "state": {
                         k: v.half() if v.is_floating_point() else v
                         for k, v in m.state_dict().items()
@@ -120,7 +121,9 @@ class ModelPackage:
             raise ValueError(f"{path}: not an ICH model package of format {FORMAT_VERSION}")
         members = []
         for member in state["members"]:
-            model = EfficientNetLite(member["variant"])
+            model = EfficientNetLite(
+                member["variant"], output_stride=int(member.get("output_stride", 32))
+            )
             model.load_state_dict(
                 {k: v.float() if v.is_floating_point() else v for k, v in member["state"].items()}
             )
@@ -143,14 +146,22 @@ class ModelPackage:
         )
 
 
-def slice_outputs(members: list[EfficientNetLite], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run every member on a batch (B, 3, S, S): logits (M, B, 6) and embeddings (M, B, E)."""
-    logits, embeddings = [], []
+def slice_outputs(
+    members: list[EfficientNetLite], x: torch.Tensor, *, class_maps: bool = False
+) -> dict[str, torch.Tensor]:
+    """Run every member on a batch (B, 3, S, S): logits (M, B, 6) and embeddings (M, B, E); with
+    ``class_maps`` also each member's class evidence maps (M, B, 6, h, w) for Grad-CAM."""
+    logits, embeddings, maps = [], [], []
     for model in members:
-        maps = model.forward_features(x)  # (B, E, h, w)
-        logits.append(model.forward_head(maps))
-        embeddings.append(model.pool(maps))
-    return {"logits": torch.stack(logits), "embeddings": torch.stack(embeddings)}
+        features = model.forward_features(x)  # (B, E, h, w)
+        logits.append(model.forward_head(features))
+        embeddings.append(model.pool(features))
+        if class_maps:
+            maps.append(model.forward_maps(features))
+    out = {"logits": torch.stack(logits), "embeddings": torch.stack(embeddings)}
+    if class_maps:
+        out["class_maps"] = torch.stack(maps)
+    return out
 
 
 def aggregator_features(logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

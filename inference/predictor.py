@@ -13,7 +13,7 @@ import torch
 
 from inference.constants import CLASS_LABELS, CLASSES
 from inference.dicom_io import CTSeries, load_series
-from inference.gradcam import grad_cam
+from inference.gradcam import class_activation
 from inference.package import ModelPackage, aggregator_features, slice_outputs
 from inference.preprocess import model_input, resample_inplane, to_original
 
@@ -85,14 +85,13 @@ class StudyPrediction:
 
 
 CAM_MIN_SLICE_PROBABILITY = 0.1
-CAM_OUTPUT_STRIDE = 8
+HEAD_HU = -500  # above this: scalp, skull, brain (air is -1000)
 
 
 class Predictor:
     def __init__(self, package: ModelPackage, device: torch.device) -> None:
         self.package = package
         self.device = device
-        self.cam_output_stride = CAM_OUTPUT_STRIDE
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str | None = None) -> "Predictor":
@@ -126,7 +125,7 @@ class Predictor:
         x = model_input(grid, series.positions_mm, config)  # (N, 3, S, S)
         del grid
         clock.lap("preprocess")
-        logits, embeddings = self._run_members(x, batch_size)
+        logits, embeddings, class_maps = self._run_members(x, batch_size)
         clock.lap("networks")
         study = self._study_logits(logits, embeddings)
         probabilities = self.package.calibrate(study)
@@ -148,7 +147,7 @@ class Predictor:
         flagged = [i for i in range(len(CLASSES)) if flags[i]]
         if heatmaps and flagged:
             prediction.heatmaps = self._heatmaps(
-                x, slice_probabilities, key, flagged, transform, batch_size
+                class_maps, slice_probabilities, key, flagged, transform, batch_size, series.hu
             )
             clock.lap("heatmaps")
         if basis and flagged and self.package.atlas is not None:
@@ -163,14 +162,19 @@ class Predictor:
         return nullcontext()
 
     @torch.no_grad()
-    def _run_members(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, embeddings = [], []
+    def _run_members(
+        self, x: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slice logits (M, N, 6), embeddings (M, N, E) and class evidence maps (M, N, 6, h, w):
+        one pass of the networks gives the scores and everything Grad-CAM needs."""
+        logits, embeddings, maps = [], [], []
         with self._autocast():
             for chunk in torch.split(x, batch_size):
-                out = slice_outputs(self.package.members, chunk.to(self.device))
+                out = slice_outputs(self.package.members, chunk.to(self.device), class_maps=True)
                 logits.append(out["logits"].float().cpu())
                 embeddings.append(out["embeddings"].float().cpu())
-        return torch.cat(logits, dim=1), torch.cat(embeddings, dim=1)
+                maps.append(out["class_maps"].float().cpu())
+        return torch.cat(logits, dim=1), torch.cat(embeddings, dim=1), torch.cat(maps, dim=1)
 
     @torch.no_grad()
     def _study_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:
@@ -182,39 +186,38 @@ class Predictor:
 
     def _heatmaps(
         self,
-        x: torch.Tensor,
+        class_maps: torch.Tensor,
         slice_probabilities: np.ndarray,
         key: np.ndarray,
         flagged: list[int],
         transform: Any,
         batch_size: int,
+        hu: np.ndarray,
     ) -> dict[str, np.ndarray]:
         """Grad-CAM of each flagged class on the slices that carry its evidence (slice
         probability >= CAM_MIN_SLICE_PROBABILITY, and the key slice), on the original grid; zero
-        elsewhere. The last stage is computed densely (``cam_output_stride``) for finer maps."""
+        elsewhere. Computed in closed form from the class evidence maps of the networks pass
+        (``gradcam.class_activation``), at the stride the model was trained with, and shown over
+        the patient only (HU > HEAD_HU): the coarse map's spill into the air means nothing."""
         size = self.package.preprocess.image_size
-        wanted = {
-            c: set(np.flatnonzero(slice_probabilities[:, c] >= CAM_MIN_SLICE_PROBABILITY))
-            | {int(key[c])}
-            for c in flagged
-        }
-        selected = sorted(set().union(*wanted.values()))
         height, width = transform.original_shape
-        maps = {c: np.zeros((len(slice_probabilities), height, width), np.uint8) for c in flagged}
-        for start in range(0, len(selected), batch_size):
-            chunk = [int(i) for i in selected[start : start + batch_size]]
-            batch = x[torch.tensor(chunk)].to(self.device)
-            with torch.no_grad(), self._autocast():
-                features = [
-                    m.forward_features(batch, self.cam_output_stride) for m in self.package.members
-                ]
-            for c, cam in grad_cam(self.package.members, features, flagged, size).items():
-                original = to_original(cam.float().cpu(), transform)  # (B, H, W)
-                as_bytes = (original.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-                for row, index in enumerate(chunk):
-                    if index in wanted[c]:
-                        maps[c][index] = as_bytes[row]
-        return {CLASSES[c]: m for c, m in maps.items()}
+        out = {}
+        for c in flagged:
+            wanted = set(np.flatnonzero(slice_probabilities[:, c] >= CAM_MIN_SLICE_PROBABILITY))
+            chosen = sorted(wanted | {int(key[c])})
+            heatmap = np.zeros((len(slice_probabilities), height, width), np.uint8)
+            for start in range(0, len(chosen), batch_size):
+                rows = torch.tensor(chosen[start : start + batch_size])
+                cam = class_activation(
+                    self.package.members, list(class_maps[:, rows]), c, size
+                )  # (B, S, S)
+                original = to_original(cam, transform)  # (B, H, W)
+                original = original * torch.from_numpy(hu[rows.numpy()] > HEAD_HU)
+                peak = original.flatten(1).amax(1).clamp_min(1e-6)[:, None, None]
+                original = original / peak  # the strongest evidence in the head reads 255
+                heatmap[rows.numpy()] = (original.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            out[CLASSES[c]] = heatmap
+        return out
 
     def _basis(
         self, embeddings: torch.Tensor, key: np.ndarray, flagged: list[int], k: int

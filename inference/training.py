@@ -56,6 +56,14 @@ class TrainConfig:
     seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     positive_fraction: float = 0.5
+    # Weight of the attention loss on slices whose bleed is outlined (phantom masks, boxes): the
+    # class evidence map should peak inside the blood. 0 turns it off.
+    localisation_weight: float = 0.5
+    # Output stride of the last convolutional stage (32 as on ImageNet; 16 or 8 computes it more
+    # densely): finer class evidence maps to train the localisation on and to explain with.
+    output_stride: int = 32
+    # Dataset kinds whose validation studies choose the operating points (empty: every kind).
+    operating_point_sources: tuple[str, ...] = ()
     augment: Augment = field(default_factory=Augment)
     aggregator: str = "auto"  # gru | max | auto: the better on validation
     aggregator_epochs: int = 80
@@ -88,7 +96,7 @@ class TrainConfig:
         if "windows" in preprocess:
             preprocess["windows"] = tuple(Window(*w) for w in preprocess["windows"])
         augment = Augment(**raw.pop("augment", {}))
-        for key in ("architectures", "split"):
+        for key in ("architectures", "split", "operating_point_sources"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         return cls(
@@ -158,7 +166,19 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     val_logits = study_logits(package, features["val"])
     val_labels = np.stack([v.study_labels for v in splits["val"]])
     package.calibration = fit_platt(val_logits, val_labels)
-    package.thresholds = operating_points(package.calibrate(val_logits), val_labels, config)
+    chosen = [
+        i
+        for i, volume in enumerate(splits["val"])
+        if not config.operating_point_sources or volume.source in config.operating_point_sources
+    ]
+    if not chosen:
+        raise ValueError(
+            f"no validation study from {', '.join(config.operating_point_sources)} "
+            "to choose the operating points on"
+        )
+    package.thresholds = operating_points(
+        package.calibrate(val_logits[chosen]), val_labels[chosen], config
+    )
     package.atlas = build_atlas(
         package, splits["train"], features["train"], per_class=config.atlas_per_class
     )
@@ -194,7 +214,9 @@ def train_member(
     progress: bool,
 ) -> EfficientNetLite:
     seed_everything(config.seed)
-    model = build_slice_model(arch, pretrained=config.pretrained).to(device)
+    model = build_slice_model(
+        arch, pretrained=config.pretrained, output_stride=config.output_stride
+    ).to(device)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -219,8 +241,14 @@ def train_member(
         )
         for step in bar:
             batch = picks[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = training_batch(train_volumes, batch, config, generator)
-            loss = masked_bce(model(x.to(device)), y.to(device))
+            x, y, m = training_batch(train_volumes, batch, config, generator)
+            features = model.forward_features(x.to(device))
+            loss = masked_bce(model.forward_head(features), y.to(device))
+            if config.localisation_weight > 0 and m.any():
+                maps = model.forward_maps(features)
+                loss = loss + config.localisation_weight * localisation_loss(
+                    maps, m.to(device), y.to(device)
+                )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -260,13 +288,55 @@ def train_member(
 
 def training_batch(
     volumes: list[Volume], picks: np.ndarray, config: TrainConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, labels = [], []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (B, 3, S, S), labels (B, 6) and per-class bleed outlines (B, 6, S, S) bool (all
+    False where the slice has none)."""
+    inputs, labels, outlines = [], [], []
     for v, s in picks:
-        x, _ = slice_input(volumes[v], int(s), config.preprocess, config.augment, generator)
+        x, mask = slice_input(volumes[v], int(s), config.preprocess, config.augment, generator)
         inputs.append(x)
         labels.append(torch.from_numpy(volumes[v].slice_labels[s]))
-    return torch.stack(inputs), torch.stack(labels)  # (B, 3, S, S), (B, 6)
+        outlines.append(class_outlines(mask, x.shape[-1]))
+    return torch.stack(inputs), torch.stack(labels), torch.stack(outlines)
+
+
+def class_outlines(mask: np.ndarray | None, size: int) -> torch.Tensor:
+    """Bit-flag mask (S, S) in SUBTYPES order -> (6, S, S) bool; "any" is their union."""
+    if mask is None:
+        return torch.zeros(len(CLASSES), size, size, dtype=torch.bool)
+    bits = torch.from_numpy(mask.astype(np.int64))
+    planes = [(bits >> i) & 1 for i in range(len(CLASSES) - 1)]
+    subtypes = torch.stack(planes).bool()
+    return torch.cat([subtypes.any(0, keepdim=True), subtypes])
+
+
+def localisation_loss(
+    maps: torch.Tensor, outlines: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Where a positive slice's bleed is outlined: minus the log of the share of a spatial
+    softmax of the class's evidence map that falls on locations near the bleed.
+
+    Shift-invariant (a softmax), so it shapes where the evidence lies without fighting the
+    classification loss over how much there is. Feature i of a stride-s stage is centred on
+    input pixel s * i; a location is near when the bleed comes within s/4 pixels of that centre
+    (where the attention peak must land), or, for a bleed too small for that, within its cell.
+    """
+    height, width = maps.shape[-2:]
+    stride = outlines.shape[-1] // width
+
+    def near(radius: int) -> torch.Tensor:
+        return F.max_pool2d(
+            outlines.float(), kernel_size=2 * radius + 1, stride=stride, padding=radius
+        )[..., :height, :width].flatten(2)  # (B, 6, h*w)
+
+    close, touching = near(max(stride // 4, 1)), near(stride // 2)
+    cells = torch.where(close.amax(-1, keepdim=True) > 0, close, touching)
+    valid = (torch.nan_to_num(labels) == 1) & (cells.amax(-1) > 0)  # (B, 6)
+    if not valid.any():
+        return maps.sum() * 0.0
+    log_share = F.log_softmax(maps.float().flatten(2), dim=-1)
+    inside = torch.logsumexp(log_share.masked_fill(cells == 0, -math.inf), dim=-1)  # (B, 6)
+    return -inside[valid].mean()
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 import torch
 
-from inference.gradcam import grad_cam
+from inference.gradcam import class_activation, grad_cam
 from inference.models import (
     AggregatorConfig,
     EfficientNetLite,
@@ -41,6 +41,29 @@ def test_grad_cam_gives_one_map_per_class_in_unit_range() -> None:
     assert set(maps) == {0, 3}
     assert maps[0].shape == (2, 64, 64)
     assert maps[0].min() >= 0.0 and maps[0].max() <= 1.0
+
+
+def test_the_closed_form_grad_cam_equals_the_autograd_one() -> None:
+    torch.manual_seed(0)
+    members = [
+        build_slice_model(v, output_stride=16).eval()
+        for v in ("efficientnet_lite0", "efficientnet_lite1")
+    ]
+    for model in members:
+        torch.nn.init.normal_(model.fc.weight, std=0.05)
+        torch.nn.init.normal_(model.fc.bias, std=0.5)
+    x = torch.rand(3, 3, 96, 96)
+    with torch.no_grad():
+        features = [m.forward_features(x) for m in members]
+        maps = [m.forward_maps(f) for m, f in zip(members, features, strict=True)]
+    assert maps[0].shape == (3, 6, 6, 6)
+    # the maps' mean over locations is the slice logit
+    assert torch.allclose(maps[0].mean(dim=(2, 3)), members[0].forward_head(features[0]), atol=1e-5)
+    reference = grad_cam(members, features, [0, 2, 5], size=96)
+    for c in (0, 2, 5):
+        fast = class_activation(members, maps, c, size=96)
+        assert torch.allclose(fast, reference[c], atol=1e-4), c
+        assert fast.max() >= 0.5  # not trivially flat (one member at least peaks at 1)
 
 
 def test_the_aggregator_reads_any_number_of_slices() -> None:

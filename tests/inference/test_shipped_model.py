@@ -1,0 +1,57 @@
+"""The shipped demonstration model loads and reads phantom studies it never saw correctly.
+
+Phantoms of new seeds (training used dataset seed 1, i.e. studies 100000-100159): medium and
+large bleeds of the subtypes the model separates well on held-out phantoms must be flagged,
+with their subtype ranked above the negatives; heads without a bleed must score lower.
+"""
+
+import numpy as np
+import pytest
+
+from inference.phantom import generate_study, write_study
+from inference.predictor import Predictor, default_model_path
+
+MODEL = default_model_path()  # ICH_MODEL_PATH, else the shipped one
+pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"no model package at {MODEL}")
+
+POSITIVES = [
+    (900001, "intraparenchymal", "large"),
+    (900002, "intraparenchymal", "medium"),
+    (900003, "intraventricular", "large"),
+    (900004, "intraventricular", "medium"),
+]
+NEGATIVES = [900101, 900102, 900103, 900104]
+
+
+@pytest.fixture(scope="module")
+def readings(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    predictor = Predictor.load(MODEL, device="cpu")
+    root = tmp_path_factory.mktemp("shipped")
+    out = {}
+    cases = [(seed, {"subtypes": [subtype], "size": size}) for seed, subtype, size in POSITIVES]
+    cases += [(seed, {"subtypes": [], "mimics": True}) for seed in NEGATIVES]
+    for seed, kwargs in cases:
+        study = generate_study(seed, **kwargs)  # type: ignore[arg-type]
+        out[seed] = (study, predictor.predict(write_study(study, root / str(seed))))
+    return out
+
+
+def test_the_shipped_model_flags_phantom_bleeds_and_explains_them(readings: dict) -> None:
+    negatives = [readings[seed][1] for seed in NEGATIVES]
+    for seed, subtype, _ in POSITIVES:
+        study, prediction = readings[seed]
+        assert prediction.flags["any"], (seed, prediction.probabilities)
+        assert prediction.flags[subtype], (seed, subtype, prediction.probabilities)
+        top_negative = max(n.probabilities[subtype] for n in negatives)
+        assert prediction.probabilities[subtype] > top_negative, (seed, subtype)
+        # the key slice carries blood, and the finding is explained
+        assert study.slice_labels[prediction.key_slices[subtype]].any(), seed
+        heatmap = prediction.heatmaps[subtype]
+        assert heatmap.shape == study.hu.shape and heatmap.max() == 255
+        assert prediction.prediction_basis[subtype], "no atlas slices shown as the basis"
+
+
+def test_heads_without_a_bleed_score_lower_than_heads_with_one(readings: dict) -> None:
+    positive = [readings[seed][1].probabilities["any"] for seed, _, _ in POSITIVES]
+    negative = [readings[seed][1].probabilities["any"] for seed in NEGATIVES]
+    assert np.mean(positive) > np.mean(negative), (positive, negative)
