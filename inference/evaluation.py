@@ -295,6 +295,7 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "a bidirectional GRU over slice embeddings" if package.aggregator else "maximum over slices"
     )
     chosen_on = training.get("aggregator", {}).get("val_mean_study_auc")
+    config = training.get("config", {})
     lines = [
         f"# Model card: {predictor.name} {predictor.version}",
         "",
@@ -308,9 +309,13 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         f" {package.preprocess.interpolation_degree}; {package.preprocess.image_size} px at"
         f" {package.preprocess.spacing_mm} mm.",
         f"- Study level: {study_level} (mean validation AUC of each: {chosen_on}),",
-        "  Platt-calibrated; operating points chosen on validation data for high sensitivity.",
-        "- Explanations: Grad-CAM at the last convolutional stage; prediction basis from an atlas",
-        "  of confidently correct training slices.",
+        "  Platt-calibrated; operating points chosen for sensitivity"
+        f" {config.get('target_sensitivity', 0.95)} on the validation studies of"
+        f" {', '.join(config.get('operating_point_sources') or ['every source'])}.",
+        "- Explanations: Grad-CAM at the last convolutional stage (output stride"
+        f" {package.members[0].output_stride}); prediction basis from an atlas of confidently",
+        "  correct training slices. Pointing game: a hit is an attention peak within"
+        f" {POINTING_TOLERANCE_MM} mm of the bleed on a correctly flagged slice.",
         "",
         "## Training data",
         f"- Sources: {', '.join(training.get('sources', [])) or 'unknown'}; items per part:"
