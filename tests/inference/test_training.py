@@ -33,7 +33,7 @@ def tiny_model(phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             "name": "tiny",
             "out_dir": str(tmp_path_factory.mktemp("run")),
             "architectures": ["efficientnet_lite0"],
-            "epochs": 6,
+            "epochs": 8,
             "samples_per_epoch": 512,
             "batch_size": 32,
             "lr": 1e-3,
@@ -41,6 +41,7 @@ def tiny_model(phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             "seed": 3,
             "split": [0.7, 0.3, 0.0],
             "aggregator": "max",  # a sequence model needs more than a dozen studies
+            "threads": 1,  # one thread: the same numbers on every run of the same machine kind
             "atlas_per_class": 3,
             "preprocess": {"image_size": 128, "spacing_mm": 2.0},
             "sources": [{"kind": "phantom", "path": str(phantoms["train"])}],
@@ -60,10 +61,8 @@ def held_out(
 
 def test_a_tiny_training_run_really_learns(held_out: dict) -> None:
     report, out = held_out["report"], held_out["out"]
-    # Far above chance; the 0.9 is not reached by this tiny CPU run (measured 0.79-0.84
-    # on slices, 0.76 on studies): see the closing note and the model card.
-    assert report["slice_level"]["any"]["auc"] >= 0.7, report["slice_level"]["any"]
-    assert report["study_level"]["any"]["auc"] >= 0.65, report["study_level"]["any"]
+    assert report["study_level"]["any"]["auc"] >= 0.9, report["study_level"]["any"]
+    assert report["slice_level"]["any"]["auc"] >= 0.8, report["slice_level"]["any"]
     assert (out / "roc_study.png").stat().st_size > 1000
     assert "Triage support, not diagnosis" in (out / "MODEL_CARD.md").read_text()
 
@@ -79,11 +78,11 @@ def test_training_writes_checkpoints_metrics_and_a_complete_package(tiny_model: 
     assert package.preprocess.image_size == 128
 
 
-def test_the_pointing_game_is_measured_against_its_chance_rate(held_out: dict) -> None:
-    for name, game in held_out["report"]["pointing_game"].items():
-        if game["slices"]:
-            assert 0.0 <= game["hit_rate"] <= 1.0, name
-            assert 0.0 < game["chance_rate"] < 1.0, name
+def test_grad_cam_peaks_fall_on_the_phantom_bleed_more_often_than_chance(held_out: dict) -> None:
+    game = held_out["report"]["pointing_game"]["any"]
+    assert game["slices"] >= 20, game
+    assert 0.0 < game["chance_rate"] < 0.5, game
+    assert game["hit_rate"] > 1.5 * game["chance_rate"], game
 
 
 def test_the_predictor_explains_a_flagged_study(
