@@ -294,7 +294,10 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
     study_level = (
         "a bidirectional GRU over slice embeddings" if package.aggregator else "maximum over slices"
     )
-    chosen_on = training.get("aggregator", {}).get("val_mean_study_auc")
+    chosen_on = ", ".join(
+        f"{name} {auc:.3f}"
+        for name, auc in (training.get("aggregator", {}).get("val_mean_study_auc") or {}).items()
+    )
     config = training.get("config", {})
     lines = [
         f"# Model card: {predictor.name} {predictor.version}",
@@ -308,7 +311,7 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         f"  windows {windows} (level/width) as channels; slice interpolation degree"
         f" {package.preprocess.interpolation_degree}; {package.preprocess.image_size} px at"
         f" {package.preprocess.spacing_mm} mm.",
-        f"- Study level: {study_level} (mean validation AUC of each: {chosen_on}),",
+        f"- Study level: {study_level} (mean validation study AUC: {chosen_on or 'n/a'}),",
         "  Platt-calibrated; operating points chosen for sensitivity"
         f" {config.get('target_sensitivity', 0.95)} on the validation studies of"
         f" {', '.join(config.get('operating_point_sources') or ['every source'])}.",
