@@ -1,10 +1,19 @@
 import factory
+import numpy as np
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
 from factory.django import DjangoModelFactory
 
-from worklist import services
-from worklist.models import AIResult, AIResultStatus, Finding, Instance, Series, Study
+from worklist import scoring, services
+from worklist.models import (
+    AIResult,
+    AIResultStatus,
+    Finding,
+    HaemorrhageClass,
+    Instance,
+    Series,
+    Study,
+)
 from worklist.roles import ADMIN
 
 
@@ -76,3 +85,24 @@ class FindingFactory(DjangoModelFactory):
     haemorrhage_class = "subdural"
     probability = 0.93
     flagged = True
+
+
+def scoring_output(
+    uids: list[str], *, flagged: bool = True, heatmap: np.ndarray | None = None
+) -> scoring.ScoringOutput:
+    """What the model would return for these slices: "any" and "subdural" flagged (or nothing),
+    with ``heatmap`` (N, H, W) uint8 for the flagged classes (a flat 8 x 8 map by default)."""
+    classes = HaemorrhageClass.values
+    flags = {c: flagged and c in ("any", "subdural") for c in classes}
+    maps = heatmap if heatmap is not None else np.full((len(uids), 8, 8), 200, np.uint8)
+    return scoring.ScoringOutput(
+        model_name="test-model",
+        model_version="1",
+        probabilities={c: 0.8 if flags[c] else 0.1 for c in classes},
+        thresholds={c: 0.5 for c in classes},
+        flags=flags,
+        slice_probabilities=[[0.5] * 6 for _ in uids],
+        key_slices={c: 0 for c in classes},
+        sop_instance_uids=uids,
+        heatmaps={c: maps for c in classes if flags[c]},
+    )

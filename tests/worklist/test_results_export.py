@@ -13,14 +13,13 @@ import pydicom
 import pytest
 from django.test import override_settings
 
+from tests.factories import scoring_output
 from tests.worklist.dicom_samples import phantom_series, stub_scheduling
 from worklist import dicom_results, scoring
 from worklist.ingest import IngestStatus, instance_ingest
-from worklist.models import AIResult, HaemorrhageClass, IngestSource, Study, StudyStatus
+from worklist.models import AIResult, IngestSource, Study, StudyStatus
 
 pytestmark = pytest.mark.django_db
-
-CLASSES = HaemorrhageClass.values
 
 
 def _free_port() -> int:
@@ -69,20 +68,9 @@ def scored_result(monkeypatch: pytest.MonkeyPatch) -> AIResult:
     study.transition_to(StudyStatus.QUEUED)
     result = scoring.study_scoring_start(study_id=study.pk, model_name="m", model_version="1")
     assert result is not None
-    flags = {c: c in ("any", "subdural") for c in CLASSES}
     heat = np.zeros((len(uids), 512, 512), np.uint8)
-    heat[1:3, 100:200, 300:400] = 255
-    output = scoring.ScoringOutput(
-        model_name="m",
-        model_version="1",
-        probabilities={c: 0.9 if flags[c] else 0.05 for c in CLASSES},
-        thresholds={c: 0.5 for c in CLASSES},
-        flags=flags,
-        slice_probabilities=[[0.5] * 6 for _ in uids],
-        key_slices={c: 1 for c in CLASSES},
-        sop_instance_uids=uids,
-        heatmaps={c: heat for c in CLASSES if flags[c]},
-    )
+    heat[1:3, 100:200, 300:400] = 255  # attention on slices 1 and 2 only
+    output = scoring_output(uids, heatmap=heat)
     return scoring.study_scoring_finish(result_id=result.pk, output=output)
 
 

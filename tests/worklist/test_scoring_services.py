@@ -3,19 +3,16 @@
 The end-to-end path with a real worker and model is in test_scoring.py.
 """
 
-import numpy as np
 import pytest
 import redis
 from django.conf import settings
 from django.utils import timezone
 
-from tests.factories import InstanceFactory, SeriesFactory
+from tests.factories import InstanceFactory, SeriesFactory, scoring_output
 from worklist import dicom_results, scoring
-from worklist.models import AIResult, AIResultStatus, Finding, HaemorrhageClass, Study, StudyStatus
+from worklist.models import AIResult, AIResultStatus, Finding, Study, StudyStatus
 
 pytestmark = pytest.mark.django_db
-
-CLASSES = HaemorrhageClass.values
 
 
 @pytest.fixture(autouse=True)
@@ -35,21 +32,6 @@ def _queued_study(slices: int = 3) -> tuple[Study, list[str]]:
     return study, uids
 
 
-def _output(uids: list[str], flagged: bool = True) -> scoring.ScoringOutput:
-    flags = {c: flagged and c in ("any", "subdural") for c in CLASSES}
-    return scoring.ScoringOutput(
-        model_name="test-model",
-        model_version="1",
-        probabilities={c: 0.8 if flags[c] else 0.1 for c in CLASSES},
-        thresholds={c: 0.5 for c in CLASSES},
-        flags=flags,
-        slice_probabilities=[[0.5] * 6 for _ in uids],
-        key_slices={c: 0 for c in CLASSES},
-        sop_instance_uids=uids,
-        heatmaps={c: np.full((len(uids), 8, 8), 200, np.uint8) for c in CLASSES if flags[c]},
-    )
-
-
 def _start(study: Study) -> AIResult:
     result = scoring.study_scoring_start(study_id=study.pk, model_name="m", model_version="1")
     assert result is not None
@@ -65,8 +47,8 @@ def _reopen_and_queue(study: Study) -> None:
 def test_finishing_the_same_run_twice_stores_its_findings_once() -> None:
     study, uids = _queued_study()
     result = _start(study)
-    scoring.study_scoring_finish(result_id=result.pk, output=_output(uids))
-    scoring.study_scoring_finish(result_id=result.pk, output=_output(uids))
+    scoring.study_scoring_finish(result_id=result.pk, output=scoring_output(uids))
+    scoring.study_scoring_finish(result_id=result.pk, output=scoring_output(uids))
     assert Finding.objects.filter(result=result).count() == 6
     study.refresh_from_db()
     assert study.status == StudyStatus.SCORED
@@ -87,10 +69,10 @@ def test_a_run_overtaken_by_a_newer_run_of_the_reopened_study_does_not_speak_for
     new = _start(study)  # a second worker scores the study with its late instance
     assert new.pk != old.pk
 
-    scoring.study_scoring_finish(result_id=old.pk, output=_output(uids[:2]))
+    scoring.study_scoring_finish(result_id=old.pk, output=scoring_output(uids[:2]))
     study.refresh_from_db()
     assert study.status == StudyStatus.SCORING  # still waiting for the newer run
-    scoring.study_scoring_finish(result_id=new.pk, output=_output(uids))
+    scoring.study_scoring_finish(result_id=new.pk, output=scoring_output(uids))
     study.refresh_from_db()
     assert study.status == StudyStatus.SCORED
     assert AIResult.objects.get(pk=old.pk).status == AIResultStatus.SUCCEEDED
