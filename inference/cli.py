@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train a model package from a TOML config")
     train.add_argument("--config", type=Path, required=True)
     train.add_argument("--out", type=Path, help="output folder (overrides out_dir)")
+    train.add_argument(
+        "--init-from",
+        type=Path,
+        help="model package whose members start this run (overrides init_from)",
+    )
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="measure a model on a dataset")
@@ -98,6 +103,8 @@ def _train(args: argparse.Namespace) -> None:
     config = TrainConfig.from_toml(args.config)
     if args.out:
         config.out_dir = str(args.out)
+    if args.init_from:
+        config.init_from = str(args.init_from)
     path = train(config)
     print(f"model written to {path}")
 

@@ -47,6 +47,9 @@ class TrainConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     architectures: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1")
     pretrained: bool = True
+    # A model package whose members (matched by architecture) start this run instead of ImageNet:
+    # a second, finer stage of training (for example at a higher resolution) on top of a first.
+    init_from: str | None = None
     epochs: int = 6
     samples_per_epoch: int = 2000
     batch_size: int = 32
@@ -92,6 +95,8 @@ class TrainConfig:
                 if not Path(source.path).is_absolute()
                 else source.path
             )
+        if raw.get("init_from") and not Path(raw["init_from"]).is_absolute():
+            raw["init_from"] = str((base / raw["init_from"]).resolve())
         preprocess = raw.pop("preprocess", {})
         if "windows" in preprocess:
             preprocess["windows"] = tuple(Window(*w) for w in preprocess["windows"])
@@ -147,8 +152,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     (run.dir / "split.json").write_text(
         json.dumps({part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2)
     )
+    start, started_from = initial_members(config)
     members = [
-        train_member(arch, splits["train"], splits["val"], config, run, device, progress)
+        train_member(
+            arch, splits["train"], splits["val"], config, run, device, progress, start.get(arch)
+        )
         for arch in config.architectures
     ]
     features = {
@@ -183,6 +191,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         package, splits["train"], features["train"], per_class=config.atlas_per_class
     )
     package.training = training_summary(config, splits, aggregator_report, package, features)
+    package.training["initialised_from"] = started_from
     path = run.dir / "model.pt"
     package.save(path)
     return path
@@ -212,11 +221,17 @@ def train_member(
     run: Run,
     device: torch.device,
     progress: bool,
+    start: dict[str, torch.Tensor] | None = None,
 ) -> EfficientNetLite:
     seed_everything(config.seed)
     model = build_slice_model(
-        arch, pretrained=config.pretrained, output_stride=config.output_stride
-    ).to(device)
+        arch,
+        pretrained=config.pretrained and start is None,
+        output_stride=config.output_stride,
+    )
+    if start is not None:
+        model.load_state_dict(start)
+    model = model.to(device)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -284,6 +299,25 @@ def train_member(
     if best is not None:
         model.load_state_dict(best)
     return model.eval()
+
+
+def initial_members(
+    config: TrainConfig,
+) -> tuple[dict[str, dict[str, torch.Tensor]], str | None]:
+    """The weights each architecture starts from when ``init_from`` names a package, and that
+    package's name and version."""
+    if not config.init_from:
+        return {}, None
+    package = ModelPackage.load(Path(config.init_from))
+    found = {m.variant: m for m in package.members}
+    missing = [arch for arch in config.architectures if arch not in found]
+    if missing:
+        raise ValueError(
+            f"{config.init_from} has no {', '.join(missing)} member to start from "
+            f"(it has {', '.join(found) or 'none'})"
+        )
+    weights = {arch: found[arch].state_dict() for arch in config.architectures}
+    return weights, f"{package.name} {package.version}"
 
 
 def training_batch(

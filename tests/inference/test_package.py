@@ -26,3 +26,33 @@ def test_a_package_keeps_each_members_output_stride(tmp_path: Path) -> None:
     loaded = ModelPackage.load(tmp_path / "m.pt")
     assert loaded.members[0].output_stride == 16
     assert loaded.members[0].forward_features(torch.rand(1, 3, 64, 64)).shape[-1] == 4
+
+
+def test_a_second_training_stage_starts_from_the_first_stages_members(tmp_path: Path) -> None:
+    import pytest
+
+    from inference.models import EfficientNetLite
+    from inference.package import ModelPackage
+    from inference.preprocess import PreprocessConfig
+    from inference.training import TrainConfig, initial_members
+
+    first = EfficientNetLite("efficientnet_lite0", output_stride=16).eval()
+    (tmp_path / "runs").mkdir()
+    ModelPackage("stage-1", "1.0", PreprocessConfig(image_size=64), [first], None).save(
+        tmp_path / "runs" / "m.pt"
+    )
+    config = TrainConfig.from_dict(
+        {"init_from": "runs/m.pt", "architectures": ["efficientnet_lite0"]}, base=tmp_path
+    )
+    assert config.init_from == str(tmp_path / "runs" / "m.pt")  # relative to the config file
+    weights, label = initial_members(config)
+    assert label == "stage-1 1.0"
+    for name, value in first.state_dict().items():
+        # saved as float16: the start is the first stage's weights to half precision
+        assert torch.allclose(weights["efficientnet_lite0"][name].float(), value.float(), atol=1e-2)
+    assert initial_members(TrainConfig()) == ({}, None)  # no init_from: ImageNet as before
+    both = TrainConfig.from_dict(
+        {"init_from": str(tmp_path / "runs" / "m.pt")}, base=tmp_path
+    )  # default: Lite0 and Lite1
+    with pytest.raises(ValueError, match="no efficientnet_lite1 member"):
+        initial_members(both)
