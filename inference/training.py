@@ -95,8 +95,9 @@ class TrainConfig:
                 if not Path(source.path).is_absolute()
                 else source.path
             )
-        if raw.get("init_from") and not Path(raw["init_from"]).is_absolute():
-            raw["init_from"] = str((base / raw["init_from"]).resolve())
+        for key in ("init_from", "out_dir"):  # like the sources: relative to the config file
+            if raw.get(key) and not Path(raw[key]).is_absolute():
+                raw[key] = str((base / raw[key]).resolve())
         preprocess = raw.pop("preprocess", {})
         if "windows" in preprocess:
             preprocess["windows"] = tuple(Window(*w) for w in preprocess["windows"])

@@ -42,9 +42,12 @@ def test_a_second_training_stage_starts_from_the_first_stages_members(tmp_path: 
         tmp_path / "runs" / "m.pt"
     )
     config = TrainConfig.from_dict(
-        {"init_from": "runs/m.pt", "architectures": ["efficientnet_lite0"]}, base=tmp_path
+        {"init_from": "runs/m.pt", "out_dir": "runs/two", "architectures": ["efficientnet_lite0"]},
+        base=tmp_path,
     )
-    assert config.init_from == str(tmp_path / "runs" / "m.pt")  # relative to the config file
+    # paths in a config are relative to the config file, not to where `ich train` runs
+    assert config.init_from == str(tmp_path / "runs" / "m.pt")
+    assert config.out_dir == str(tmp_path / "runs" / "two")
     weights, label = initial_members(config)
     assert label == "stage-1 1.0"
     for name, value in first.state_dict().items():
