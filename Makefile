@@ -11,7 +11,7 @@ export ICH_HOST ?= 127.0.0.1
 export ICH_PORT ?= 8000
 SERVICES := $(CURDIR)/scripts/services.sh
 
-.PHONY: help run test test-tools setup services migrate demo-passwords lint format stop clean demo-model bench
+.PHONY: help run test test-tools setup services migrate demo-passwords lint format stop clean demo-model demo-model-measure bench
 
 REAL_DATA ?= $(abspath $(CURDIR)/../shared/data)
 DEMO_RUN := $(ICH_VAR_DIR)/runs/ich-demo
@@ -83,8 +83,15 @@ test: setup lint test-tools
 # the roboflow-ich patients held out of training, and the four CQ500 studies.
 demo-model: setup
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train --studies 160 --seed 1
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train-b --studies 200 --seed 2
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-test --studies 60 --seed 1001
-	$(BIN)/ich train --config configs/demo.toml --out $(DEMO_RUN)
+	$(BIN)/ich train --config configs/demo-stage1.toml --out $(DEMO_RUN)-stage1
+	$(BIN)/ich train --config configs/demo.toml --out $(DEMO_RUN) \
+	  --init-from $(DEMO_RUN)-stage1/model.pt
+	$(MAKE) demo-model-measure
+
+# Measures the trained run on the held-out data and copies it, its reports and card to models/.
+demo-model-measure: setup
 	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test --kind phantom \
 	  --out $(DEMO_EVAL)/phantom --title "60 held-out phantom studies (seed 1001)"
 	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(REAL_DATA)/roboflow-ich --kind yolo \

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="model package whose members start this run (overrides init_from)",
     )
+    train.add_argument(
+        "--refit-study-level",
+        type=Path,
+        metavar="MODEL",
+        help="keep MODEL's slice networks; fit only study aggregation, calibration, "
+        "operating points and atlas again on the config's data",
+    )
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="measure a model on a dataset")
@@ -98,14 +105,17 @@ def _phantom(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from inference.training import TrainConfig, train
+    from inference.training import TrainConfig, refit_study_level, train
 
     config = TrainConfig.from_toml(args.config)
     if args.out:
         config.out_dir = str(args.out)
     if args.init_from:
         config.init_from = str(args.init_from)
-    path = train(config)
+    if args.refit_study_level:
+        path = refit_study_level(config, args.refit_study_level)
+    else:
+        path = train(config)
     print(f"model written to {path}")
 
 

@@ -26,6 +26,7 @@ class Collected:
     names: list[str] = field(default_factory=list)
     study_labels: list[np.ndarray] = field(default_factory=list)
     study_probs: list[np.ndarray] = field(default_factory=list)
+    study_flags: list[np.ndarray] = field(default_factory=list)
     slice_labels: list[np.ndarray] = field(default_factory=list)
     slice_probs: list[np.ndarray] = field(default_factory=list)
     pointing_hits: dict[str, list[bool]] = field(default_factory=lambda: {c: [] for c in CLASSES})
@@ -110,6 +111,7 @@ def _evaluate_item(item: Any, predictor: Predictor, collected: Collected) -> Non
     collected.names.append(_key(item))
     collected.study_labels.append(np.asarray(item.labels, np.float32))
     collected.study_probs.append(probs)
+    collected.study_flags.append(np.array([prediction.flags[c] for c in CLASSES]))
     collected.slice_labels.append(slice_labels)
     collected.slice_probs.append(prediction.slice_probabilities)
     collected.per_study.append(
@@ -209,14 +211,24 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _level(
-    labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, rounds: int
+    labels: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    rounds: int,
+    flags: np.ndarray | None = None,
 ) -> dict[str, Any]:
+    """AUC per class, and sensitivity and specificity of the model's flags where given (a
+    subtype is flagged only with "any"), else of the thresholds."""
     out = {}
     for i, name in enumerate(CLASSES):
         known = ~np.isnan(labels[:, i])
         y, p = labels[known, i] == 1, probs[known, i]
         auc, low, high = bootstrap_auc(y, p, rounds=rounds)
-        point = at_threshold(y, p, float(thresholds[i]))
+        point = (
+            at_threshold(y, p, float(thresholds[i]))
+            if flags is None
+            else at_threshold(y, flags[known, i].astype(float), 0.5)
+        )
         out[name] = {
             "n": int(known.sum()),
             "positives": int(y.sum()),
@@ -236,7 +248,13 @@ def _round(value: float) -> float | None:
 
 def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int) -> dict[str, Any]:
     thresholds = predictor.package.thresholds
-    study = _level(np.stack(c.study_labels), np.stack(c.study_probs), thresholds, rounds)
+    study = _level(
+        np.stack(c.study_labels),
+        np.stack(c.study_probs),
+        thresholds,
+        rounds,
+        np.stack(c.study_flags),
+    )
     slices_l, slices_p = np.concatenate(c.slice_labels), np.concatenate(c.slice_probs)
     has_slice_labels = bool((~np.isnan(slices_l[:, 0])).any())
     return {
@@ -311,6 +329,7 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         f"  windows {windows} (level/width) as channels; slice interpolation degree"
         f" {package.preprocess.interpolation_degree}; {package.preprocess.image_size} px at"
         f" {package.preprocess.spacing_mm} mm.",
+        *_training_stages(training),
         f"- Study level: {study_level} (mean validation study AUC: {chosen_on or 'n/a'}),",
         "  Platt-calibrated; operating points chosen for sensitivity"
         f" {config.get('target_sensitivity', 0.95)} on the validation studies of"
@@ -323,8 +342,15 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "## Training data",
         f"- Sources: {', '.join(training.get('sources', [])) or 'unknown'}; items per part:"
         f" {training.get('counts')}.",
+        f"- Settings: up to {config.get('epochs')} epochs x {config.get('samples_per_epoch')}"
+        f" slices per network (early stop after {config.get('patience')} without gain), learning"
+        f" rate {config.get('lr')}, attention loss weight {config.get('localisation_weight')},"
+        f" seed {config.get('seed')}.",
         "",
         "## Operating points (calibrated probability)",
+        "",
+        'A subtype is flagged only when "any" is flagged too; sensitivity and specificity below',
+        "are those of the flags.",
         "",
         "| class | threshold |",
         "| --- | --- |",
@@ -342,6 +368,21 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "  trained and evaluated on real clinical data with radiologist labels.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _training_stages(training: dict[str, Any]) -> list[str]:
+    lines = []
+    if training.get("initialised_from"):
+        lines.append(
+            f"- Networks continued from {training['initialised_from']} (an earlier training"
+            " stage), not from ImageNet directly."
+        )
+    if training.get("members_from"):
+        lines.append(
+            f"- Slice networks as trained in {training['members_from']}; study level,"
+            " calibration, operating points and atlas fitted again on the same split."
+        )
+    return lines
 
 
 def _card_section(report: dict[str, Any]) -> list[str]:

@@ -82,6 +82,14 @@ class ModelPackage:
         a, b = self.calibration[:, 0], self.calibration[:, 1]
         return 1.0 / (1.0 + np.exp(-(a * study_logits + b)))
 
+    def flags(self, probabilities: np.ndarray) -> np.ndarray:
+        """Flags at the operating points, (..., 6) bool. A subtype is flagged only together with
+        "any": its own threshold is chosen for sensitivity, and alone it would put studies the
+        model does not think bleed at the top of the worklist."""
+        flags = np.asarray(probabilities) >= self.thresholds
+        flags[..., 1:] &= flags[..., :1]
+        return flags
+
     def save(self, path: Path) -> None:
         state = {
             "format_version": FORMAT_VERSION,

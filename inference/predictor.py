@@ -129,7 +129,7 @@ class Predictor:
         clock.lap("networks")
         study = self._study_logits(logits, embeddings)
         probabilities = self.package.calibrate(study)
-        flags = probabilities >= self.package.thresholds
+        flags = self.package.flags(probabilities)
         slice_probabilities = torch.sigmoid(logits.mean(0)).numpy()  # (N, 6)
         key = slice_probabilities.argmax(axis=0)  # (6,)
         clock.lap("aggregate")

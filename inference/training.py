@@ -160,6 +160,54 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         )
         for arch in config.architectures
     ]
+    package = finish_package(config, splits, members, run, device)
+    package.training["initialised_from"] = started_from
+    path = run.dir / "model.pt"
+    package.save(path)
+    return path
+
+
+def refit_study_level(config: TrainConfig, members_from: Path) -> Path:
+    """Keeps the slice networks of ``members_from`` as they are and fits everything after them
+    again on the config's data and split: study aggregation, calibration, operating points, atlas.
+    What ``train`` would give with those networks, without training them again (up to the
+    float16 rounding of the saved weights, which moves the fitted calibration a little)."""
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    source = ModelPackage.load(members_from)
+    found = [m.variant for m in source.members]
+    if found != list(config.architectures):
+        raise ValueError(
+            f"{members_from} has members {', '.join(found)}, the config names "
+            f"{', '.join(config.architectures)}"
+        )
+    if source.preprocess.to_dict() != config.preprocess.to_dict():
+        raise ValueError(f"{members_from} was trained with other preprocessing than the config")
+    run = Run(Path(config.out_dir))
+    splits = split_sources(config)
+    (run.dir / "split.json").write_text(
+        json.dumps({part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2)
+    )
+    members = [m.to(device).eval() for m in source.members]
+    package = finish_package(config, splits, members, run, device)
+    package.training["initialised_from"] = source.training.get("initialised_from")
+    package.training["members_from"] = f"{source.name} {source.version} ({members_from})"
+    path = run.dir / "model.pt"
+    package.save(path)
+    return path
+
+
+def finish_package(
+    config: TrainConfig,
+    splits: dict[str, list[Volume]],
+    members: list[EfficientNetLite],
+    run: Run,
+    device: torch.device,
+) -> ModelPackage:
+    """Everything after the slice networks: study aggregation, calibration, operating points,
+    atlas and the training record."""
     features = {
         part: extract(members, volumes, config.preprocess, device)
         for part, volumes in splits.items()
@@ -192,10 +240,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         package, splits["train"], features["train"], per_class=config.atlas_per_class
     )
     package.training = training_summary(config, splits, aggregator_report, package, features)
-    package.training["initialised_from"] = started_from
-    path = run.dir / "model.pt"
-    package.save(path)
-    return path
+    return package
 
 
 def split_sources(config: TrainConfig) -> dict[str, list[Volume]]:
@@ -493,10 +538,15 @@ def fit_aggregator(
     if best is not None:
         aggregator.load_state_dict(best)
     aggregator.eval()
+    # Compared on the validation studies of more than one slice: a single windowed picture is
+    # no series to aggregate, and its score would decide between two study-level methods.
+    series = [i for i, f in enumerate(val_f) if f.logits.shape[1] > 1] or list(range(len(val_f)))
+    compared = [val_f[i] for i in series]
     gru_auc = _mean_auc(
-        np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in val_f]), val_labels
+        np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in compared]),
+        val_labels[series],
     )
-    max_auc = _mean_auc(max_study_logits(val_f), val_labels)
+    max_auc = _mean_auc(max_study_logits(compared), val_labels[series])
     choice = (
         config.aggregator
         if config.aggregator != "auto"
@@ -504,6 +554,7 @@ def fit_aggregator(
     )
     report = {
         "val_mean_study_auc": {"gru": gru_auc, "max": max_auc},
+        "compared_on": len(series),
         "chosen": choice,
         "epochs": epoch + 1,
     }

@@ -59,3 +59,24 @@ def test_a_second_training_stage_starts_from_the_first_stages_members(tmp_path: 
     )  # default: Lite0 and Lite1
     with pytest.raises(ValueError, match="no efficientnet_lite1 member"):
         initial_members(both)
+
+
+def test_a_subtype_is_flagged_only_together_with_any() -> None:
+    import numpy as np
+
+    from inference.package import ModelPackage
+    from inference.preprocess import PreprocessConfig
+
+    package = ModelPackage("t", "1", PreprocessConfig(), [], None)
+    package.thresholds = np.array([0.5, 0.2, 0.2, 0.02, 0.01, 0.2])
+    probabilities = np.array(
+        [
+            [0.4, 0.3, 0.1, 0.05, 0.5, 0.1],  # subtypes above their thresholds, "any" below
+            [0.6, 0.3, 0.1, 0.05, 0.005, 0.1],  # "any": its subtypes at their own thresholds
+        ]
+    )
+    flags = package.flags(probabilities)
+    assert flags.tolist() == [
+        [False, False, False, False, False, False],
+        [True, True, False, True, False, False],
+    ]

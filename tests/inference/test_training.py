@@ -13,7 +13,7 @@ from inference.evaluation import evaluate
 from inference.package import ModelPackage
 from inference.phantom import write_dataset
 from inference.predictor import Predictor
-from inference.training import TrainConfig, train
+from inference.training import TrainConfig, refit_study_level, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -26,12 +26,11 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"train": root / "train", "test": root / "test"}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = TrainConfig.from_dict(
+def tiny_config(phantoms: dict[str, Path], out_dir: Path) -> TrainConfig:
+    return TrainConfig.from_dict(
         {
             "name": "tiny",
-            "out_dir": str(tmp_path_factory.mktemp("run")),
+            "out_dir": str(out_dir),
             "architectures": ["efficientnet_lite0"],
             "epochs": 8,
             "samples_per_epoch": 512,
@@ -47,7 +46,11 @@ def tiny_model(phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             "sources": [{"kind": "phantom", "path": str(phantoms["train"])}],
         }
     )
-    return train(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(tiny_config(phantoms, tmp_path_factory.mktemp("run")), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +132,23 @@ def test_training_is_reproducible_from_its_seed(phantoms: dict[str, Path], tmp_p
         )
         weights.append(model.fc.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
+
+
+def test_refitting_the_study_level_keeps_the_networks_and_reproduces_the_rest(
+    tiny_model: Path, phantoms: dict[str, Path], tmp_path: Path
+) -> None:
+    refit = ModelPackage.load(refit_study_level(tiny_config(phantoms, tmp_path), tiny_model))
+    original = ModelPackage.load(tiny_model)
+    for a, b in zip(original.members, refit.members, strict=True):
+        for name, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[name]), name
+    # The same networks (as saved: float16 weights), data, split and seed: nearly the same
+    # calibration and operating points (training fitted them with the float32 networks).
+    np.testing.assert_allclose(refit.calibration, original.calibration, rtol=0.05, atol=0.15)
+    np.testing.assert_allclose(refit.thresholds, original.thresholds, atol=0.05)
+    assert refit.training["split"] == original.training["split"]
+    assert refit.training["members_from"].startswith("tiny ")
+    other = tiny_config(phantoms, tmp_path / "other")
+    other.preprocess.image_size = 96
+    with pytest.raises(ValueError, match="other preprocessing"):
+        refit_study_level(other, tiny_model)
