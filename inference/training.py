@@ -143,16 +143,8 @@ class Run:
 
 def train(config: TrainConfig, *, progress: bool = True) -> Path:
     """Trains every part of a model package and writes it to ``out_dir/model.pt``."""
-    seed_everything(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
-    run = Run(Path(config.out_dir))
-    (run.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    splits = split_sources(config)
-    (run.dir / "split.json").write_text(
-        json.dumps({part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2)
-    )
+    device, run = _start(config)
+    splits = _split(config, run)
     start, started_from = initial_members(config)
     members = [
         train_member(
@@ -162,9 +154,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     ]
     package = finish_package(config, splits, members, run, device)
     package.training["initialised_from"] = started_from
-    path = run.dir / "model.pt"
-    package.save(path)
-    return path
+    return _save(package, run)
 
 
 def refit_study_level(config: TrainConfig, members_from: Path) -> Path:
@@ -172,10 +162,6 @@ def refit_study_level(config: TrainConfig, members_from: Path) -> Path:
     again on the config's data and split: study aggregation, calibration, operating points, atlas.
     What ``train`` would give with those networks, without training them again (up to the
     float16 rounding of the saved weights, which moves the fitted calibration a little)."""
-    seed_everything(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
     source = ModelPackage.load(members_from)
     found = [m.variant for m in source.members]
     if found != list(config.architectures):
@@ -185,15 +171,33 @@ def refit_study_level(config: TrainConfig, members_from: Path) -> Path:
         )
     if source.preprocess.to_dict() != config.preprocess.to_dict():
         raise ValueError(f"{members_from} was trained with other preprocessing than the config")
-    run = Run(Path(config.out_dir))
-    splits = split_sources(config)
-    (run.dir / "split.json").write_text(
-        json.dumps({part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2)
-    )
+    device, run = _start(config)
+    splits = _split(config, run)
     members = [m.to(device).eval() for m in source.members]
     package = finish_package(config, splits, members, run, device)
     package.training["initialised_from"] = source.training.get("initialised_from")
     package.training["members_from"] = f"{source.name} {source.version} ({members_from})"
+    return _save(package, run)
+
+
+def _start(config: TrainConfig) -> tuple[torch.device, Run]:
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run = Run(Path(config.out_dir))
+    (run.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    return pick_device(config.device), run
+
+
+def _split(config: TrainConfig, run: Run) -> dict[str, list[Volume]]:
+    splits = split_sources(config)
+    (run.dir / "split.json").write_text(
+        json.dumps({part: [v.key for v in volumes] for part, volumes in splits.items()}, indent=2)
+    )
+    return splits
+
+
+def _save(package: ModelPackage, run: Run) -> Path:
     path = run.dir / "model.pt"
     package.save(path)
     return path
