@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--model", type=Path, help="model package (default: the shipped one)")
     predict.add_argument("--heatmaps", type=Path, help="write heatmap overlays as PNG here")
     predict.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    predict.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip files that are not part of a readable CT series (listed on stderr)",
+    )
     predict.set_defaults(run=_predict)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
@@ -147,24 +152,27 @@ def _card(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from inference.dicom_io import load_series
     from inference.predictor import Predictor
 
     predictor = Predictor.load(args.model, device=args.device)
-    paths = args.paths[0] if len(args.paths) == 1 else args.paths
-    prediction = predictor.predict(paths, heatmaps=args.heatmaps is not None)
+    series = load_series(
+        args.paths[0] if len(args.paths) == 1 else args.paths, skip_bad=args.skip_bad
+    )
+    for skipped in series.skipped:
+        print(f"skipped {skipped.source}: {skipped.reason}", file=sys.stderr)
+    prediction = predictor.predict(series, heatmaps=args.heatmaps is not None)
     print(json.dumps(prediction.summary(), indent=2))
     if args.heatmaps:
-        _write_overlays(prediction, paths, args.heatmaps)
+        _write_overlays(prediction, series, args.heatmaps)
 
 
-def _write_overlays(prediction: Any, paths: Any, out: Path) -> None:
+def _write_overlays(prediction: Any, series: Any, out: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from inference.dicom_io import load_series
     from inference.preprocess import BRAIN
 
-    series = load_series(paths)
     out.mkdir(parents=True, exist_ok=True)
     for name, heatmap in prediction.heatmaps.items():
         s = prediction.key_slices[name]

@@ -58,6 +58,7 @@ class StudyPrediction:
         return {
             "model": {"name": self.model_name, "version": self.model_version},
             "notice": "Triage support, not diagnosis: a clinician reads the full images.",
+            "flagging": 'probability >= threshold; a subtype only when "any" is flagged too',
             "findings": [
                 {
                     "class": name,

@@ -64,3 +64,27 @@ def test_heads_without_a_bleed_score_lower_than_heads_with_one(readings: dict) -
     positive = [readings[seed][1].probabilities["any"] for seed, _, _ in POSITIVES]
     negative = [readings[seed][1].probabilities["any"] for seed in NEGATIVES]
     assert min(positive) > max(negative), (positive, negative)
+
+
+def test_ich_predict_reads_a_folder_and_skips_what_is_not_dicom_when_asked(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from inference.cli import main
+
+    folder = tmp_path / "study"
+    write_study(generate_study(900001, subtypes=["intraparenchymal"], size="large"), folder)
+    (folder / "masks.npz").write_bytes(b"not a DICOM file")
+    assert main(["predict", str(folder)]) == 2  # a clear error naming the file, no traceback
+    assert "masks.npz: not a DICOM file" in capsys.readouterr().err
+
+    overlays = tmp_path / "overlays"
+    assert main(["predict", str(folder), "--skip-bad", "--heatmaps", str(overlays)]) == 0
+    out = capsys.readouterr()
+    assert "skipped" in out.err and "masks.npz" in out.err
+    summary = json.loads(out.out)
+    any_finding = next(f for f in summary["findings"] if f["class"] == "any")
+    assert any_finding["flagged"] and "not diagnosis" in summary["notice"]
+    assert summary["slices"] == len(list(folder.glob("*.dcm")))
+    assert any(p.name.startswith("any_slice") for p in overlays.glob("*.png"))
