@@ -312,6 +312,8 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
     study_level = (
         "a bidirectional GRU over slice embeddings" if package.aggregator else "maximum over slices"
     )
+    # Models trained before "calibrated_on" was recorded were calibrated on every validation study.
+    calibrated_on = training.get("calibrated_on") or ["every source"]
     chosen_on = ", ".join(
         f"{name} {auc:.3f}"
         for name, auc in (training.get("aggregator", {}).get("val_mean_study_auc") or {}).items()
@@ -331,7 +333,8 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         f" {package.preprocess.spacing_mm} mm.",
         *_training_stages(training),
         f"- Study level: {study_level} (mean validation study AUC: {chosen_on or 'n/a'}),",
-        "  Platt-calibrated; operating points chosen for sensitivity"
+        f"  Platt-calibrated on the validation studies of {', '.join(calibrated_on)};"
+        " operating points chosen for sensitivity"
         f" {config.get('target_sensitivity', 0.95)} on the validation studies of"
         f" {', '.join(config.get('operating_point_sources') or ['every source'])}.",
         "- Explanations: Grad-CAM at the last convolutional stage (output stride"

@@ -15,6 +15,11 @@ from inference.preprocess import PreprocessConfig
 FORMAT_VERSION = 1
 
 
+def platt(logits: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Platt scaling per class: p = sigmoid(a * logit + b), params (6, 2) rows of (a, b)."""
+    return 1.0 / (1.0 + np.exp(-(params[:, 0] * logits + params[:, 1])))
+
+
 @dataclass
 class Atlas:
     """Training slices the model got right with high confidence, per class, de-identified."""
@@ -78,9 +83,7 @@ class ModelPackage:
         return sum(m.embedding_dim + len(CLASSES) for m in self.members)
 
     def calibrate(self, study_logits: np.ndarray) -> np.ndarray:
-        """Platt scaling per class: p = sigmoid(a * logit + b)."""
-        a, b = self.calibration[:, 0], self.calibration[:, 1]
-        return 1.0 / (1.0 + np.exp(-(a * study_logits + b)))
+        return platt(study_logits, self.calibration)
 
     def flags(self, probabilities: np.ndarray) -> np.ndarray:
         """Flags at the operating points, (..., 6) bool. A subtype is flagged only together with

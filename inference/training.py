@@ -32,7 +32,7 @@ from inference.data import (
 )
 from inference.metrics import roc_auc, threshold_for_sensitivity
 from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator, build_slice_model
-from inference.package import ModelPackage, aggregator_features, slice_outputs
+from inference.package import ModelPackage, aggregator_features, platt, slice_outputs
 from inference.preprocess import PreprocessConfig, Window
 
 CLASS_WEIGHTS = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # "any" counts double, as in RSNA 2019
@@ -226,25 +226,38 @@ def finish_package(
     )
     val_logits = study_logits(package, features["val"])
     val_labels = np.stack([v.study_labels for v in splits["val"]])
-    package.calibration = fit_platt(val_logits, val_labels)
-    chosen = [
-        i
-        for i, volume in enumerate(splits["val"])
-        if not config.operating_point_sources or volume.source in config.operating_point_sources
-    ]
-    if not chosen:
-        raise ValueError(
-            f"no validation study from {', '.join(config.operating_point_sources)} "
-            "to choose the operating points on"
-        )
-    package.thresholds = operating_points(
-        package.calibrate(val_logits[chosen]), val_labels[chosen], config
+    package.calibration, package.thresholds = calibrate_and_choose(
+        val_logits, val_labels, [v.source for v in splits["val"]], config
     )
     package.atlas = build_atlas(
         package, splits["train"], features["train"], per_class=config.atlas_per_class
     )
     package.training = training_summary(config, splits, aggregator_report, package, features)
     return package
+
+
+def calibrate_and_choose(
+    val_logits: np.ndarray, val_labels: np.ndarray, sources: list[str], config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Platt calibration and per-class operating points, both fitted on the validation studies
+    of `operating_point_sources` (all of them when that is empty): the probabilities and the
+    thresholds then describe the same kind of study. Fitting the calibration on a mixture (for
+    example phantom series and single windowed roboflow pictures, which the model separates far
+    worse) flattens it, and makes the phantom series' probabilities timid and wrong."""
+    chosen = [
+        i
+        for i, source in enumerate(sources)
+        if not config.operating_point_sources or source in config.operating_point_sources
+    ]
+    if not chosen:
+        raise ValueError(
+            f"no validation study from {', '.join(config.operating_point_sources)} "
+            "to choose the operating points on"
+        )
+    calibration = fit_platt(val_logits[chosen], val_labels[chosen])
+    return calibration, operating_points(
+        platt(val_logits[chosen], calibration), val_labels[chosen], config
+    )
 
 
 def split_sources(config: TrainConfig) -> dict[str, list[Volume]]:
@@ -654,6 +667,8 @@ def training_summary(
         "counts": {part: len(v) for part, v in splits.items()},
         "sources": sorted({v.source for part in splits.values() for v in part}),
         "aggregator": aggregator_report,
+        # what the calibration was fitted on (before 4.1.0: every validation study)
+        "calibrated_on": list(config.operating_point_sources) or ["every source"],
         "internal_test_study_auc": test_auc,
         "split": {part: [v.key for v in volumes] for part, volumes in splits.items()},
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

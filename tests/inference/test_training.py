@@ -10,10 +10,16 @@ from inference.constants import CLASSES
 from inference.data import DataSource
 from inference.datasets import read_phantom_dataset
 from inference.evaluation import evaluate
-from inference.package import ModelPackage
+from inference.package import ModelPackage, platt
 from inference.phantom import write_dataset
 from inference.predictor import Predictor
-from inference.training import TrainConfig, refit_study_level, train
+from inference.training import (
+    TrainConfig,
+    calibrate_and_choose,
+    fit_platt,
+    refit_study_level,
+    train,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -152,3 +158,33 @@ def test_refitting_the_study_level_keeps_the_networks_and_reproduces_the_rest(
     other.preprocess.image_size = 96
     with pytest.raises(ValueError, match="other preprocessing"):
         refit_study_level(other, tiny_model)
+
+
+def test_calibration_and_operating_points_come_from_the_operating_point_sources() -> None:
+    """Phantom series the model separates well, and windowed pictures it barely separates: a
+    calibration fitted on the mixture is flat, so it must come from the chosen sources only."""
+    rng = np.random.default_rng(0)
+    phantom_labels = rng.integers(0, 2, (60, len(CLASSES))).astype(float)
+    phantom_logits = (phantom_labels * 2 - 1) * 2.5 + rng.normal(0, 1.5, phantom_labels.shape)
+    other_labels = rng.integers(0, 2, (60, len(CLASSES))).astype(float)
+    other_logits = rng.normal(0, 3, other_labels.shape)
+    logits = np.concatenate([phantom_logits, other_logits])
+    labels = np.concatenate([phantom_labels, other_labels])
+    sources = ["phantom"] * 60 + ["yolo"] * 60
+
+    config = TrainConfig(operating_point_sources=("phantom",))
+    calibration, thresholds = calibrate_and_choose(logits, labels, sources, config)
+    np.testing.assert_allclose(calibration, fit_platt(phantom_logits, phantom_labels))
+    mixed = fit_platt(logits, labels)
+    assert (calibration[:, 0] > 1.5 * mixed[:, 0]).all()  # the mixture flattens the slope
+    probabilities = platt(phantom_logits, calibration)
+    for i in range(len(CLASSES)):
+        positive = phantom_labels[:, i] == 1
+        assert (probabilities[positive, i] >= thresholds[i]).mean() >= 0.95
+
+    everything, _ = calibrate_and_choose(logits, labels, sources, TrainConfig())
+    np.testing.assert_allclose(everything, mixed)
+    with pytest.raises(ValueError, match="no validation study from rsna"):
+        calibrate_and_choose(
+            logits, labels, sources, TrainConfig(operating_point_sources=("rsna",))
+        )
