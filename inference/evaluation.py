@@ -312,7 +312,7 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
     study_level = (
         "a bidirectional GRU over slice embeddings" if package.aggregator else "maximum over slices"
     )
-    # Models trained before "calibrated_on" was recorded were calibrated on every validation study.
+    # Empty, or missing (models trained before it was recorded): every validation study.
     calibrated_on = training.get("calibrated_on") or ["every source"]
     chosen_on = ", ".join(
         f"{name} {auc:.3f}"

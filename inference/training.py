@@ -254,10 +254,9 @@ def calibrate_and_choose(
             f"no validation study from {', '.join(config.operating_point_sources)} "
             "to choose the operating points on"
         )
-    calibration = fit_platt(val_logits[chosen], val_labels[chosen])
-    return calibration, operating_points(
-        platt(val_logits[chosen], calibration), val_labels[chosen], config
-    )
+    logits, labels = val_logits[chosen], val_labels[chosen]
+    calibration = fit_platt(logits, labels)
+    return calibration, operating_points(platt(logits, calibration), labels, config)
 
 
 def split_sources(config: TrainConfig) -> dict[str, list[Volume]]:
@@ -667,8 +666,8 @@ def training_summary(
         "counts": {part: len(v) for part, v in splits.items()},
         "sources": sorted({v.source for part in splits.values() for v in part}),
         "aggregator": aggregator_report,
-        # what the calibration was fitted on (before 4.1.0: every validation study)
-        "calibrated_on": list(config.operating_point_sources) or ["every source"],
+        # the sources whose validation studies the calibration was fitted on (empty: all)
+        "calibrated_on": list(config.operating_point_sources),
         "internal_test_study_auc": test_auc,
         "split": {part: [v.key for v in volumes] for part, volumes in splits.items()},
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
