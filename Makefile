@@ -91,8 +91,10 @@ demo-model: setup
 	$(BIN)/ich train --config configs/demo-stage1.toml --out $(DEMO_RUN)-stage1
 	$(BIN)/ich train --config configs/demo-stage2.toml --out $(DEMO_RUN)-stage2 \
 	  --init-from $(DEMO_RUN)-stage1/model.pt
-	$(BIN)/ich train --config configs/demo.toml --out $(DEMO_RUN) \
+	$(BIN)/ich train --config configs/demo-stage3.toml --out $(DEMO_RUN)-stage3 \
 	  --init-from $(DEMO_RUN)-stage2/model.pt
+	$(BIN)/ich train --config configs/demo.toml --out $(DEMO_RUN) \
+	  --init-from $(DEMO_RUN)-stage3/model.pt
 	$(MAKE) demo-model-measure
 
 # Measures the trained run on the held-out data and copies it, its reports and card to models/.

@@ -52,6 +52,8 @@ def child(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         prediction = predictor.predict(series, heatmaps=True, basis=True, batch_size=args.batch)
         runs.append((time.perf_counter() - started, prediction.timings))
+        flagged = [k for k, v in prediction.flags.items() if v]
+        del prediction  # a worker drops each study's prediction before the next: so does this
     total = statistics.median(r[0] for r in runs)
     stages = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1] if k != "total"}
     result = {
@@ -61,7 +63,7 @@ def child(args: argparse.Namespace) -> None:
         "read_dicom_s": round(read_s, 3),
         "predict_s_median": round(total, 3),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
-        "flagged": [k for k, v in prediction.flags.items() if v],
+        "flagged": flagged,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if args.device == "cuda":
@@ -94,7 +96,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, nargs="*", default=[40, 500])
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=None, help="default: the predictor's")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--child", action="store_true")
@@ -115,13 +117,13 @@ def main() -> None:
             str(slices),
             "--device",
             args.device,
-            "--batch",
-            str(args.batch),
             "--repeat",
             str(args.repeat),
         ]
         if args.model:
             command += ["--model", args.model]
+        if args.batch:
+            command += ["--batch", str(args.batch)]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
         line = next(x for x in output.splitlines() if x.startswith("RESULT "))
         result = json.loads(line[len("RESULT ") :])
