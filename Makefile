@@ -78,9 +78,9 @@ test: setup lint test-tools
 	  $(BIN)/python manage.py collectstatic --noinput --verbosity 0 && \
 	  $(BIN)/python -m pytest
 
-# The shipped demonstration model, trained and measured by one command (about 2.8 hours on 2 CPU
-# cores, 16 GB of memory), in three stages of growing resolution (configs/demo-stage1.toml,
-# demo-stage2.toml, demo.toml). Training data: 560 phantoms (three seeds) + roboflow-ich;
+# The shipped demonstration model, trained and measured by one command (about 4.5 hours on 2 CPU
+# cores, 16 GB of memory), in four stages of growing resolution (configs/demo-stage1.toml,
+# demo-stage2.toml, demo-stage3.toml, demo.toml). Training data: 560 phantoms (three seeds) + roboflow-ich;
 # evaluation: 60 new phantoms (another seed),
 # the roboflow-ich patients held out of training, and the four CQ500 studies.
 demo-model: setup
