@@ -34,6 +34,10 @@ class Collected:
     pointing_chance: dict[str, list[float]] = field(
         default_factory=lambda: {c: [] for c in CLASSES}
     )
+    # per miss: did the peak fall on another subtype's blood (a confusion, not a stray peak)?
+    pointing_miss_on_other: dict[str, list[bool]] = field(
+        default_factory=lambda: {c: [] for c in CLASSES}
+    )
     per_study: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -182,21 +186,42 @@ def _pointing(
     spacing = float(np.mean(series.pixel_spacing_mm)) if series.pixel_spacing_mm else 1.0
     for name, heatmap in prediction.heatmaps.items():
         c = CLASSES.index(name)
-        bits = (1 << len(SUBTYPES)) - 1 if c == 0 else 1 << (c - 1)
+        bits = ALL_SUBTYPE_BITS if c == 0 else 1 << (c - 1)
         for s in range(len(heatmap)):
             inside = (masks[s] & bits) > 0
             positive = slice_labels[s, c] == 1 or (np.isnan(slice_labels[s, c]) and inside.any())
             if not (positive and prediction.slice_probabilities[s, c] >= 0.5 and inside.any()):
                 continue
-            peak = np.array(np.unravel_index(int(np.argmax(heatmap[s])), heatmap[s].shape))
-            distance_mm = float(np.sqrt(((np.argwhere(inside) - peak) ** 2).sum(1)).min()) * spacing
-            collected.pointing_hits[name].append(distance_mm <= POINTING_TOLERANCE_MM)
+            to_class, to_other = peak_distances(heatmap[s], masks[s], bits)
+            distance_mm = to_class * spacing
+            hit = distance_mm <= POINTING_TOLERANCE_MM
+            collected.pointing_hits[name].append(hit)
             collected.pointing_strict[name].append(distance_mm <= POINTING_STRICT_MM)
+            if not hit:
+                collected.pointing_miss_on_other[name].append(
+                    to_other is not None and to_other * spacing <= POINTING_TOLERANCE_MM
+                )
             head = series.hu[s] > -500
             target = _dilate(inside, round(POINTING_TOLERANCE_MM / spacing))
             collected.pointing_chance[name].append(
                 float((target & head).sum() / max(head.sum(), 1))
             )
+
+
+ALL_SUBTYPE_BITS = (1 << len(SUBTYPES)) - 1
+
+
+def peak_distances(heatmap: np.ndarray, mask: np.ndarray, bits: int) -> tuple[float, float | None]:
+    """Pixels from the heatmap's peak to the nearest pixel of the class (``bits`` of the mask's
+    subtype bit flags; the class must be present) and to the nearest pixel of any other subtype's
+    blood (None where the slice has none)."""
+    peak = np.array(np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+
+    def nearest(region: np.ndarray) -> float:
+        return float(np.sqrt(((np.argwhere(region) - peak) ** 2).sum(1)).min())
+
+    other = (mask & (ALL_SUBTYPE_BITS & ~bits)) > 0
+    return nearest((mask & bits) > 0), (nearest(other) if other.any() else None)
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -274,6 +299,8 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
                 else None,
                 "strict_tolerance_mm": POINTING_STRICT_MM,
                 "chance_rate": _round(float(np.mean(c.pointing_chance[name]))) if hits else None,
+                "misses": len(c.pointing_miss_on_other[name]),
+                "misses_on_another_bleed": int(sum(c.pointing_miss_on_other[name])),
             }
             for name, hits in c.pointing_hits.items()
         },
@@ -410,6 +437,10 @@ def _card_section(report: dict[str, Any]) -> list[str]:
             f"(chance {pg.get('chance_rate') or 0:.0%}; "
             f"within {pg.get('strict_tolerance_mm', 1.5)} mm: {pg.get('strict_hit_rate') or 0:.0%})"
         )
+        if pg.get("misses"):
+            pointing += (
+                f"; {pg['misses_on_another_bleed']} of {pg['misses']} misses on another bleed"
+            )
         lines.append(
             f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "
             f"{_fmt(s['sensitivity'])} | {_fmt(s['specificity'])} | {pointing} |"
