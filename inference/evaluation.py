@@ -165,6 +165,7 @@ def _masks(item: Any, series: CTSeries) -> np.ndarray | None:
 
 POINTING_TOLERANCE_MM = 7.5  # the pointing game's 15 pixels (Zhang et al.) at 0.5 mm
 POINTING_STRICT_MM = 1.5
+ALL_SUBTYPE_BITS = (1 << len(SUBTYPES)) - 1  # the masks' subtype bit flags, all set
 
 
 def _pointing(
@@ -206,9 +207,6 @@ def _pointing(
             collected.pointing_chance[name].append(
                 float((target & head).sum() / max(head.sum(), 1))
             )
-
-
-ALL_SUBTYPE_BITS = (1 << len(SUBTYPES)) - 1
 
 
 def peak_distances(heatmap: np.ndarray, mask: np.ndarray, bits: int) -> tuple[float, float | None]:
