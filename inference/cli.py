@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     phantom.add_argument("--out", type=Path, required=True)
     phantom.add_argument("--studies", type=int, default=20)
     phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument(
+        "--favour",
+        default="",
+        metavar="SUBTYPE,...",
+        help="subtypes a positive study draws with three times the weight (default: all alike)",
+    )
     phantom.set_defaults(run=_phantom)
 
     train = commands.add_parser("train", help="train a model package from a TOML config")
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 def _phantom(args: argparse.Namespace) -> None:
     from inference.phantom import write_dataset
 
-    write_dataset(args.out, args.studies, args.seed)
+    favour = [s.strip() for s in args.favour.split(",") if s.strip()]
+    write_dataset(args.out, args.studies, args.seed, favour=favour)
     print(f"wrote {args.studies} phantom studies to {args.out}")
 
 

@@ -13,6 +13,8 @@ from inference.phantom import (
     MIMICS,
     MIN_PIXELS,
     PADDING_HU,
+    _rng,
+    draw_subtypes,
     generate_study,
     write_dataset,
     write_study,
@@ -186,6 +188,32 @@ def test_random_studies_mix_negatives_positives_sizes_and_mimics() -> None:
     forced = generate_study(1, subtypes=[], mimics=True, n_slices=12)
     assert forced.mimics and forced.labels["any"] == 0
     assert generate_study(1, mimics=False, n_slices=1).mimics == []
+
+
+def test_favoured_subtypes_are_drawn_more_often_and_the_default_draw_is_unchanged() -> None:
+    def counts(favour: tuple[str, ...]) -> dict[str, int]:
+        drawn = [draw_subtypes(_rng(seed, 0), favour) for seed in range(3000)]
+        assert 0.35 < sum(1 for d in drawn if not d) / len(drawn) < 0.45  # negatives as before
+        return {s: sum(1 for d in drawn if s in d) for s in SUBTYPES}
+
+    even, favoured = counts(()), counts(("subdural", "epidural"))
+    for s in ("subdural", "epidural"):
+        assert favoured[s] > 1.3 * even[s]
+    for s in ("intraparenchymal", "intraventricular", "subarachnoid"):
+        assert favoured[s] < 0.8 * even[s]
+    # Without favour the draw is the one every seeded data set was made with.
+    assert draw_subtypes(_rng(1001 * 100000, 0)) == ["subarachnoid", "intraparenchymal"]
+
+
+def test_an_unknown_subtype_to_favour_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    from inference.cli import main
+
+    assert main(["phantom", "--out", str(tmp_path / "out"), "--favour", "subdurl"]) == 2
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="subdurl"):
+        draw_subtypes(_rng(0, 0), ("subdurl",))
 
 
 def test_it_looks_like_a_head_with_skull_brain_and_ventricles() -> None:
