@@ -117,7 +117,8 @@ class Predictor:
         batch_size: int | None = None,
     ) -> StudyPrediction:
         """batch_size: slices per network pass; by default 8 on CPU (a 500-slice series at
-        256 px: 3.5 GB peak and 33 s with 8, 3.6 GB and 39 s with 16) and 32 on CUDA."""
+        256 px peaks near 2.3 GB with 8 or 16; 8 was faster in docs/benchmarks.md) and 32 on
+        CUDA."""
         batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
         timings: dict[str, float] = {}
         clock = _Clock(timings)

@@ -216,18 +216,19 @@ def to_original(heatmap: torch.Tensor, transform: InplaneTransform) -> torch.Ten
 
 
 def neighbour_slices(
-    volume: torch.Tensor, positions_mm: np.ndarray, distance_mm: float
+    volume: torch.Tensor, positions_mm: np.ndarray, distance_mm: float, rows: slice = slice(None)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slices ``distance_mm`` below and above each slice, linearly interpolated by position.
+    """The slices ``distance_mm`` below and above each slice (or each of ``rows``), linearly
+    interpolated by position.
 
     volume: (N, ...) ordered by ascending position. Beyond the first or last slice the border
     slice is repeated (no invented anatomy). Uneven gaps are handled by the positions themselves.
     """
     positions = np.asarray(positions_mm, dtype=np.float64)
     if len(positions) == 1:
-        return volume, volume
-    below = interpolate_at(volume, positions, positions - distance_mm)
-    above = interpolate_at(volume, positions, positions + distance_mm)
+        return volume[rows], volume[rows]
+    below = interpolate_at(volume, positions, positions[rows] - distance_mm)
+    above = interpolate_at(volume, positions, positions[rows] + distance_mm)
     return below, above
 
 
@@ -251,14 +252,22 @@ def interpolate_at(
 
 
 def slice_context(
-    windowed: torch.Tensor, positions_mm: np.ndarray, config: PreprocessConfig
+    windowed: torch.Tensor, positions_mm: np.ndarray, config: PreprocessConfig, chunk: int = 32
 ) -> torch.Tensor:
-    """Blend each slice with its neighbours: (1 - d) * slice + d * mean(below, above)."""
+    """Blend each slice with its neighbours: (1 - d) * slice + d * mean(below, above).
+
+    Done ``chunk`` slices at a time into one output tensor, so a long series needs its input
+    and output plus a few slices of neighbours, not five more copies of the volume (a 500-slice
+    series at 256 px: about 0.4 GB per copy)."""
     degree = config.interpolation_degree
     if degree == 0:
         return windowed
-    below, above = neighbour_slices(windowed, positions_mm, config.context_mm)
-    return (1 - degree) * windowed + degree * 0.5 * (below + above)
+    out = torch.empty_like(windowed)
+    for start in range(0, len(windowed), chunk):
+        rows = slice(start, start + chunk)
+        below, above = neighbour_slices(windowed, positions_mm, config.context_mm, rows)
+        out[rows] = (1 - degree) * windowed[rows] + degree * 0.5 * (below + above)
+    return out
 
 
 def hu_from_windowed(image: np.ndarray, window: Window) -> np.ndarray:

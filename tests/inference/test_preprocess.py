@@ -77,6 +77,18 @@ def test_slice_context_blends_by_the_interpolation_degree() -> None:
     assert blended[:, 0].tolist() == pytest.approx([0.25, 0.5, 0.25])
 
 
+def test_slice_context_in_chunks_equals_the_whole_volume_at_once() -> None:
+    rng = np.random.default_rng(0)
+    volume = torch.from_numpy(rng.random((41, 3, 8, 8), dtype=np.float32))
+    positions = np.cumsum(np.r_[0.0, rng.uniform(1.0, 6.0, 40)])  # uneven gaps
+    config = PreprocessConfig(interpolation_degree=0.25, context_mm=5.0)
+    whole = slice_context(volume, positions, config, chunk=len(volume))
+    below, above = neighbour_slices(volume, positions, 5.0)
+    assert torch.equal(whole, 0.75 * volume + 0.25 * 0.5 * (below + above))
+    for chunk in (1, 4, 32):  # chunk borders fall inside the volume; neighbours cross them
+        assert torch.equal(slice_context(volume, positions, config, chunk=chunk), whole)
+
+
 def test_a_single_slice_has_itself_as_context() -> None:
     volume = torch.ones(1, 3, 4, 4)
     assert torch.equal(slice_context(volume, np.array([0.0]), PreprocessConfig()), volume)
