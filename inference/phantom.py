@@ -1486,8 +1486,8 @@ def generate_study(
     45-100 mL) or None (random). n_slices: default covers the head (about 32-38 slices at
     5 mm). mimics: None at random (half the studies, independent of the label), True at least
     one, False none. slice_thickness_mm: 5.0 by default, 2.5-5 allowed. favour: subtypes that a
-    random positive study draws with three times the weight of the others (for a training set that
-    dwells on a hard distinction, such as subdural against epidural); empty draws them evenly.
+    random study draws more often, as in draw_subtypes (for a training set that dwells on a hard
+    distinction, such as subdural against epidural).
     """
     seed = int(seed)
     choice = _rng(seed, 0)
