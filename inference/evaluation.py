@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from inference import datasets
 from inference.constants import CLASS_LABELS, CLASSES, SUBTYPES
@@ -19,6 +18,7 @@ from inference.dicom_io import CTSeries
 from inference.metrics import at_threshold, bootstrap_auc, calibration, roc_curve
 from inference.predictor import Predictor, StudyPrediction
 from inference.preprocess import hu_from_windowed
+from inference.progress import progress
 
 
 @dataclass
@@ -79,7 +79,7 @@ def evaluate(
     if not items:
         raise ValueError("no items left to evaluate (all were used in training?)")
     collected = Collected()
-    for item in tqdm(items, desc=f"evaluate {source.kind}", unit="item", disable=None):
+    for item in progress(items, desc=f"evaluate {source.kind}", unit="item"):
         _evaluate_item(item, predictor, collected)
     report = _report(predictor, source, collected, bootstrap_rounds)
     report["dataset"].update({"title": title, "note": note, "held_out_only": exclude_training})

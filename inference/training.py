@@ -34,6 +34,7 @@ from inference.metrics import roc_auc, threshold_for_sensitivity
 from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator, build_slice_model
 from inference.package import ModelPackage, aggregator_features, platt, slice_outputs
 from inference.preprocess import PreprocessConfig, Window
+from inference.progress import progress as progress_bar
 
 CLASS_WEIGHTS = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # "any" counts double, as in RSNA 2019
 
@@ -266,7 +267,7 @@ def split_sources(config: TrainConfig) -> dict[str, list[Volume]]:
         items = read_source(source)
         split = datasets.split_by_patient(items, fractions=config.split, seed=config.seed)
         total = sum(len(s) for s in split)
-        bar = tqdm(total=total, desc=f"prepare {source.kind}", unit="study", disable=None)
+        bar = progress_bar(desc=f"prepare {source.kind}", unit="study", total=total)
         for part, chosen in zip(("train", "val", "test"), split, strict=True):
             parts[part].extend(prepare(chosen, config.preprocess, source.kind, progress=bar))
         bar.close()
@@ -310,11 +311,11 @@ def train_member(
         picks = sampler.sample(steps_per_epoch * config.batch_size, rng)
         model.train()
         losses = []
-        bar = tqdm(
+        bar = progress_bar(
             range(steps_per_epoch),
             desc=f"{arch} epoch {epoch}/{config.epochs}",
             unit="batch",
-            disable=not progress or None,
+            enabled=progress,
         )
         for step in bar:
             batch = picks[step * config.batch_size : (step + 1) * config.batch_size]
@@ -486,7 +487,7 @@ def extract(
     device: torch.device,
 ) -> list[VolumeFeatures]:
     out = []
-    for volume in tqdm(volumes, desc="slice features", unit="study", disable=None):
+    for volume in progress_bar(volumes, desc="slice features", unit="study"):
         x = volume_inputs(volume, config)
         parts = [slice_outputs(members, chunk.to(device)) for chunk in torch.split(x, 64)]
         out.append(
