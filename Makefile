@@ -81,7 +81,7 @@ test: setup lint test-tools
 # The shipped demonstration model, trained and measured by one command (about 6 hours on 2 CPU
 # cores, 16 GB of memory), in five stages (configs/demo-stage1.toml .. demo-stage4.toml: growing
 # resolution; demo.toml: a fourth phantom set rich in subdural and epidural blood). Training data:
-# 760 phantoms (four seeds) + roboflow-ich; evaluation: 60 new phantoms (another seed),
+# 760 phantoms (four seeds) + roboflow-ich; evaluation: 60 and 240 new phantoms (two more seeds),
 # the roboflow-ich patients held out of training, and the four CQ500 studies.
 demo-model: setup
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train --studies 160 --seed 1
@@ -90,6 +90,7 @@ demo-model: setup
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train-d --studies 200 --seed 4 \
 	  --favour subdural,epidural
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-test --studies 60 --seed 1001
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-test-large --studies 240 --seed 1002
 	$(BIN)/ich train --config configs/demo-stage1.toml --out $(DEMO_RUN)-stage1
 	$(BIN)/ich train --config configs/demo-stage2.toml --out $(DEMO_RUN)-stage2 \
 	  --init-from $(DEMO_RUN)-stage1/model.pt
@@ -105,6 +106,8 @@ demo-model: setup
 demo-model-measure: setup
 	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test --kind phantom \
 	  --out $(DEMO_EVAL)/phantom --title "60 held-out phantom studies (seed 1001)"
+	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test-large --kind phantom \
+	  --out $(DEMO_EVAL)/phantom-large --title "240 held-out phantom studies (seed 1002)"
 	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(REAL_DATA)/roboflow-ich --kind yolo \
 	  --out $(DEMO_EVAL)/roboflow --title "roboflow-ich slices of held-out patients" \
 	  --note "Real CT, windowed 8-bit slices (CC BY 4.0); patients in the model's test split only."
@@ -114,11 +117,12 @@ demo-model-measure: setup
 	mkdir -p models/ich-demo
 	cp $(DEMO_RUN)/model.pt models/ich-demo/model.pt
 	cp $(DEMO_EVAL)/phantom/report.json models/ich-demo/eval-phantom.json
+	cp $(DEMO_EVAL)/phantom-large/report.json models/ich-demo/eval-phantom-large.json
 	cp $(DEMO_EVAL)/roboflow/report.json models/ich-demo/eval-roboflow.json
 	cp $(DEMO_EVAL)/cq500/report.json models/ich-demo/eval-cq500.json
 	cp $(DEMO_EVAL)/phantom/roc_study.png models/ich-demo/roc-phantom.png
 	$(BIN)/ich card models/ich-demo/model.pt models/ich-demo/eval-phantom.json \
-	  models/ich-demo/eval-roboflow.json models/ich-demo/eval-cq500.json --out models/ich-demo/MODEL_CARD.md
+	  models/ich-demo/eval-phantom-large.json models/ich-demo/eval-roboflow.json models/ich-demo/eval-cq500.json --out models/ich-demo/MODEL_CARD.md
 
 bench: setup
 	$(BIN)/python bench/inference.py
