@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SUBTYPE,...",
         help="subtypes a positive study draws with three times the weight (default: all alike)",
     )
+    phantom.add_argument(
+        "--extra-axial",
+        choices=("classic", "typical"),
+        default="classic",
+        help="subdural and epidural shapes: classic (the shipped model's sets) or typical "
+        "(pointed epidural lenses, thin long subdural crescents)",
+    )
     phantom.set_defaults(run=_phantom)
 
     train = commands.add_parser("train", help="train a model package from a TOML config")
@@ -112,7 +119,7 @@ def _phantom(args: argparse.Namespace) -> None:
     from inference.phantom import write_dataset
 
     favour = [s.strip() for s in args.favour.split(",") if s.strip()]
-    write_dataset(args.out, args.studies, args.seed, favour=favour)
+    write_dataset(args.out, args.studies, args.seed, favour=favour, extra_axial=args.extra_axial)
     print(f"wrote {args.studies} phantom studies to {args.out}")
 
 

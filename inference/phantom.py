@@ -1143,7 +1143,11 @@ class _Lesion:
 
 
 def _plan_lesions(
-    rng: np.random.Generator, subtypes: Sequence[str], size: str, h: _Head
+    rng: np.random.Generator,
+    subtypes: Sequence[str],
+    size: str,
+    h: _Head,
+    extra_axial: str = "classic",
 ) -> list[_Lesion]:
     lo, hi = _TOTAL_ML[size]
     total = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
@@ -1184,16 +1188,22 @@ def _plan_lesions(
                     zc = rng.uniform(-15.0, 25.0)
                 la = (v * 1000 / 0.62) ** (1 / 3) * rng.uniform(0.85, 1.2)
                 p.update(la=la, lz=la * rng.uniform(0.55, 0.8), power=0.5)
+                if extra_axial == "typical":
+                    p.update(pointed=1.0)
             else:
                 phi = rng.uniform(-0.7, 0.8)
                 zc = rng.uniform(-15.0, 25.0)
                 thin = rng.random() < 0.2
-                t0 = 3.0 * v**0.4 * rng.uniform(0.8, 1.2) * (0.5 if thin else 1.0)
-                t0 = max(t0, 2.0)
+                if extra_axial == "typical":  # thin, and spread over much of the convexity
+                    t0 = 2.0 * v**0.35 * rng.uniform(0.8, 1.2) * (0.6 if thin else 1.0)
+                    t0, la_max, lz_max = max(t0, 1.5), 150.0, 60.0
+                else:
+                    t0 = 3.0 * v**0.4 * rng.uniform(0.8, 1.2) * (0.5 if thin else 1.0)
+                    t0, la_max, lz_max = max(t0, 2.0), 140.0, 45.0
                 area = 3 * v * 1000 / (2 * math.pi * t0)
                 ratio = rng.uniform(0.45, 0.75)
-                la = min(math.sqrt(area / ratio), 140.0)
-                lz = min(area / la, 45.0)
+                la = min(math.sqrt(area / ratio), la_max)
+                lz = min(area / la, lz_max)
                 p.update(la=la, lz=lz, power=1.0)
             ang = phi if side > 0 else math.pi - phi
             p.update(phi=ang, zc=zclamp(zc))
@@ -1326,7 +1336,9 @@ class _LesionPainter:
             scale = math.sqrt(max(1 - (z / hz) ** 2, 0.05))
             st = chord * _F32(rmean * scale)
             u2 = (st / _F32(p["la"])) ** 2 + _F32(((z - p["zc"]) / p["lz"]) ** 2)
-            if p["power"] < 1:  # lens: an elliptical profile with steep, sharp ends
+            if p.get("pointed"):  # lens tapering to points: a biconvex profile
+                f = np.clip(1 - u2, 0, None)
+            elif p["power"] < 1:  # lens: an elliptical profile with steep, sharp ends
                 f = np.sqrt(np.clip(1 - u2, 0, None))
             else:  # crescent: even thickness along the convexity, tapering at the ends
                 f = np.clip(1 - u2 * u2, 0, None)
@@ -1447,6 +1459,16 @@ def _blur_noise(img: np.ndarray, beta: float, noise: np.ndarray) -> np.ndarray:
     return img2
 
 
+EXTRA_AXIAL_SHAPES = ("classic", "typical")
+
+
+def _check_extra_axial(extra_axial: str) -> None:
+    if extra_axial not in EXTRA_AXIAL_SHAPES:
+        raise ValueError(
+            f"unknown extra-axial shapes {extra_axial!r}; expected one of {EXTRA_AXIAL_SHAPES}"
+        )
+
+
 def _check_favour(favour: Sequence[str]) -> None:
     unknown = [s for s in favour if s not in SUBTYPES]
     if unknown:
@@ -1478,6 +1500,7 @@ def generate_study(
     mimics: bool | None = None,
     slice_thickness_mm: float | None = None,
     favour: Sequence[str] = (),
+    extra_axial: str = "classic",
 ) -> PhantomStudy:
     """One synthetic head CT, deterministic in its arguments.
 
@@ -1487,9 +1510,14 @@ def generate_study(
     5 mm). mimics: None at random (half the studies, independent of the label), True at least
     one, False none. slice_thickness_mm: 5.0 by default, 2.5-5 allowed. favour: subtypes that a
     random study draws more often, as in draw_subtypes (for a training set that dwells on a hard
-    distinction, such as subdural against epidural).
+    distinction, such as subdural against epidural). extra_axial: "classic", the shapes every
+    set of the shipped model was made with (epidurals elliptical lenses about 4 times as long
+    as thick, subdurals even bands about 6-10 times), or "typical" (epidurals lenses that taper
+    to points, subdurals thinner and longer, about 15-20 times): docs/model-analysis.md
+    measures how much better the typical shapes tell the two apart.
     """
     seed = int(seed)
+    _check_extra_axial(extra_axial)
     choice = _rng(seed, 0)
     if subtypes is None:
         chosen = draw_subtypes(choice, favour)
@@ -1516,7 +1544,9 @@ def generate_study(
         n_m = int(mrng.choice([1, 1, 2, 3])) if mimics else int(mrng.choice([0, 0, 0, 1, 1, 2]))
         mimic_list = sorted(str(m) for m in mrng.choice(MIMICS, size=n_m, replace=False))
     rend = _Renderer(head, mimic_list, mrng)
-    lesions = _plan_lesions(_rng(seed, 2), chosen, size_used, head) if size_used else []
+    lesions = (
+        _plan_lesions(_rng(seed, 2), chosen, size_used, head, extra_axial) if size_used else []
+    )
     need = frozenset(k for les in lesions for k in _NEEDS[les.subtype])
     if need:
         need |= {"inside", "content"}
@@ -1736,12 +1766,19 @@ def sop_instance_uids(study: PhantomStudy) -> list[str]:
 
 
 def write_dataset(
-    out: Path, n_studies: int, seed: int, *, progress: bool = True, favour: Sequence[str] = ()
+    out: Path,
+    n_studies: int,
+    seed: int,
+    *,
+    progress: bool = True,
+    favour: Sequence[str] = (),
+    extra_axial: str = "classic",
 ) -> list[PhantomSummary]:
     """Write n_studies random studies under out/<study_id>/ with masks.npz, plus
-    out/labels.csv and out/slice_labels.csv. Study i uses seed seed * 100000 + i; favour as in
-    generate_study."""
+    out/labels.csv and out/slice_labels.csv. Study i uses seed seed * 100000 + i; favour and
+    extra_axial as in generate_study."""
     _check_favour(favour)
+    _check_extra_axial(extra_axial)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries: list[PhantomSummary] = []
@@ -1754,7 +1791,7 @@ def write_dataset(
         lw.writerow(["study", *CLASSES])
         sw.writerow(["study", "sop_instance_uid", "slice_index", *CLASSES])
         for i in range(n_studies):
-            study = generate_study(int(seed) * 100000 + i, favour=favour)
+            study = generate_study(int(seed) * 100000 + i, favour=favour, extra_axial=extra_axial)
             sdir = out / study.study_id
             write_study(study, sdir)
             uids = sop_instance_uids(study)

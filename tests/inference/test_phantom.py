@@ -13,6 +13,7 @@ from inference.phantom import (
     MIMICS,
     MIN_PIXELS,
     PADDING_HU,
+    PhantomStudy,
     _rng,
     draw_subtypes,
     generate_study,
@@ -214,6 +215,36 @@ def test_an_unknown_subtype_to_favour_is_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="subdurl"):
         draw_subtypes(_rng(0, 0), ("subdurl",))
+
+
+def _elongation(study: PhantomStudy, subtype: str) -> float:
+    """Area / greatest thickness^2 of the lesion on its largest slice."""
+    planes = ((study.masks >> SUBTYPES.index(subtype)) & 1).astype(bool)
+    largest = planes[int(planes.reshape(len(planes), -1).sum(1).argmax())]
+    n, m = 0, largest
+    while m.any():  # 4-neighbour erosions until empty: half the greatest thickness
+        m = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
+        n += 1
+    return float(largest.sum() / (2 * n - 1) ** 2)
+
+
+def test_typical_extra_axial_shapes_draw_thinner_subdurals_and_stubbier_epidurals() -> None:
+    def study(subtype: str, shapes: str) -> PhantomStudy:
+        return generate_study(
+            42, subtypes=[subtype], size="medium", mimics=False, extra_axial=shapes
+        )
+
+    sdh_classic, sdh_typical = study("subdural", "classic"), study("subdural", "typical")
+    assert sdh_typical.volumes_ml == sdh_classic.volumes_ml  # same blood, another shape
+    assert _elongation(sdh_typical, "subdural") > 1.5 * _elongation(sdh_classic, "subdural")
+    edh_classic, edh_typical = study("epidural", "classic"), study("epidural", "typical")
+    assert _elongation(edh_typical, "epidural") < 0.9 * _elongation(edh_classic, "epidural")
+    # Typical subdurals are far more elongated than typical epidurals, classic ones less so.
+    typical = _elongation(sdh_typical, "subdural") / _elongation(edh_typical, "epidural")
+    classic = _elongation(sdh_classic, "subdural") / _elongation(edh_classic, "epidural")
+    assert typical > 1.5 * classic
+    with pytest.raises(ValueError, match="extra-axial"):
+        generate_study(42, extra_axial="round")
 
 
 def test_it_looks_like_a_head_with_skull_brain_and_ventricles() -> None:
