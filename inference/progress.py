@@ -68,6 +68,7 @@ def progress(
         total=total,
         file=_Lines(stream),
         mininterval=interval_s,
+        maxinterval=interval_s,  # tqdm's monitor thread otherwise forces a line every 10 s
         bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed} elapsed, {remaining} left, "
         "{rate_fmt}{postfix}]",
     )
