@@ -1,6 +1,7 @@
 """The synthetic head CT generator: DICOM that reads back, ground truth that agrees with itself."""
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from inference.phantom import (
     write_dataset,
     write_study,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from phantom_geometry import FEATURES, lesion_features
 
 TYPICAL_HU = {
     "intraparenchymal": (50, 95),
@@ -218,14 +222,9 @@ def test_an_unknown_subtype_to_favour_is_refused_before_anything_is_written(
 
 
 def _elongation(study: PhantomStudy, subtype: str) -> float:
-    """Area / greatest thickness^2 of the lesion on its largest slice."""
+    """Area / greatest thickness^2 of the lesion on its largest slice (scripts/phantom_geometry)."""
     planes = ((study.masks >> SUBTYPES.index(subtype)) & 1).astype(bool)
-    largest = planes[int(planes.reshape(len(planes), -1).sum(1).argmax())]
-    n, m = 0, largest
-    while m.any():  # 4-neighbour erosions until empty: half the greatest thickness
-        m = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
-        n += 1
-    return float(largest.sum() / (2 * n - 1) ** 2)
+    return float(np.exp(lesion_features(planes)[FEATURES.index("log area/thickness^2")]))
 
 
 def test_typical_extra_axial_shapes_draw_thinner_subdurals_and_stubbier_epidurals() -> None:
