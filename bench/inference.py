@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/inference.py                 # 40 and 500 slices, shipped model, CPU
     .venv/bin/python bench/inference.py --device cuda   # on a GPU machine
+    .venv/bin/python bench/inference.py --nchw          # without channels-last memory (A/B)
+    .venv/bin/python bench/inference.py --grid 384,0.625  # the same weights on another grid
 
 Each study size runs in its own process so its peak memory (max RSS) is its own: what a worker
 needs to read and predict the series. A separate process writes the synthetic series first, so
@@ -53,6 +55,12 @@ def child(args: argparse.Namespace) -> None:
     series = load_series(Path(args.series))
     read_s = time.perf_counter() - started
     predictor = Predictor.load(args.model, device=args.device)
+    for member in predictor.package.members:
+        member.channels_last = not args.nchw
+    if args.grid:  # what a model trained on that grid would cost: same networks, more pixels
+        size, spacing = args.grid.split(",")
+        predictor.package.preprocess.image_size = int(size)
+        predictor.package.preprocess.spacing_mm = float(spacing)
     predictor.predict(series, heatmaps=True, basis=True, batch_size=args.batch)  # warm-up
     runs = []
     for _ in range(args.repeat):
@@ -66,6 +74,8 @@ def child(args: argparse.Namespace) -> None:
     result = {
         "slices": len(series.sop_instance_uids),
         "device": args.device,
+        "grid": f"{predictor.package.preprocess.image_size} px",
+        "channels_last": not args.nchw,
         "threads": torch.get_num_threads(),
         "read_dicom_s": round(read_s, 3),
         "predict_s_median": round(total, 3),
@@ -106,6 +116,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: the predictor's")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--nchw", action="store_true", help="turn channels-last memory off")
+    parser.add_argument("--grid", help="SIZE,MM: run the model's networks on another grid")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--write", help=argparse.SUPPRESS)
     parser.add_argument("--series", help=argparse.SUPPRESS)
@@ -128,6 +140,10 @@ def main() -> None:
             command += ["--model", args.model]
         if args.batch:
             command += ["--batch", str(args.batch)]
+        if args.nchw:
+            command.append("--nchw")
+        if args.grid:
+            command += ["--grid", args.grid]
         with tempfile.TemporaryDirectory() as folder:
             subprocess.run([sys.executable, __file__, "--write", folder, *size], check=True)  # noqa: S603
             run = subprocess.run(  # noqa: S603
@@ -138,7 +154,8 @@ def main() -> None:
         result = json.loads(line[len("RESULT ") :])
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in result["stages_s"].items())
         print(
-            f"{result['slices']:>4} slices on {result['device']}: "
+            f"{result['slices']:>4} slices on {result['device']} ({result['grid']}, "
+            f"{'channels-last' if result['channels_last'] else 'NCHW'}): "
             f"predict {result['predict_s_median']:.2f}s "
             f"median of {args.repeat} ({stages}); DICOM read {result['read_dicom_s']:.2f}s; "
             f"peak RSS {result['peak_rss_mb']:.0f} MB"
