@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         help="subdural and epidural shapes: classic (the shipped model's sets) or typical "
         "(pointed epidural lenses, thin long subdural crescents)",
     )
+    phantom.add_argument(
+        "--min-size",
+        choices=("tiny", "small", "medium", "large"),
+        default="tiny",
+        help="smallest bleed size a positive study may have; smaller draws are drawn again at "
+        "this size (default tiny: every size, from under 5 mL)",
+    )
     phantom.set_defaults(run=_phantom)
 
     train = commands.add_parser("train", help="train a model package from a TOML config")
@@ -119,7 +126,14 @@ def _phantom(args: argparse.Namespace) -> None:
     from inference.phantom import write_dataset
 
     favour = [s.strip() for s in args.favour.split(",") if s.strip()]
-    write_dataset(args.out, args.studies, args.seed, favour=favour, extra_axial=args.extra_axial)
+    write_dataset(
+        args.out,
+        args.studies,
+        args.seed,
+        favour=favour,
+        extra_axial=args.extra_axial,
+        min_size=args.min_size,
+    )
     print(f"wrote {args.studies} phantom studies to {args.out}")
 
 

@@ -1773,10 +1773,15 @@ def write_dataset(
     progress: bool = True,
     favour: Sequence[str] = (),
     extra_axial: str = "classic",
+    min_size: str = "tiny",
 ) -> list[PhantomSummary]:
     """Write n_studies random studies under out/<study_id>/ with masks.npz, plus
     out/labels.csv and out/slice_labels.csv. Study i uses seed seed * 100000 + i; favour and
-    extra_axial as in generate_study."""
+    extra_axial as in generate_study. min_size: a positive study drawn smaller is drawn again at
+    that size, the rest of it unchanged ("tiny", the default, keeps every draw; "small" leaves
+    out bleeds under 5 mL, for a run too small to learn them)."""
+    if min_size not in SIZES:
+        raise ValueError(f"unknown size {min_size!r}; expected one of {SIZES}")
     _check_favour(favour)
     _check_extra_axial(extra_axial)
     out = Path(out)
@@ -1792,6 +1797,10 @@ def write_dataset(
         sw.writerow(["study", "sop_instance_uid", "slice_index", *CLASSES])
         for i in range(n_studies):
             study = generate_study(int(seed) * 100000 + i, favour=favour, extra_axial=extra_axial)
+            if study.size is not None and SIZES.index(study.size) < SIZES.index(min_size):
+                study = generate_study(
+                    int(seed) * 100000 + i, size=min_size, favour=favour, extra_axial=extra_axial
+                )
             sdir = out / study.study_id
             write_study(study, sdir)
             uids = sop_instance_uids(study)

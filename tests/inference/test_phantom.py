@@ -221,6 +221,21 @@ def test_an_unknown_subtype_to_favour_is_refused_before_anything_is_written(
         draw_subtypes(_rng(0, 0), ("subdurl",))
 
 
+def test_min_size_draws_a_smaller_positive_again_at_that_size_with_the_same_subtypes(
+    tmp_path: Path,
+) -> None:
+    default = generate_study(12 * 100000 + 4)  # study 4 of seed 12: a tiny positive
+    assert default.size == "tiny"
+    summaries = write_dataset(tmp_path, 5, seed=12, min_size="small", progress=False)
+    assert [s.size for s in summaries[:4]] == [None, None, "medium", None]  # drawn as before
+    redrawn = summaries[4]
+    assert redrawn.size == "small"
+    assert redrawn.labels == default.labels
+    assert sum(redrawn.volumes_ml.values()) > 2 * sum(default.volumes_ml.values())
+    with pytest.raises(ValueError, match="huge"):
+        write_dataset(tmp_path / "x", 1, seed=0, min_size="huge")
+
+
 def _elongation(study: PhantomStudy, subtype: str) -> float:
     """Area / greatest thickness^2 of the lesion on its largest slice (scripts/phantom_geometry)."""
     planes = ((study.masks >> SUBTYPES.index(subtype)) & 1).astype(bool)
