@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         "--min-size",
         choices=("tiny", "small", "medium", "large"),
         default="tiny",
-        help="smallest bleed size a positive study may have; smaller draws are drawn again at "
-        "this size (default tiny: every size, from under 5 mL)",
+        help="smallest bleed size a positive study may have; a smaller draw becomes this size "
+        "(default tiny: every size, from under 5 mL)",
     )
     phantom.set_defaults(run=_phantom)
 

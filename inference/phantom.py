@@ -1462,6 +1462,11 @@ def _blur_noise(img: np.ndarray, beta: float, noise: np.ndarray) -> np.ndarray:
 EXTRA_AXIAL_SHAPES = ("classic", "typical")
 
 
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+
+
 def _check_extra_axial(extra_axial: str) -> None:
     if extra_axial not in EXTRA_AXIAL_SHAPES:
         raise ValueError(
@@ -1501,6 +1506,7 @@ def generate_study(
     slice_thickness_mm: float | None = None,
     favour: Sequence[str] = (),
     extra_axial: str = "classic",
+    min_size: str = "tiny",
 ) -> PhantomStudy:
     """One synthetic head CT, deterministic in its arguments.
 
@@ -1514,7 +1520,8 @@ def generate_study(
     set of the shipped model was made with (epidurals elliptical lenses about 4 times as long
     as thick, subdurals even bands about 6-10 times), or "typical" (epidurals lenses that taper
     to points, subdurals thinner and longer, about 15-20 times): docs/model-analysis.md
-    measures how much better the typical shapes tell the two apart.
+    measures how much better the typical shapes tell the two apart. min_size: a random size
+    drawn smaller becomes this one, every other draw unchanged.
     """
     seed = int(seed)
     _check_extra_axial(extra_axial)
@@ -1527,8 +1534,10 @@ def generate_study(
             if s not in SUBTYPES:
                 raise ValueError(f"unknown subtype {s!r}; expected one of {SUBTYPES}")
     size_draw = str(choice.choice(SIZES, p=_SIZE_P))
-    if size is not None and size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    _check_size(min_size)
+    size_draw = SIZES[max(SIZES.index(size_draw), SIZES.index(min_size))]
+    if size is not None:
+        _check_size(size)
     size_used = (size or size_draw) if chosen else None
     thickness = float(slice_thickness_mm or 5.0)
     if not 2.5 <= thickness <= 5.0:
@@ -1777,11 +1786,9 @@ def write_dataset(
 ) -> list[PhantomSummary]:
     """Write n_studies random studies under out/<study_id>/ with masks.npz, plus
     out/labels.csv and out/slice_labels.csv. Study i uses seed seed * 100000 + i; favour and
-    extra_axial as in generate_study. min_size: a positive study drawn smaller is drawn again at
-    that size, the rest of it unchanged ("tiny", the default, keeps every draw; "small" leaves
-    out bleeds under 5 mL, for a run too small to learn them)."""
-    if min_size not in SIZES:
-        raise ValueError(f"unknown size {min_size!r}; expected one of {SIZES}")
+    extra_axial as in generate_study, and min_size ("tiny", the default, keeps every draw;
+    "small" leaves out bleeds under 5 mL, for a run too small to learn them)."""
+    _check_size(min_size)
     _check_favour(favour)
     _check_extra_axial(extra_axial)
     out = Path(out)
@@ -1796,11 +1803,9 @@ def write_dataset(
         lw.writerow(["study", *CLASSES])
         sw.writerow(["study", "sop_instance_uid", "slice_index", *CLASSES])
         for i in range(n_studies):
-            study = generate_study(int(seed) * 100000 + i, favour=favour, extra_axial=extra_axial)
-            if study.size is not None and SIZES.index(study.size) < SIZES.index(min_size):
-                study = generate_study(
-                    int(seed) * 100000 + i, size=min_size, favour=favour, extra_axial=extra_axial
-                )
+            study = generate_study(
+                int(seed) * 100000 + i, favour=favour, extra_axial=extra_axial, min_size=min_size
+            )
             sdir = out / study.study_id
             write_study(study, sdir)
             uids = sop_instance_uids(study)

@@ -18,16 +18,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.constants import CLASSES
+from inference.datasets import CQ500_FINDINGS
 from inference.metrics import roc_auc
 
-SHORT = {
-    "any": "any",
-    "intraparenchymal": "IPH",
-    "intraventricular": "IVH",
-    "subdural": "SDH",
-    "epidural": "EDH",
-    "subarachnoid": "SAH",
-}
+SHORT = {**CQ500_FINDINGS, "any": "any"}  # IPH, IVH, SDH, EDH, SAH
 
 
 def study_aucs(report: dict) -> dict[str, float]:
