@@ -1,5 +1,7 @@
 """A tiny training run on a few phantom studies that must really learn, and what it produces."""
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,33 +28,45 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    # 40 training studies and no bleeds under 5 mL, which a run at 2 mm pixels cannot learn.
-    # With 24 studies of every size this run scored 0.69 (0.79 without channels-last) on an
-    # AMX-BF16 Xeon VM, where it had passed on the machine before. Its held-out AUC varies with
-    # the seed: 0.96 with seed 3 (this test), 0.82 with seed 4 on that VM (2026-11-28).
+    # 80 training studies (a validation share of 30% among them) and 48 held-out ones, with no
+    # bleeds under 5 mL, which a run at 1.6 mm pixels cannot learn from a few studies. Written in
+    # two processes at once. How this recipe was chosen, and how far the earlier one (40 studies,
+    # 128 px) fell short on other seeds: docs/model-analysis.md, "The tiny training test".
     root = tmp_path_factory.mktemp("phantoms")
-    write_dataset(root / "train", 40, seed=11, progress=False, min_size="small")
-    write_dataset(root / "test", 24, seed=12, progress=False, min_size="small")
-    return {"train": root / "train", "test": root / "test"}
+    sets = {"train": (80, 11), "test": (48, 22)}
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [
+            pool.submit(write_dataset, root / name, n, seed, progress=False, min_size="small")
+            for name, (n, seed) in sets.items()
+        ]
+        for job in jobs:
+            job.result()
+    return {name: root / name for name in sets}
+
+
+# The recipe of the tiny run (scripts/tiny_sweep.py varies it).
+TINY_RECIPE = {
+    "name": "tiny",
+    "architectures": ["efficientnet_lite0"],
+    "epochs": 12,
+    "samples_per_epoch": 512,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "patience": 6,
+    "seed": 3,
+    "split": [0.7, 0.3, 0.0],
+    "aggregator": "max",  # a sequence model needs more than a dozen studies
+    "threads": 1,  # one thread: the same numbers on every run of the same machine kind
+    "atlas_per_class": 3,
+    "preprocess": {"image_size": 160, "spacing_mm": 1.6},
+}
 
 
 def tiny_config(phantoms: dict[str, Path], out_dir: Path) -> TrainConfig:
     return TrainConfig.from_dict(
         {
-            "name": "tiny",
+            **TINY_RECIPE,
             "out_dir": str(out_dir),
-            "architectures": ["efficientnet_lite0"],
-            "epochs": 8,
-            "samples_per_epoch": 512,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "patience": 6,
-            "seed": 3,
-            "split": [0.7, 0.3, 0.0],
-            "aggregator": "max",  # a sequence model needs more than a dozen studies
-            "threads": 1,  # one thread: the same numbers on every run of the same machine kind
-            "atlas_per_class": 3,
-            "preprocess": {"image_size": 128, "spacing_mm": 2.0},
             "sources": [{"kind": "phantom", "path": str(phantoms["train"])}],
         }
     )
@@ -88,7 +102,7 @@ def test_training_writes_checkpoints_metrics_and_a_complete_package(tiny_model: 
     package = ModelPackage.load(tiny_model)
     assert package.atlas is not None and len(package.atlas.classes) > 0
     assert package.thresholds.shape == (len(CLASSES),)
-    assert package.preprocess.image_size == 128
+    assert package.preprocess.image_size == 160
 
 
 def test_grad_cam_peaks_fall_on_the_phantom_bleed_more_often_than_chance(held_out: dict) -> None:
@@ -153,9 +167,21 @@ def test_refitting_the_study_level_keeps_the_networks_and_reproduces_the_rest(
         for name, value in a.state_dict().items():
             assert torch.equal(value, b.state_dict()[name]), name
     # The same networks (as saved: float16 weights), data, split and seed: nearly the same
-    # calibration and operating points (training fitted them with the float32 networks).
-    np.testing.assert_allclose(refit.calibration, original.calibration, rtol=0.05, atol=0.15)
-    np.testing.assert_allclose(refit.thresholds, original.thresholds, atol=0.05)
+    # calibration and operating points (training fitted them with the float32 networks). A
+    # class the tiny run barely learnt has a Platt slope near the 0.05 bound under which the
+    # plain sigmoid is kept, and the rounding can put the two fits either side of it.
+    plain = np.array([1.0, 0.0])
+    same_kind = (refit.calibration == plain).all(1) == (original.calibration == plain).all(1)
+    for fit in (refit.calibration, original.calibration):
+        slope = fit[~same_kind, 0]
+        assert ((slope == 1.0) | (slope < 0.1)).all(), (refit.calibration, original.calibration)
+    np.testing.assert_allclose(
+        refit.calibration[same_kind], original.calibration[same_kind], rtol=0.05, atol=0.15
+    )
+    np.testing.assert_allclose(
+        refit.thresholds[same_kind], original.thresholds[same_kind], atol=0.05
+    )
+    assert same_kind.sum() >= len(CLASSES) - 1, (refit.calibration, original.calibration)
     assert refit.training["split"] == original.training["split"]
     assert refit.training["members_from"].startswith("tiny ")
     other = tiny_config(phantoms, tmp_path / "other")
