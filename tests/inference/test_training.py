@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # 80 training studies (a validation share of 30% among them) and 48 held-out ones, with no
-    # bleeds under 5 mL, which a run at 1.6 mm pixels cannot learn from a few studies. Written in
-    # two processes at once. How this recipe was chosen, and how far the earlier one (40 studies,
+    # bleeds under 5 mL (with them, the earlier run at 2 mm pixels scored 0.69). Written in two
+    # processes at once. How this recipe was chosen, and how far the earlier one (40 studies,
     # 128 px) fell short on other seeds: docs/model-analysis.md, "The tiny training test".
     root = tmp_path_factory.mktemp("phantoms")
     sets = {"train": (80, 11), "test": (48, 22)}
