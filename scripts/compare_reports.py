@@ -6,6 +6,14 @@ Prints one Markdown table row per report (model name and version, the data set's
 the per-study probabilities the report lists (rounded to four places there), so models measured
 on the same data set compare on the same footing. A ship rule compares such rows on a selection
 set, never on the test sets the model card reports.
+
+    .venv/bin/python scripts/compare_reports.py --ship SHIPPED.json CANDIDATE.json [S2 C2 ...]
+
+checks the house ship rule on each pair of reports of the same selection set and exits 1 unless
+every check holds on every pair: a higher mean study AUC, subdural and "any" study AUC not lower,
+and a specificity for "any" at the candidate's saved operating point at most 0.05 under the
+shipped model's (docs/model-analysis.md: a candidate once met a rule on AUC alone while flagging
+most negative studies).
 """
 
 import argparse
@@ -38,13 +46,18 @@ def study_aucs(report: dict) -> dict[str, float]:
     return out
 
 
+def mean_auc(aucs: dict[str, float]) -> float:
+    """The mean over the classes that have an AUC."""
+    return float(np.nanmean(list(aucs.values())))
+
+
 def table(paths: list[Path]) -> str:
     head = ["model", "data", *(SHORT[c] for c in CLASSES), "mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for path in paths:
         report = json.loads(path.read_text())
         aucs = study_aucs(report)
-        mean = float(np.nanmean(list(aucs.values())))
+        mean = mean_auc(aucs)
         model = f"{report['model']['name']} {report['model']['version']}"
         title = report["dataset"].get("title") or report["dataset"]["path"]
         cells = [model, title, *(f"{aucs[c]:.4f}" for c in CLASSES), f"**{mean:.4f}**"]
@@ -52,10 +65,54 @@ def table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+SPECIFICITY_SLACK = 0.05
+
+
+def ship_checks(shipped: dict, candidate: dict) -> list[tuple[str, bool]]:
+    """The ship rule on one selection set: (each check with both figures, whether it held)."""
+    old, new = study_aucs(shipped), study_aucs(candidate)
+    old_mean, new_mean = mean_auc(old), mean_auc(new)
+    old_spec = shipped["study_level"]["any"]["specificity"]
+    new_spec = candidate["study_level"]["any"]["specificity"]
+    return [
+        (f"mean study AUC {new_mean:.4f} > {old_mean:.4f}", new_mean > old_mean),
+        (
+            f"subdural AUC {new['subdural']:.4f} >= {old['subdural']:.4f}",
+            new["subdural"] >= old["subdural"],
+        ),
+        (f"any AUC {new['any']:.4f} >= {old['any']:.4f}", new["any"] >= old["any"]),
+        (
+            f"any specificity at the operating point {new_spec:.2f} >= {old_spec:.2f} - "
+            f"{SPECIFICITY_SLACK}",
+            new_spec >= old_spec - SPECIFICITY_SLACK,
+        ),
+    ]
+
+
+def ship(paths: list[Path]) -> bool:
+    """Prints every check for each (shipped, candidate) pair; True when all of them hold."""
+    if not paths or len(paths) % 2:
+        raise SystemExit("--ship takes pairs of reports: SHIPPED CANDIDATE [SHIPPED CANDIDATE ...]")
+    passed = True
+    for old_path, new_path in zip(paths[::2], paths[1::2], strict=True):
+        shipped, candidate = json.loads(old_path.read_text()), json.loads(new_path.read_text())
+        title = candidate["dataset"].get("title") or candidate["dataset"]["path"]
+        print(f"{title}: {candidate['model']['version']} against {shipped['model']['version']}")
+        for text, held in ship_checks(shipped, candidate):
+            print(f"  {'ok  ' if held else 'FAIL'} {text}")
+            passed &= held
+    print("ship" if passed else "do not ship")
+    return passed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files from ich evaluate")
-    print(table(parser.parse_args().reports))
+    parser.add_argument("--ship", action="store_true", help="check the ship rule on report pairs")
+    args = parser.parse_args()
+    if args.ship:
+        raise SystemExit(0 if ship(args.reports) else 1)
+    print(table(args.reports))
 
 
 if __name__ == "__main__":

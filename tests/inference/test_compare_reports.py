@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from compare_reports import study_aucs, table
+from compare_reports import ship, ship_checks, study_aucs, table
 
 from inference.constants import CLASSES
 
@@ -47,3 +47,30 @@ def test_table_has_one_row_per_report_and_a_mean_without_the_nan_class(tmp_path:
     assert lines[2].startswith("| m 2.0.0 | four studies | 1.0000 |")
     assert lines[2].endswith("| nan | 1.0000 | **1.0000** |")
     assert lines[3].endswith("| **0.0000** |")
+
+
+def with_specificity(rep: dict, specificity: float) -> dict:
+    return rep | {"study_level": {"any": {"specificity": specificity}}}
+
+
+def test_ship_rule_needs_any_to_hold_as_well_as_the_mean_and_subdural(tmp_path: Path) -> None:
+    shipped = with_specificity(report([(1, 0.9), (1, 0.4), (0, 0.5), (0, 0.1)]), 1.0)
+    better = report([(1, 0.9), (1, 0.6), (0, 0.5), (0, 0.1)], "2.0.0")  # every AUC 1.0
+    checks = ship_checks(shipped, with_specificity(better, 0.96))
+    assert [held for _, held in checks] == [True, True, True, True]
+    # the same AUCs, but the operating point flags most negative studies
+    checks = ship_checks(shipped, with_specificity(better, 0.3))
+    assert [held for _, held in checks] == [True, True, True, False]
+    assert "0.30 >= 1.00" in checks[3][0]
+    worse = with_specificity(report([(1, 0.9), (1, 0.05), (0, 0.5), (0, 0.1)], "2.0.0"), 1.0)
+    assert [held for _, held in ship_checks(shipped, worse)] == [False, False, False, True]
+
+    paths = []
+    for name, rep in [("a", shipped), ("b", with_specificity(better, 1.0)), ("c", shipped)]:
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rep))
+    assert ship(paths[:2])
+    (tmp_path / "d.json").write_text(json.dumps(worse))
+    assert not ship([*paths[:2], paths[2], tmp_path / "d.json"])  # one failing pair is enough
+    with pytest.raises(SystemExit):
+        ship(paths)  # an odd number of reports
