@@ -380,10 +380,10 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         'A subtype is flagged only when "any" is flagged too; sensitivity and specificity below',
         "are those of the flags.",
         "",
-        "| class | threshold |",
-        "| --- | --- |",
     ]
-    lines += [f"| {CLASS_LABELS[c]} | {package.thresholds[i]:.3f} |" for i, c in enumerate(CLASSES)]
+    lines += _operating_point_table(
+        package.thresholds, training.get("operating_points_on_validation")
+    )
     for report in reports:
         lines += _card_section(report)
     lines += [
@@ -396,6 +396,25 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "  trained and evaluated on real clinical data with radiologist labels.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _operating_point_table(
+    thresholds: np.ndarray, on_validation: dict[str, dict[str, float]] | None
+) -> list[str]:
+    """Each class's threshold and, for models that recorded it, what it did on the validation
+    studies it was chosen on (sensitivity and specificity, with the counts)."""
+    if not on_validation:  # models trained before it was recorded
+        rows = [f"| {CLASS_LABELS[c]} | {thresholds[i]:.3f} |" for i, c in enumerate(CLASSES)]
+        return ["| class | threshold |", "| --- | --- |", *rows]
+    rows = []
+    for i, c in enumerate(CLASSES):
+        r = on_validation[c]
+        rows.append(
+            f"| {CLASS_LABELS[c]} | {thresholds[i]:.3f} | {r['sensitivity']:.2f}"
+            f" ({r['positives']} positive) | {r['specificity']:.2f} ({r['negatives']} negative) |"
+        )
+    head = "| class | threshold | validation sensitivity | validation specificity |"
+    return [head, "| --- | --- | --- | --- |", *rows]
 
 
 def _training_stages(training: dict[str, Any]) -> list[str]:

@@ -227,24 +227,29 @@ def finish_package(
     )
     val_logits = study_logits(package, features["val"])
     val_labels = np.stack([v.study_labels for v in splits["val"]])
-    package.calibration, package.thresholds = calibrate_and_choose(
+    package.calibration, package.thresholds, chosen_on = calibrate_and_choose(
         val_logits, val_labels, [v.source for v in splits["val"]], config
     )
     package.atlas = build_atlas(
         package, splits["train"], features["train"], per_class=config.atlas_per_class
     )
     package.training = training_summary(config, splits, aggregator_report, package, features)
+    package.training["operating_points_on_validation"] = chosen_on
+    run.log({"operating_points_on_validation": chosen_on})
+    for line in describe_operating_points(chosen_on):
+        tqdm.write(line)
     return package
 
 
 def calibrate_and_choose(
     val_logits: np.ndarray, val_labels: np.ndarray, sources: list[str], config: TrainConfig
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, float]]]:
     """Platt calibration and per-class operating points, both fitted on the validation studies
     of `operating_point_sources` (all of them when that is empty): the probabilities and the
     thresholds then describe the same kind of study. Fitting the calibration on a mixture (for
     example phantom series and single windowed roboflow pictures, which the model separates far
-    worse) flattens it, and makes the phantom series' probabilities timid and wrong."""
+    worse) flattens it, and makes the phantom series' probabilities timid and wrong. The third
+    value is what each threshold does on those studies (`operating_point_record`)."""
     chosen = [
         i
         for i, source in enumerate(sources)
@@ -257,7 +262,55 @@ def calibrate_and_choose(
         )
     logits, labels = val_logits[chosen], val_labels[chosen]
     calibration = fit_platt(logits, labels)
-    return calibration, operating_points(platt(logits, calibration), labels, config)
+    probabilities = platt(logits, calibration)
+    thresholds = operating_points(probabilities, labels, config)
+    return calibration, thresholds, operating_point_record(probabilities, labels, thresholds)
+
+
+# Below this validation specificity a flag marks most negative studies: `ich train` warns.
+LOW_SPECIFICITY = 0.5
+
+
+def operating_point_record(
+    probabilities: np.ndarray, labels: np.ndarray, thresholds: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Per class, on the studies the thresholds were chosen on: the threshold, the share of
+    positive studies at or above it (sensitivity), of negative ones below it (specificity), and
+    how many of each there were. A threshold that reaches its sensitivity only by flagging most
+    negative studies shows here, before any evaluation (docs/model-analysis.md)."""
+    record = {}
+    for i, name in enumerate(CLASSES):
+        known = ~np.isnan(labels[:, i])
+        positive = labels[known, i] == 1
+        flagged = probabilities[known, i] >= thresholds[i]
+        record[name] = {
+            "threshold": float(thresholds[i]),
+            "sensitivity": float(flagged[positive].mean()) if positive.any() else float("nan"),
+            "specificity": float((~flagged[~positive]).mean())
+            if (~positive).any()
+            else float("nan"),
+            "positives": int(positive.sum()),
+            "negatives": int((~positive).sum()),
+        }
+    return record
+
+
+def describe_operating_points(record: dict[str, dict[str, float]]) -> list[str]:
+    """One line per class for the training log, and a warning for each flag that would mark
+    most negative validation studies."""
+    lines = []
+    for name, r in record.items():
+        lines.append(
+            f"operating point {name}: threshold {r['threshold']:.3f}, validation sensitivity "
+            f"{r['sensitivity']:.2f} ({r['positives']} positive), specificity "
+            f"{r['specificity']:.2f} ({r['negatives']} negative)"
+        )
+        if r["specificity"] < LOW_SPECIFICITY:
+            lines.append(
+                f"WARNING: the {name} flag marks {1 - r['specificity']:.0%} of the negative "
+                "validation studies; check the validation data before shipping this model"
+            )
+    return lines
 
 
 def split_sources(config: TrainConfig) -> dict[str, list[Volume]]:

@@ -18,7 +18,9 @@ from inference.predictor import Predictor
 from inference.training import (
     TrainConfig,
     calibrate_and_choose,
+    describe_operating_points,
     fit_platt,
+    operating_point_record,
     refit_study_level,
     train,
 )
@@ -91,7 +93,9 @@ def test_a_tiny_training_run_really_learns(held_out: dict) -> None:
     assert report["study_level"]["any"]["auc"] >= 0.9, report["study_level"]["any"]
     assert report["slice_level"]["any"]["auc"] >= 0.8, report["slice_level"]["any"]
     assert (out / "roc_study.png").stat().st_size > 1000
-    assert "Triage support, not diagnosis" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Triage support, not diagnosis" in card
+    assert "| class | threshold | validation sensitivity | validation specificity |" in card
 
 
 def test_training_writes_checkpoints_metrics_and_a_complete_package(tiny_model: Path) -> None:
@@ -103,6 +107,10 @@ def test_training_writes_checkpoints_metrics_and_a_complete_package(tiny_model: 
     assert package.atlas is not None and len(package.atlas.classes) > 0
     assert package.thresholds.shape == (len(CLASSES),)
     assert package.preprocess.image_size == 160
+    chosen_on = package.training["operating_points_on_validation"]
+    assert [chosen_on[c]["threshold"] for c in CLASSES] == pytest.approx(package.thresholds)
+    assert chosen_on["any"]["sensitivity"] >= 0.95  # the default target, met where chosen
+    assert '"operating_points_on_validation"' in lines[-1]
 
 
 def test_grad_cam_peaks_fall_on_the_phantom_bleed_more_often_than_chance(held_out: dict) -> None:
@@ -203,7 +211,7 @@ def test_calibration_and_operating_points_come_from_the_operating_point_sources(
     sources = ["phantom"] * 60 + ["yolo"] * 60
 
     config = TrainConfig(operating_point_sources=("phantom",))
-    calibration, thresholds = calibrate_and_choose(logits, labels, sources, config)
+    calibration, thresholds, record = calibrate_and_choose(logits, labels, sources, config)
     np.testing.assert_allclose(calibration, fit_platt(phantom_logits, phantom_labels))
     mixed = fit_platt(logits, labels)
     assert (calibration[:, 0] > 1.5 * mixed[:, 0]).all()  # the mixture flattens the slope
@@ -211,10 +219,47 @@ def test_calibration_and_operating_points_come_from_the_operating_point_sources(
     for i in range(len(CLASSES)):
         positive = phantom_labels[:, i] == 1
         assert (probabilities[positive, i] >= thresholds[i]).mean() >= 0.95
+        # the record describes the same thresholds on the same 60 phantom series
+        flagged = probabilities[:, i] >= thresholds[i]
+        entry = record[CLASSES[i]]
+        assert entry["threshold"] == thresholds[i]
+        assert entry["sensitivity"] == flagged[positive].mean() >= 0.95
+        assert entry["specificity"] == (~flagged[~positive]).mean()
+        assert entry["positives"] + entry["negatives"] == 60
 
-    everything, _ = calibrate_and_choose(logits, labels, sources, TrainConfig())
+    everything, _, _ = calibrate_and_choose(logits, labels, sources, TrainConfig())
     np.testing.assert_allclose(everything, mixed)
     with pytest.raises(ValueError, match="no validation study from rsna"):
         calibrate_and_choose(
             logits, labels, sources, TrainConfig(operating_point_sources=("rsna",))
         )
+
+
+def test_an_operating_point_that_flags_most_negative_studies_is_reported_and_warned() -> None:
+    """The 352 px candidate reached its validation sensitivity for "any" only with a threshold
+    that flagged most negative studies (docs/model-analysis.md): training now says so."""
+    labels = np.zeros((10, len(CLASSES)))
+    labels[:4] = 1  # four positive, six negative studies for every class
+    labels[:, 4] = np.nan  # epidural unknown everywhere: no figures, no warning
+    probabilities = np.tile(
+        np.array([[0.9], [0.8], [0.7], [0.2], [0.6], [0.5], [0.3], [0.25], [0.05], [0.01]]),
+        (1, len(CLASSES)),
+    )
+    thresholds = np.full(len(CLASSES), 0.2)  # reaches the fourth positive at 0.2
+    thresholds[0] = 0.7  # "any" stricter: 3 of 4 positives, no negative flagged
+    record = operating_point_record(probabilities, labels, thresholds)
+    assert record["any"] == {
+        "threshold": 0.7,
+        "sensitivity": 0.75,
+        "specificity": 1.0,
+        "positives": 4,
+        "negatives": 6,
+    }
+    assert record["subdural"]["sensitivity"] == 1.0
+    assert record["subdural"]["specificity"] == pytest.approx(2 / 6)  # 0.6-0.25 flagged
+    assert record["epidural"]["positives"] == 0
+    lines = describe_operating_points(record)
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 4  # every class but "any" and the unknown epidural
+    assert any("the subdural flag marks 67% of the negative validation" in w for w in warnings)
+    assert not any("the any flag" in w or "epidural" in w for w in warnings)
