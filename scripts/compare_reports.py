@@ -96,6 +96,8 @@ def ship(paths: list[Path]) -> bool:
     passed = True
     for old_path, new_path in zip(paths[::2], paths[1::2], strict=True):
         shipped, candidate = json.loads(old_path.read_text()), json.loads(new_path.read_text())
+        if {i["item"] for i in shipped["per_item"]} != {i["item"] for i in candidate["per_item"]}:
+            raise SystemExit(f"{old_path} and {new_path} did not measure the same studies")
         title = candidate["dataset"].get("title") or candidate["dataset"]["path"]
         print(f"{title}: {candidate['model']['version']} against {shipped['model']['version']}")
         for text, held in ship_checks(shipped, candidate):

@@ -72,5 +72,9 @@ def test_ship_rule_needs_any_to_hold_as_well_as_the_mean_and_subdural(tmp_path: 
     assert ship(paths[:2])
     (tmp_path / "d.json").write_text(json.dumps(worse))
     assert not ship([*paths[:2], paths[2], tmp_path / "d.json"])  # one failing pair is enough
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="pairs of reports"):
         ship(paths)  # an odd number of reports
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(with_specificity(report([(1, 0.9), (0, 0.1)]), 1.0)))
+    with pytest.raises(SystemExit, match="did not measure the same studies"):
+        ship([paths[0], other])
