@@ -1,4 +1,4 @@
-"""The `ich` command: phantom, train, evaluate, predict, atlas build."""
+"""The `ich` command: phantom, train, refit-heads, evaluate, card, predict, atlas build."""
 
 import argparse
 import json
@@ -98,6 +98,25 @@ def main(argv: list[str] | None = None) -> int:
         help="skip files that are not part of a readable CT series (listed on stderr)",
     )
     predict.set_defaults(run=_predict)
+
+    heads = commands.add_parser(
+        "refit-heads",
+        help="fit one linear head over the ensemble's embeddings on fresh labelled studies",
+    )
+    heads.add_argument("model", type=Path, help="model package whose networks stay as they are")
+    heads.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="KIND:PATH",
+        help="studies with slice labels the networks never trained on (phantom output); repeatable",
+    )
+    heads.add_argument("--out", type=Path, required=True, help="the model package to write")
+    heads.add_argument("--version", required=True, help="version of the new package")
+    heads.add_argument("--folds", type=int, default=5)
+    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--threads", type=int, default=0, help="0: every core")
+    heads.set_defaults(run=_refit_heads)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
     atlas_commands = atlas.add_subparsers(dest="atlas_command", required=True)
@@ -234,6 +253,53 @@ def _atlas_build(args: argparse.Namespace) -> None:
     target = args.out or args.model
     package.save(target)
     print(f"atlas of {len(package.atlas.classes)} slices written into {target}")
+
+
+def _refit_heads(args: argparse.Namespace) -> None:
+    import torch
+
+    from inference.data import DataSource, prepare, read_source
+    from inference.heads import refit_heads
+    from inference.package import ModelPackage
+    from inference.progress import progress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    package = ModelPackage.load(args.model)
+    seen = {k for part in package.training.get("split", {}).values() for k in part}
+    volumes = []
+    for spec in args.data:
+        kind, _, path = spec.partition(":")
+        if kind not in DATA_KINDS or not path:
+            kinds = ", ".join(DATA_KINDS)
+            raise ValueError(f"--data {spec}: expected KIND:PATH, KIND one of {kinds}")
+        items = read_source(DataSource(kind=kind, path=path))
+        used = [i.study_id for i in items if getattr(i, "study_id", None) in seen]
+        if used:
+            raise ValueError(
+                f"{path}: {len(used)} studies were already used by {args.model} "
+                f"(first {used[0]}); the head needs studies the networks never saw"
+            )
+        bar = progress(desc=f"prepare {kind}", unit="study", total=len(items))
+        volumes += prepare(items, package.preprocess, kind, progress=bar)
+        bar.close()
+    report = refit_heads(
+        package,
+        volumes,
+        version=args.version,
+        folds=args.folds,
+        seed=args.seed,
+        data=list(args.data),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    package.save(args.out / "model.pt")
+    chosen = report["cross_validated_study_auc"][f"{report['l2_chosen']:g}"]["mean"]
+    before = report["members_own_heads_study_auc"]["mean"]
+    print(
+        f"{args.out / 'model.pt'}: {package.name} {package.version}, head L2 "
+        f"{report['l2_chosen']:g}, out-of-fold mean study AUC {chosen:.4f} "
+        f"(the members' own heads: {before:.4f})"
+    )
 
 
 def _cpu() -> Any:

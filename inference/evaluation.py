@@ -92,7 +92,7 @@ def evaluate(
 
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
     split = predictor.package.training.get("split", {})
-    seen = set(split.get("train", [])) | set(split.get("val", []))
+    seen = set(split.get("train", [])) | set(split.get("val", [])) | set(split.get("heads", []))
     return [i for i in items if _key(i) not in seen]
 
 
@@ -428,6 +428,19 @@ def _training_stages(training: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Slice networks as trained in {training['members_from']}; study level,"
             " calibration, operating points and atlas fitted again on the same split."
+        )
+    heads = training.get("heads_refit")
+    if heads:
+        chosen = heads["cross_validated_study_auc"][f"{heads['l2_chosen']:g}"]["mean"]
+        lines.append(
+            f"- Slice head refitted (`ich refit-heads`, from {heads['from']}): one linear head over"
+            f" every member's embeddings, fitted on {heads['studies']} fresh phantom studies the"
+            f" networks never trained on ({', '.join(heads['data'])}); L2 weight"
+            f" {heads['l2_chosen']:g} chosen by {heads['folds']}-fold cross-validation (mean"
+            f" out-of-fold study AUC {chosen:.3f}, against"
+            f" {heads['members_own_heads_study_auc']['mean']:.3f} with the members' own heads)."
+            " Calibration and operating points are fitted on the out-of-fold study scores; the"
+            " atlas is kept from the networks' training."
         )
     return lines
 

@@ -105,7 +105,10 @@ class ModelPackage:
                     "variant": m.variant,
                     "output_stride": m.output_stride,
                     "state": {
-                        k: v.half() if v.is_floating_point() else v
+                        # float16 halves the file; the linear head stays float32, since a
+                        # head refitted on fresh studies (inference/heads.py) folds a large
+                        # standardising offset into its bias
+                        k: v.half() if v.is_floating_point() and not k.startswith("fc.") else v
                         for k, v in m.state_dict().items()
                     },
                 }
