@@ -26,6 +26,7 @@ from inference.constants import CLASSES
 from inference.data import Volume
 from inference.metrics import roc_auc
 from inference.package import ModelPackage, platt
+from inference.progress import progress
 from inference.training import (
     TrainConfig,
     VolumeFeatures,
@@ -110,6 +111,7 @@ def cross_fitted(
     volumes: list[Volume],
     l2: float,
     folds: np.ndarray,
+    bar: Any = None,
 ) -> np.ndarray:
     """Out-of-fold study logits: each study scored by a head fitted without its fold."""
     out = np.zeros((len(features), len(CLASSES)))
@@ -122,6 +124,8 @@ def cross_fitted(
         )
         outside = np.flatnonzero(folds == fold)
         out[outside] = study_logits(head, [features[i] for i in outside])
+        if bar is not None:
+            bar.update(1)
     return out
 
 
@@ -182,8 +186,9 @@ def refit_heads(
     before = np.stack([f.logits.mean(0).amax(0).numpy() for f in features])
     cv: dict[str, Any] = {}
     best: tuple[float, float, np.ndarray] = (-1.0, l2_grid[0], before)
+    bar = progress(desc="fit heads", unit="fit", total=len(l2_grid) * folds + 1)
     for l2 in l2_grid:
-        logits = cross_fitted(features, volumes, l2, assignment)
+        logits = cross_fitted(features, volumes, l2, assignment, bar)
         mean, per_class = mean_auc(logits, labels)
         cv[f"{l2:g}"] = {"mean": mean, **dict(zip(CLASSES, per_class, strict=True))}
         tqdm.write(f"head L2 {l2:g}: out-of-fold mean study AUC {mean:.4f}")
@@ -195,6 +200,8 @@ def refit_heads(
         torch.from_numpy(np.concatenate([v.slice_labels for v in volumes])),
         l2,
     )
+    bar.update(1)
+    bar.close()
     fold_into_members(package, head)
     package.calibration = fit_platt(oof, labels)
     probabilities = platt(oof, package.calibration)

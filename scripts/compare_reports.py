@@ -11,9 +11,17 @@ set, never on the test sets the model card reports.
 
 checks the house ship rule on each pair of reports of the same selection set and exits 1 unless
 every check holds on every pair: a higher mean study AUC, subdural and "any" study AUC not lower,
-and a specificity for "any" at the candidate's saved operating point at most 0.05 under the
-shipped model's (docs/model-analysis.md: a candidate once met a rule on AUC alone while flagging
-most negative studies).
+and for "any" at each model's saved operating point a sensitivity + specificity not lower than the
+shipped model's and a specificity of at least 0.90.
+
+Rule history (docs/model-analysis.md): a 352 px candidate once met a rule on AUC alone while its
+"any" flag marked most negative studies, so the rule gained an "any" specificity check (version
+1: not more than 0.05 under the shipped model's). That check also failed the 6.1.0 candidate,
+whose operating point gained more sensitivity (0.92 to 0.98) than it lost specificity (1.00 to
+0.93) on a selection set: version 1 forbade moving towards the sensitivity the operating point
+is chosen for. Version 2 (this one, 2026-11-28) weighs the two together and keeps a floor under
+specificity. Under version 2 that candidate still fails the same selection set (0.910 against
+0.915), so the change does not pass it.
 """
 
 import argparse
@@ -65,15 +73,16 @@ def table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-SPECIFICITY_SLACK = 0.05
+SPECIFICITY_FLOOR = 0.90
 
 
 def ship_checks(shipped: dict, candidate: dict) -> list[tuple[str, bool]]:
     """The ship rule on one selection set: (each check with both figures, whether it held)."""
     old, new = study_aucs(shipped), study_aucs(candidate)
     old_mean, new_mean = mean_auc(old), mean_auc(new)
-    old_spec = shipped["study_level"]["any"]["specificity"]
-    new_spec = candidate["study_level"]["any"]["specificity"]
+    old_any, new_any = shipped["study_level"]["any"], candidate["study_level"]["any"]
+    old_j = old_any["sensitivity"] + old_any["specificity"]
+    new_j = new_any["sensitivity"] + new_any["specificity"]
     return [
         (f"mean study AUC {new_mean:.4f} > {old_mean:.4f}", new_mean > old_mean),
         (
@@ -82,9 +91,15 @@ def ship_checks(shipped: dict, candidate: dict) -> list[tuple[str, bool]]:
         ),
         (f"any AUC {new['any']:.4f} >= {old['any']:.4f}", new["any"] >= old["any"]),
         (
-            f"any specificity at the operating point {new_spec:.2f} >= {old_spec:.2f} - "
-            f"{SPECIFICITY_SLACK}",
-            new_spec >= old_spec - SPECIFICITY_SLACK,
+            f"any sensitivity + specificity at the operating point {new_any['sensitivity']:.3f} + "
+            f"{new_any['specificity']:.3f} >= {old_any['sensitivity']:.3f} + "
+            f"{old_any['specificity']:.3f}",
+            new_j >= old_j,
+        ),
+        (
+            f"any specificity at the operating point {new_any['specificity']:.3f} >= "
+            f"{SPECIFICITY_FLOOR}",
+            new_any["specificity"] >= SPECIFICITY_FLOOR,
         ),
     ]
 

@@ -49,24 +49,34 @@ def test_table_has_one_row_per_report_and_a_mean_without_the_nan_class(tmp_path:
     assert lines[3].endswith("| **0.0000** |")
 
 
-def with_specificity(rep: dict, specificity: float) -> dict:
-    return rep | {"study_level": {"any": {"specificity": specificity}}}
+def with_operating_point(rep: dict, sensitivity: float, specificity: float) -> dict:
+    return rep | {"study_level": {"any": {"sensitivity": sensitivity, "specificity": specificity}}}
 
 
 def test_ship_rule_needs_any_to_hold_as_well_as_the_mean_and_subdural(tmp_path: Path) -> None:
-    shipped = with_specificity(report([(1, 0.9), (1, 0.4), (0, 0.5), (0, 0.1)]), 1.0)
+    shipped = with_operating_point(report([(1, 0.9), (1, 0.4), (0, 0.5), (0, 0.1)]), 0.9, 1.0)
     better = report([(1, 0.9), (1, 0.6), (0, 0.5), (0, 0.1)], "2.0.0")  # every AUC 1.0
-    checks = ship_checks(shipped, with_specificity(better, 0.96))
-    assert [held for _, held in checks] == [True, True, True, True]
+    checks = ship_checks(shipped, with_operating_point(better, 0.96, 0.96))
+    assert [held for _, held in checks] == [True, True, True, True, True]
     # the same AUCs, but the operating point flags most negative studies
-    checks = ship_checks(shipped, with_specificity(better, 0.3))
-    assert [held for _, held in checks] == [True, True, True, False]
-    assert "0.30 >= 1.00" in checks[3][0]
-    worse = with_specificity(report([(1, 0.9), (1, 0.05), (0, 0.5), (0, 0.1)], "2.0.0"), 1.0)
-    assert [held for _, held in ship_checks(shipped, worse)] == [False, False, False, True]
+    checks = ship_checks(shipped, with_operating_point(better, 1.0, 0.3))
+    assert [held for _, held in checks] == [True, True, True, False, False]
+    assert "0.300 >= 0.9" in checks[4][0]
+    # specificity traded for less sensitivity than it cost
+    checks = ship_checks(shipped, with_operating_point(better, 0.92, 0.95))
+    assert [held for _, held in checks] == [True, True, True, False, True]
+    assert "0.920 + 0.950 >= 0.900 + 1.000" in checks[3][0]
+    worse = with_operating_point(
+        report([(1, 0.9), (1, 0.05), (0, 0.5), (0, 0.1)], "2.0.0"), 0.9, 1.0
+    )
+    assert [held for _, held in ship_checks(shipped, worse)] == [False, False, False, True, True]
 
     paths = []
-    for name, rep in [("a", shipped), ("b", with_specificity(better, 1.0)), ("c", shipped)]:
+    for name, rep in [
+        ("a", shipped),
+        ("b", with_operating_point(better, 1.0, 1.0)),
+        ("c", shipped),
+    ]:
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(rep))
     assert ship(paths[:2])
@@ -75,6 +85,6 @@ def test_ship_rule_needs_any_to_hold_as_well_as_the_mean_and_subdural(tmp_path: 
     with pytest.raises(SystemExit, match="pairs of reports"):
         ship(paths)  # an odd number of reports
     other = tmp_path / "other.json"
-    other.write_text(json.dumps(with_specificity(report([(1, 0.9), (0, 0.1)]), 1.0)))
+    other.write_text(json.dumps(with_operating_point(report([(1, 0.9), (0, 0.1)]), 1.0, 1.0)))
     with pytest.raises(SystemExit, match="did not measure the same studies"):
         ship([paths[0], other])
