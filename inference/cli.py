@@ -274,7 +274,8 @@ def _refit_heads(args: argparse.Namespace) -> None:
             kinds = ", ".join(DATA_KINDS)
             raise ValueError(f"--data {spec}: expected KIND:PATH, KIND one of {kinds}")
         items = read_source(DataSource(kind=kind, path=path))
-        used = [i.study_id for i in items if getattr(i, "study_id", None) in seen]
+        keys = [i.image_path.stem if hasattr(i, "image_path") else i.study_id for i in items]
+        used = [k for k in keys if k in seen]
         if used:
             raise ValueError(
                 f"{path}: {len(used)} studies were already used by {args.model} "

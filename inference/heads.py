@@ -231,5 +231,6 @@ def refit_heads(
     package.training["operating_points_on_validation"] = record
     package.training["calibrated_on"] = ["the refit-heads studies, out of fold"]
     split = package.training.setdefault("split", {})
-    split["heads"] = [v.key for v in volumes]
+    # a head refitted again keeps the earlier heads' studies out of evaluations too
+    split["heads"] = [*split.get("heads", []), *(v.key for v in volumes)]
     return report
