@@ -259,6 +259,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
     import torch
 
     from inference.data import DataSource, prepare, read_source
+    from inference.datasets import item_key
     from inference.heads import refit_heads
     from inference.package import ModelPackage
     from inference.progress import progress
@@ -274,8 +275,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
             kinds = ", ".join(DATA_KINDS)
             raise ValueError(f"--data {spec}: expected KIND:PATH, KIND one of {kinds}")
         items = read_source(DataSource(kind=kind, path=path))
-        keys = [i.image_path.stem if hasattr(i, "image_path") else i.study_id for i in items]
-        used = [k for k in keys if k in seen]
+        used = [k for k in map(item_key, items) if k in seen]
         if used:
             raise ValueError(
                 f"{path}: {len(used)} studies were already used by {args.model} "

@@ -73,6 +73,11 @@ class SliceItem:
     group: str = ""  # identical source slice for augmented copies
 
 
+def item_key(item: StudyItem | SliceItem) -> str:
+    """How a model's training split and its evaluations name an item."""
+    return item.image_path.stem if isinstance(item, SliceItem) else item.study_id
+
+
 # --- CSV and labels -------------------------------------------------------------------------------
 
 

@@ -93,11 +93,7 @@ def evaluate(
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
     split = predictor.package.training.get("split", {})
     seen = set(split.get("train", [])) | set(split.get("val", [])) | set(split.get("heads", []))
-    return [i for i in items if _key(i) not in seen]
-
-
-def _key(item: Any) -> str:
-    return item.image_path.stem if isinstance(item, datasets.SliceItem) else item.study_id
+    return [i for i in items if datasets.item_key(i) not in seen]
 
 
 def _evaluate_item(item: Any, predictor: Predictor, collected: Collected) -> None:
@@ -112,7 +108,7 @@ def _evaluate_item(item: Any, predictor: Predictor, collected: Collected) -> Non
         slice_labels = _slice_labels(item, series)
     prediction = predictor.predict(series, heatmaps=has_masks, basis=False)
     probs = np.array([prediction.probabilities[c] for c in CLASSES])
-    collected.names.append(_key(item))
+    collected.names.append(datasets.item_key(item))
     collected.study_labels.append(np.asarray(item.labels, np.float32))
     collected.study_probs.append(probs)
     collected.study_flags.append(np.array([prediction.flags[c] for c in CLASSES]))
@@ -120,7 +116,7 @@ def _evaluate_item(item: Any, predictor: Predictor, collected: Collected) -> Non
     collected.slice_probs.append(prediction.slice_probabilities)
     collected.per_study.append(
         {
-            "item": _key(item),
+            "item": datasets.item_key(item),
             "labels": {c: _int_or_none(item.labels[i]) for i, c in enumerate(CLASSES)},
             "probabilities": {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)},
             "flags": prediction.flags,

@@ -24,15 +24,16 @@ from tqdm import tqdm
 
 from inference.constants import CLASSES
 from inference.data import Volume
-from inference.metrics import roc_auc
 from inference.package import ModelPackage, platt
 from inference.progress import progress
 from inference.training import (
     TrainConfig,
     VolumeFeatures,
+    class_aucs,
     describe_operating_points,
     extract,
     fit_platt,
+    mean_of,
     operating_point_record,
     operating_points,
 )
@@ -90,40 +91,30 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, l2: float) -> LinearHead:
     return LinearHead(mean.float(), scale.float(), weight.detach().float(), bias.detach().float())
 
 
-def study_logits(head: LinearHead, features: list[VolumeFeatures]) -> np.ndarray:
-    """Maximum over slices of the head's logits, as the Predictor scores a study."""
+def study_logits(head: LinearHead, x: torch.Tensor, counts: list[int]) -> np.ndarray:
+    """Maximum over each study's slices (rows of x, `counts` per study) of the head's logits, as
+    the Predictor scores a study."""
     with torch.no_grad():
-        return np.stack(
-            [head(torch.cat(list(f.embeddings.float()), dim=-1)).amax(0).numpy() for f in features]
-        )
-
-
-def mean_auc(logits: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
-    values = []
-    for i in range(len(CLASSES)):
-        known = ~np.isnan(labels[:, i])
-        values.append(roc_auc(labels[known, i], logits[known, i]))
-    return float(np.nanmean(values)), values
+        return np.stack([part.amax(0).numpy() for part in torch.split(head(x), counts)])
 
 
 def cross_fitted(
-    features: list[VolumeFeatures],
-    volumes: list[Volume],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    counts: list[int],
     l2: float,
     folds: np.ndarray,
     bar: Any = None,
 ) -> np.ndarray:
-    """Out-of-fold study logits: each study scored by a head fitted without its fold."""
-    out = np.zeros((len(features), len(CLASSES)))
+    """Out-of-fold study logits: each study scored by a head fitted without its fold. x and y
+    hold every study's slices in order, `counts` per study."""
+    row_fold = torch.from_numpy(np.repeat(folds, counts))
+    out = np.zeros((len(counts), len(CLASSES)))
     for fold in np.unique(folds):
-        inside = [i for i in range(len(features)) if folds[i] != fold]
-        head = fit_head(
-            slice_matrix([features[i] for i in inside]),
-            torch.from_numpy(np.concatenate([volumes[i].slice_labels for i in inside])),
-            l2,
-        )
+        inside = row_fold != int(fold)
+        head = fit_head(x[inside], y[inside], l2)
         outside = np.flatnonzero(folds == fold)
-        out[outside] = study_logits(head, [features[i] for i in outside])
+        out[outside] = study_logits(head, x[~inside], [counts[i] for i in outside])
         if bar is not None:
             bar.update(1)
     return out
@@ -184,22 +175,22 @@ def refit_heads(
     labels = np.stack([v.study_labels for v in volumes])
     assignment = patient_folds(volumes, folds, seed)
     before = np.stack([f.logits.mean(0).amax(0).numpy() for f in features])
+    x = slice_matrix(features)
+    y = torch.from_numpy(np.concatenate([v.slice_labels for v in volumes]))
+    counts = [len(v.slice_labels) for v in volumes]
     cv: dict[str, Any] = {}
     best: tuple[float, float, np.ndarray] = (-1.0, l2_grid[0], before)
     bar = progress(desc="fit heads", unit="fit", total=len(l2_grid) * folds + 1)
     for l2 in l2_grid:
-        logits = cross_fitted(features, volumes, l2, assignment, bar)
-        mean, per_class = mean_auc(logits, labels)
+        logits = cross_fitted(x, y, counts, l2, assignment, bar)
+        per_class = class_aucs(logits, labels)
+        mean = mean_of(per_class)
         cv[f"{l2:g}"] = {"mean": mean, **dict(zip(CLASSES, per_class, strict=True))}
         tqdm.write(f"head L2 {l2:g}: out-of-fold mean study AUC {mean:.4f}")
         if mean > best[0]:
             best = (mean, l2, logits)
     _, l2, oof = best
-    head = fit_head(
-        slice_matrix(features),
-        torch.from_numpy(np.concatenate([v.slice_labels for v in volumes])),
-        l2,
-    )
+    head = fit_head(x, y, l2)
     bar.update(1)
     bar.close()
     fold_into_members(package, head)
@@ -212,12 +203,13 @@ def refit_heads(
         tqdm.write(line)
     previous = f"{package.name} {package.version}"
     package.version = version
-    mean_before, per_class_before = mean_auc(before, labels)
+    per_class_before = class_aucs(before, labels)
+    mean_before = mean_of(per_class_before)
     report = {
         "from": previous,
         "data": data or [],
         "studies": len(volumes),
-        "slices": int(sum(len(v.slice_labels) for v in volumes)),
+        "slices": int(sum(counts)),
         "folds": folds,
         "l2_chosen": l2,
         "cross_validated_study_auc": cv,

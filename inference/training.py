@@ -644,12 +644,20 @@ def _aggregate(aggregator: StudyAggregator, f: VolumeFeatures) -> tuple[torch.Te
     return study, slices[0]
 
 
-def _mean_auc(logits: np.ndarray, labels: np.ndarray) -> float:
-    values = [
+def class_aucs(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Study AUC per class over the studies whose label for that class is known."""
+    return [
         roc_auc(labels[~np.isnan(labels[:, i]), i], logits[~np.isnan(labels[:, i]), i])
         for i in range(len(CLASSES))
     ]
+
+
+def mean_of(values: list[float]) -> float:
     return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+
+
+def _mean_auc(logits: np.ndarray, labels: np.ndarray) -> float:
+    return mean_of(class_aucs(logits, labels))
 
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
