@@ -7,6 +7,12 @@ the per-study probabilities the report lists (rounded to four places there), so 
 on the same data set compare on the same footing. A ship rule compares such rows on a selection
 set, never on the test sets the model card reports.
 
+    .venv/bin/python scripts/compare_reports.py --paired SHIPPED.json CANDIDATE.json [S2 C2 ...]
+
+prints, for each pair of reports of the same studies, the candidate's study AUC minus the shipped
+model's per class with a 95% paired bootstrap interval (the studies resampled once for both), to
+show how large a difference a selection set of that size can tell from chance.
+
     .venv/bin/python scripts/compare_reports.py --ship SHIPPED.json CANDIDATE.json [S2 C2 ...]
 
 checks the house ship rule on each pair of reports of the same selection set and exits 1 unless
@@ -35,23 +41,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.constants import CLASSES
 from inference.datasets import CQ500_FINDINGS
-from inference.metrics import roc_auc
+from inference.metrics import paired_bootstrap_auc_difference, roc_auc
 
 SHORT = {**CQ500_FINDINGS, "any": "any"}  # IPH, IVH, SDH, EDH, SAH
 
 
+def labelled_scores(report: dict, c: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels, scores and item names of the scored items with a known label for class c."""
+    items = [i for i in report["per_item"] if "probabilities" in i and i["labels"].get(c) in (0, 1)]
+    labels = np.array([i["labels"][c] for i in items], dtype=bool)
+    scores = np.array([i["probabilities"][c] for i in items], dtype=np.float64)
+    return labels, scores, [i["item"] for i in items]
+
+
 def study_aucs(report: dict) -> dict[str, float]:
     """Per class study AUC from the report's per-item probabilities; NaN without both labels."""
-    items = [i for i in report["per_item"] if "probabilities" in i]
+    return {c: roc_auc(*labelled_scores(report, c)[:2]) for c in CLASSES}
+
+
+def paired_differences(shipped: dict, candidate: dict) -> dict[str, tuple[float, float, float]]:
+    """Per class, the candidate's study AUC minus the shipped model's on the same studies, with a
+    95% paired bootstrap interval: how much of a difference one selection set can tell."""
     out = {}
     for c in CLASSES:
-        rows = [
-            (i["labels"][c], i["probabilities"][c]) for i in items if i["labels"].get(c) in (0, 1)
-        ]
-        labels = np.array([r[0] for r in rows], dtype=bool)
-        scores = np.array([r[1] for r in rows], dtype=np.float64)
-        out[c] = roc_auc(labels, scores)
+        labels, old, names = labelled_scores(shipped, c)
+        new = dict(zip(*labelled_scores(candidate, c)[1:][::-1], strict=True))
+        out[c] = paired_bootstrap_auc_difference(labels, old, np.array([new[n] for n in names]))
     return out
+
+
+def print_paired(paths: list[Path]) -> None:
+    for shipped, candidate in _pairs(paths):
+        print(f"{_title(candidate)}: {_version(candidate)} minus {_version(shipped)}")
+        for c, (d, low, high) in paired_differences(shipped, candidate).items():
+            print(f"  {SHORT[c]:4s} {d:+.4f} [{low:+.4f}, {high:+.4f}]")
 
 
 def mean_auc(aucs: dict[str, float]) -> float:
@@ -104,17 +127,32 @@ def ship_checks(shipped: dict, candidate: dict) -> list[tuple[str, bool]]:
     ]
 
 
-def ship(paths: list[Path]) -> bool:
-    """Prints every check for each (shipped, candidate) pair; True when all of them hold."""
+def _pairs(paths: list[Path]) -> list[tuple[dict, dict]]:
+    """(shipped, candidate) reports from SHIPPED CANDIDATE [...], each pair on the same studies."""
     if not paths or len(paths) % 2:
-        raise SystemExit("--ship takes pairs of reports: SHIPPED CANDIDATE [SHIPPED CANDIDATE ...]")
-    passed = True
+        raise SystemExit("pairs of reports, please: SHIPPED CANDIDATE [SHIPPED CANDIDATE ...]")
+    pairs = []
     for old_path, new_path in zip(paths[::2], paths[1::2], strict=True):
         shipped, candidate = json.loads(old_path.read_text()), json.loads(new_path.read_text())
         if {i["item"] for i in shipped["per_item"]} != {i["item"] for i in candidate["per_item"]}:
             raise SystemExit(f"{old_path} and {new_path} did not measure the same studies")
-        title = candidate["dataset"].get("title") or candidate["dataset"]["path"]
-        print(f"{title}: {candidate['model']['version']} against {shipped['model']['version']}")
+        pairs.append((shipped, candidate))
+    return pairs
+
+
+def _title(report: dict) -> str:
+    return report["dataset"].get("title") or report["dataset"]["path"]
+
+
+def _version(report: dict) -> str:
+    return report["model"]["version"]
+
+
+def ship(paths: list[Path]) -> bool:
+    """Prints every check for each (shipped, candidate) pair; True when all of them hold."""
+    passed = True
+    for shipped, candidate in _pairs(paths):
+        print(f"{_title(candidate)}: {_version(candidate)} against {_version(shipped)}")
         for text, held in ship_checks(shipped, candidate):
             print(f"  {'ok  ' if held else 'FAIL'} {text}")
             passed &= held
@@ -126,9 +164,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files from ich evaluate")
     parser.add_argument("--ship", action="store_true", help="check the ship rule on report pairs")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="per class AUC difference of each report pair with a 95%% paired bootstrap interval",
+    )
     args = parser.parse_args()
     if args.ship:
         raise SystemExit(0 if ship(args.reports) else 1)
+    if args.paired:
+        print_paired(args.reports)
+        return
     print(table(args.reports))
 
 

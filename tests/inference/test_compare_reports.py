@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from compare_reports import ship, ship_checks, study_aucs, table
+from compare_reports import paired_differences, ship, ship_checks, study_aucs, table
 
 from inference.constants import CLASSES
 
@@ -82,9 +82,21 @@ def test_ship_rule_needs_any_to_hold_as_well_as_the_mean_and_subdural(tmp_path: 
     assert ship(paths[:2])
     (tmp_path / "d.json").write_text(json.dumps(worse))
     assert not ship([*paths[:2], paths[2], tmp_path / "d.json"])  # one failing pair is enough
-    with pytest.raises(SystemExit, match="pairs of reports"):
+    with pytest.raises(SystemExit, match="pairs of reports, please"):
         ship(paths)  # an odd number of reports
     other = tmp_path / "other.json"
     other.write_text(json.dumps(with_operating_point(report([(1, 0.9), (0, 0.1)]), 1.0, 1.0)))
     with pytest.raises(SystemExit, match="did not measure the same studies"):
         ship([paths[0], other])
+
+
+def test_paired_differences_compare_each_class_on_the_same_studies() -> None:
+    rows = [(1, 0.9), (1, 0.4), (0, 0.5), (0, 0.1)] * 5
+    shipped = report(rows)
+    candidate = report([(label, 0.8 if label else 0.2) for label, _ in rows], "2.0.0")
+    candidate["per_item"].reverse()  # matched by item, not by position
+    differences = paired_differences(shipped, candidate)
+    difference, low, high = differences["any"]
+    assert difference == pytest.approx(0.25)  # 0.75 -> 1.0
+    assert 0 <= low <= difference <= high  # the candidate orders every resample right
+    assert differences["epidural"][0] != differences["epidural"][0]  # NaN: no positive study

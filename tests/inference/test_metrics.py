@@ -5,6 +5,7 @@ from inference.metrics import (
     at_threshold,
     bootstrap_auc,
     calibration,
+    paired_bootstrap_auc_difference,
     roc_auc,
     threshold_for_sensitivity,
 )
@@ -28,6 +29,21 @@ def test_the_bootstrap_interval_brackets_the_point_estimate() -> None:
     auc, low, high = bootstrap_auc(labels, scores, rounds=200)
     assert low < auc < high
     assert high - low < 0.2
+
+
+def test_a_paired_interval_is_narrower_than_the_two_models_own_intervals_suggest() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    shared = labels + rng.normal(0, 1, 300)  # what both models see alike
+    a = shared + rng.normal(0, 0.2, 300)
+    b = shared + 0.3 * labels + rng.normal(0, 0.2, 300)  # b separates the classes a little better
+    difference, low, high = paired_bootstrap_auc_difference(labels, a, b, rounds=300)
+    assert difference == pytest.approx(roc_auc(labels, b) - roc_auc(labels, a))
+    assert 0 < low < difference < high
+    _, a_low, a_high = bootstrap_auc(labels, a, rounds=300)
+    assert high - low < (a_high - a_low) / 2  # unpaired intervals would overlap and tell nothing
+    same = paired_bootstrap_auc_difference(labels, a, a, rounds=50)
+    assert same == (0.0, 0.0, 0.0)
 
 
 def test_the_operating_point_reaches_the_target_sensitivity() -> None:
