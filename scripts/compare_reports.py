@@ -65,7 +65,8 @@ def paired_differences(shipped: dict, candidate: dict) -> dict[str, tuple[float,
     out = {}
     for c in CLASSES:
         labels, old, names = labelled_scores(shipped, c)
-        new = dict(zip(*labelled_scores(candidate, c)[1:][::-1], strict=True))
+        _, scores, items = labelled_scores(candidate, c)
+        new = dict(zip(items, scores, strict=True))
         out[c] = paired_bootstrap_auc_difference(labels, old, np.array([new[n] for n in names]))
     return out
 
@@ -89,9 +90,8 @@ def table(paths: list[Path]) -> str:
         report = json.loads(path.read_text())
         aucs = study_aucs(report)
         mean = mean_auc(aucs)
-        model = f"{report['model']['name']} {report['model']['version']}"
-        title = report["dataset"].get("title") or report["dataset"]["path"]
-        cells = [model, title, *(f"{aucs[c]:.4f}" for c in CLASSES), f"**{mean:.4f}**"]
+        model = f"{report['model']['name']} {_version(report)}"
+        cells = [model, _title(report), *(f"{aucs[c]:.4f}" for c in CLASSES), f"**{mean:.4f}**"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
