@@ -8,7 +8,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from compare_reports import paired_differences, ship, ship_checks, study_aucs, table
+from compare_reports import (
+    paired_differences,
+    ship,
+    ship_checks,
+    ship_checks_v3,
+    study_aucs,
+    table,
+)
 
 from inference.constants import CLASSES
 
@@ -79,15 +86,62 @@ def test_ship_rule_needs_any_to_hold_as_well_as_the_mean_and_subdural(tmp_path: 
     ]:
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(rep))
-    assert ship(paths[:2])
+    assert ship(paths[:2], rule=2)
     (tmp_path / "d.json").write_text(json.dumps(worse))
-    assert not ship([*paths[:2], paths[2], tmp_path / "d.json"])  # one failing pair is enough
+    assert not ship([*paths[:2], paths[2], tmp_path / "d.json"], rule=2)  # one failing pair
     with pytest.raises(SystemExit, match="pairs of reports, please"):
         ship(paths)  # an odd number of reports
     other = tmp_path / "other.json"
     other.write_text(json.dumps(with_operating_point(report([(1, 0.9), (0, 0.1)]), 1.0, 1.0)))
     with pytest.raises(SystemExit, match="did not measure the same studies"):
         ship([paths[0], other])
+
+
+def renamed(rep: dict, prefix: str) -> dict:
+    """The same report over studies of another selection set."""
+    items = [i | {"item": prefix + i["item"]} for i in rep["per_item"]]
+    return rep | {"per_item": items}
+
+
+def test_ship_rule_3_pools_the_sets_and_allows_a_loss_within_the_margin_only() -> None:
+    def labelled(rows: list[tuple[int, float]], prefix: str, version: str = "1.0.0") -> dict:
+        rep = renamed(report(rows, version), prefix)
+        for i in rep["per_item"]:  # epidural positive as often as the others: no NaN class
+            i.get("labels", {})["epidural"] = i.get("labels", {}).get("any")
+        return with_operating_point(rep, 0.9, 1.0)
+
+    rows = [(1, 0.9), (1, 0.4), (0, 0.5), (0, 0.1)] * 20
+    shipped = [labelled(rows, "a"), labelled(rows, "b")]
+    # the candidate orders every study right on both sets: every lower end above zero
+    better = [(label, 0.8 if label else 0.2) for label, _ in rows]
+    pairs = [(shipped[0], labelled(better, "a", "2")), (shipped[1], labelled(better, "b", "2"))]
+    checks = ship_checks_v3(pairs)
+    assert len(checks) == 1 + 6 + 2 * 2
+    assert all(held for _, held in checks), checks
+    assert "(160 studies)" in checks[0][0]
+    # one positive of 80 per set pushed below a negative: a small loss, inside the margins
+    slightly = list(rows)
+    slightly[1] = (1, 0.3)
+    pairs = [(s, labelled(slightly, p, "2")) for s, p in zip(shipped, "ab", strict=True)]
+    checks = ship_checks_v3(pairs)
+    assert not checks[0][1]  # the mean is lower, so the rule still says no
+    assert all(held for _, held in checks[1:7]), checks
+    # every second positive pushed to the bottom: far outside the margins
+    much = [
+        (label, 0.05 if label and n % 4 == 1 else score) for n, (label, score) in enumerate(rows)
+    ]
+    pairs = [(s, labelled(much, p, "2")) for s, p in zip(shipped, "ab", strict=True)]
+    assert not any(held for _, held in ship_checks_v3(pairs)[:7])
+    # the operating point is still judged on each set alone
+    pairs = [
+        (shipped[0], labelled(better, "a", "2")),
+        (shipped[1], with_operating_point(labelled(better, "b", "2"), 1.0, 0.5)),
+    ]
+    checks = ship_checks_v3(pairs)
+    assert [held for _, held in checks[7:]] == [True, True, False, False]
+    assert checks[9][0].startswith("four studies: any sensitivity")
+    with pytest.raises(SystemExit, match="share studies"):
+        ship_checks_v3([(shipped[0], shipped[0]), (shipped[0], shipped[0])])
 
 
 def test_paired_differences_compare_each_class_on_the_same_studies() -> None:
