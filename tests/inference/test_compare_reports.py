@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 from compare_reports import (
     paired_differences,
+    pointing_checks,
     ship,
     ship_checks,
     ship_checks_v3,
@@ -154,3 +155,17 @@ def test_paired_differences_compare_each_class_on_the_same_studies() -> None:
     assert difference == pytest.approx(0.25)  # 0.75 -> 1.0
     assert 0 <= low <= difference <= high  # the candidate orders every resample right
     assert differences["epidural"][0] != differences["epidural"][0]  # NaN: no positive study
+
+
+def test_ship_rule_4_turns_down_heatmaps_that_point_elsewhere() -> None:
+    def pointing(rates: dict[str, float]) -> dict:
+        return {"pointing_game": {c: {"hit_rate": r} for c, r in rates.items()}}
+
+    shipped = pointing({"any": 0.99, "epidural": 0.95, "subdural": 0.82})
+    checks = pointing_checks(shipped, pointing({"any": 0.95, "epidural": 0.69, "subdural": 0.80}))
+    assert [held for _, held in checks] == [True, True, False]  # any, subdural, epidural
+    assert "EDH pointing game 0.690 >= 0.900" in checks[2][0]  # at most 0.05 under 0.95
+    # the 80% is a floor even where the shipped model is lower
+    checks = pointing_checks(pointing({"subdural": 0.78}), pointing({"subdural": 0.79}))
+    assert checks == [("SDH pointing game 0.790 >= 0.800", False)]
+    assert pointing_checks(shipped, {}) == []  # a set without masks has no pointing game
