@@ -11,9 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from compare_reports import (
     paired_differences,
     pointing_checks,
+    pooled_ship_checks,
     ship,
     ship_checks,
-    ship_checks_v3,
     study_aucs,
     table,
 )
@@ -116,7 +116,7 @@ def test_ship_rule_3_pools_the_sets_and_allows_a_loss_within_the_margin_only() -
     # the candidate orders every study right on both sets: every lower end above zero
     better = [(label, 0.8 if label else 0.2) for label, _ in rows]
     pairs = [(shipped[0], labelled(better, "a", "2")), (shipped[1], labelled(better, "b", "2"))]
-    checks = ship_checks_v3(pairs)
+    checks = pooled_ship_checks(pairs)
     assert len(checks) == 1 + 6 + 2 * 2
     assert all(held for _, held in checks), checks
     assert "(160 studies)" in checks[0][0]
@@ -124,7 +124,7 @@ def test_ship_rule_3_pools_the_sets_and_allows_a_loss_within_the_margin_only() -
     slightly = list(rows)
     slightly[1] = (1, 0.3)
     pairs = [(s, labelled(slightly, p, "2")) for s, p in zip(shipped, "ab", strict=True)]
-    checks = ship_checks_v3(pairs)
+    checks = pooled_ship_checks(pairs)
     assert not checks[0][1]  # the mean is lower, so the rule still says no
     assert all(held for _, held in checks[1:7]), checks
     # every second positive pushed to the bottom: far outside the margins
@@ -132,17 +132,17 @@ def test_ship_rule_3_pools_the_sets_and_allows_a_loss_within_the_margin_only() -
         (label, 0.05 if label and n % 4 == 1 else score) for n, (label, score) in enumerate(rows)
     ]
     pairs = [(s, labelled(much, p, "2")) for s, p in zip(shipped, "ab", strict=True)]
-    assert not any(held for _, held in ship_checks_v3(pairs)[:7])
+    assert not any(held for _, held in pooled_ship_checks(pairs)[:7])
     # the operating point is still judged on each set alone
     pairs = [
         (shipped[0], labelled(better, "a", "2")),
         (shipped[1], with_operating_point(labelled(better, "b", "2"), 1.0, 0.5)),
     ]
-    checks = ship_checks_v3(pairs)
+    checks = pooled_ship_checks(pairs)
     assert [held for _, held in checks[7:]] == [True, True, False, False]
     assert checks[9][0].startswith("four studies: any sensitivity")
     with pytest.raises(SystemExit, match="share studies"):
-        ship_checks_v3([(shipped[0], shipped[0]), (shipped[0], shipped[0])])
+        pooled_ship_checks([(shipped[0], shipped[0]), (shipped[0], shipped[0])])
 
 
 def test_paired_differences_compare_each_class_on_the_same_studies() -> None:
