@@ -114,8 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     heads.add_argument("--out", type=Path, required=True, help="the model package to write")
     heads.add_argument("--version", required=True, help="version of the new package")
     heads.add_argument("--folds", type=int, default=5)
+    heads.add_argument(
+        "--l2",
+        type=float,
+        action="append",
+        help="L2 weight to cross-validate; repeatable (default: 0.001, 0.01 and 0.1)",
+    )
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--threads", type=int, default=0, help="0: every core")
+    heads.add_argument(
+        "--attention-weight",
+        type=float,
+        default=0.0,
+        help="weight of the localisation term that keeps each class's Grad-CAM on the bleed"
+        " (0: AUC only, as 6.2.0; training uses 0.5); needs studies with masks",
+    )
+    heads.add_argument(
+        "--attention-slices",
+        type=int,
+        default=60,
+        help="outlined bleed slices drawn per class for that term (default 60)",
+    )
     heads.set_defaults(run=_refit_heads)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
@@ -260,7 +279,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
 
     from inference.data import DataSource, prepare, read_source
     from inference.datasets import item_key
-    from inference.heads import refit_heads
+    from inference.heads import DEFAULT_L2, refit_heads
     from inference.package import ModelPackage
     from inference.progress import progress
 
@@ -291,6 +310,9 @@ def _refit_heads(args: argparse.Namespace) -> None:
         folds=args.folds,
         seed=args.seed,
         data=list(args.data),
+        l2_grid=tuple(args.l2) if args.l2 else DEFAULT_L2,
+        attention_weight=args.attention_weight,
+        attention_per_class=args.attention_slices,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     package.save(args.out / "model.pt")

@@ -467,11 +467,25 @@ def localisation_loss(
     softmax of the class's evidence map that falls on locations near the bleed.
 
     Shift-invariant (a softmax), so it shapes where the evidence lies without fighting the
-    classification loss over how much there is. Feature i of a stride-s stage is centred on
-    input pixel s * i; a location is near when the bleed comes within s/4 pixels of that centre
-    (where the attention peak must land), or, for a bleed too small for that, within its cell.
+    classification loss over how much there is. ``near_bleed`` says which locations count.
     """
-    height, width = maps.shape[-2:]
+    cells, valid = near_bleed(outlines, labels, *maps.shape[-2:])
+    if not valid.any():
+        return maps.sum() * 0.0
+    return localisation_nll(maps.flatten(2), cells)[valid].mean()
+
+
+def near_bleed(
+    outlines: torch.Tensor, labels: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class outlines (B, 6, S, S) and labels (B, 6) -> which of the (h, w) locations of a
+    stride-S/w stage are near the bleed (B, 6, h*w) float, and which (slice, class) pairs have
+    such a location on a positive slice (B, 6) bool.
+
+    Feature i of a stride-s stage is centred on input pixel s * i; a location is near when the
+    bleed comes within s/4 pixels of that centre (where the attention peak must land), or, for
+    a bleed too small for that, within its cell.
+    """
     stride = outlines.shape[-1] // width
 
     def near(radius: int) -> torch.Tensor:
@@ -481,12 +495,15 @@ def localisation_loss(
 
     close, touching = near(max(stride // 4, 1)), near(stride // 2)
     cells = torch.where(close.amax(-1, keepdim=True) > 0, close, touching)
-    valid = (torch.nan_to_num(labels) == 1) & (cells.amax(-1) > 0)  # (B, 6)
-    if not valid.any():
-        return maps.sum() * 0.0
-    log_share = F.log_softmax(maps.float().flatten(2), dim=-1)
-    inside = torch.logsumexp(log_share.masked_fill(cells == 0, -math.inf), dim=-1)  # (B, 6)
-    return -inside[valid].mean()
+    valid = (torch.nan_to_num(labels) == 1) & (cells.amax(-1) > 0)
+    return cells, valid
+
+
+def localisation_nll(maps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Evidence maps (B, 6, L) over L locations and the locations near the bleed (B, 6, L) ->
+    minus the log of the softmax share near the bleed, (B, 6) (infinite where none is)."""
+    log_share = F.log_softmax(maps.float(), dim=-1)
+    return -torch.logsumexp(log_share.masked_fill(cells == 0, -math.inf), dim=-1)
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
