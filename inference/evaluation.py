@@ -427,18 +427,38 @@ def _training_stages(training: dict[str, Any]) -> list[str]:
         )
     heads = training.get("heads_refit")
     if heads:
-        chosen = heads["cross_validated_study_auc"][f"{heads['l2_chosen']:g}"]["mean"]
-        lines.append(
-            f"- Slice head refitted (`ich refit-heads`, from {heads['from']}): one linear head over"
-            f" every member's embeddings, fitted on {heads['studies']} fresh phantom studies the"
-            f" networks never trained on ({', '.join(heads['data'])}); L2 weight"
-            f" {heads['l2_chosen']:g} chosen by {heads['folds']}-fold cross-validation (mean"
-            f" out-of-fold study AUC {chosen:.3f}, against"
-            f" {heads['members_own_heads_study_auc']['mean']:.3f} with the members' own heads)."
-            " Calibration and operating points are fitted on the out-of-fold study scores; the"
-            " atlas is kept from the networks' training."
-        )
+        lines.append(_heads_line(heads))
     return lines
+
+
+def _heads_line(heads: dict[str, Any]) -> str:
+    cv = heads["cross_validated_study_auc"]
+    chosen = cv[f"{heads['l2_chosen']:g}"]
+    how = (
+        f"chosen by {heads['folds']}-fold cross-validation (mean"
+        if len(cv) > 1
+        else f"fixed; {heads['folds']}-fold cross-validation gives a mean"
+    )
+    line = (
+        f"- Slice head refitted (`ich refit-heads`, from {heads['from']}): one linear head over"
+        f" every member's embeddings, fitted on {heads['studies']} fresh phantom studies the"
+        f" networks never trained on ({', '.join(heads['data'])}); L2 weight"
+        f" {heads['l2_chosen']:g} {how} out-of-fold study AUC {chosen['mean']:.3f}, against"
+        f" {heads['members_own_heads_study_auc']['mean']:.3f} with the members' own heads)."
+    )
+    if heads.get("attention_weight"):
+        rates = chosen.get("attention_near_bleed") or {}
+        shares = ", ".join(f"{name} {rate:.0%}" for name, rate in rates.items() if rate is not None)
+        line += (
+            f" The fit includes the networks' localisation term (weight"
+            f" {heads['attention_weight']:g}, on {heads['attention_slices']['slices']} outlined"
+            " bleed slices), which keeps each class's Grad-CAM on the bleed; out of fold, its peak"
+            f" fell near the bleed on {shares} of those slices."
+        )
+    return (
+        line + " Calibration and operating points are fitted on the out-of-fold study scores; the"
+        " atlas is kept from the networks' training."
+    )
 
 
 def _card_section(report: dict[str, Any]) -> list[str]:

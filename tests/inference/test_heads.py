@@ -234,3 +234,28 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
         == 2
     )
     assert "already used" in capsys.readouterr().err
+
+
+def test_the_model_card_says_how_the_head_was_fitted() -> None:
+    from inference.evaluation import _heads_line
+
+    record = {
+        "from": "ich-demo 6.0.0",
+        "data": ["phantom:a", "phantom:b"],
+        "studies": 600,
+        "folds": 5,
+        "l2_chosen": 0.01,
+        "cross_validated_study_auc": {
+            "0.01": {"mean": 0.97, "attention_near_bleed": {"any": 0.91, "epidural": None}}
+        },
+        "members_own_heads_study_auc": {"mean": 0.955},
+        "attention_weight": 0.5,
+        "attention_slices": {"slices": 330},
+    }
+    line = _heads_line(record)
+    assert "L2 weight 0.01 fixed" in line and "0.970, against 0.955" in line
+    assert "localisation term (weight 0.5, on 330 outlined" in line and "any 91%" in line
+    record["attention_weight"] = 0.0
+    record["cross_validated_study_auc"]["0.1"] = {"mean": 0.96}
+    line = _heads_line(record)
+    assert "chosen by 5-fold cross-validation" in line and "localisation" not in line
