@@ -79,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--bootstrap", type=int, default=1000)
     evaluate.add_argument("--title", help="how the model card names this data set")
     evaluate.add_argument("--note", help="a sentence for the model card about this data set")
+    evaluate.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="MODEL:OUT",
+        help="another package with the same networks (from `ich refit-heads`), scored from the"
+        " same network pass; its report goes to OUT (repeatable)",
+    )
     evaluate.set_defaults(run=_evaluate)
 
     card = commands.add_parser("card", help="write one model card from several evaluation reports")
@@ -195,6 +203,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     from inference.evaluation import evaluate
 
     source = DataSource(kind=args.kind, path=str(args.dataset), labels_csv=args.labels)
+    also = []
+    for spec in args.also:
+        model, sep, out = spec.rpartition(":")
+        if not sep or not model or not out:
+            raise ValueError(f"--also {spec}: expected MODEL:OUT")
+        also.append((Path(model), Path(out)))
     report = evaluate(
         args.model,
         source,
@@ -203,6 +217,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         bootstrap_rounds=args.bootstrap,
         title=args.title,
         note=args.note,
+        also=also,
     )
     summary = {c: report["study_level"][c]["auc"] for c in CLASSES}
     print(json.dumps({"study_auc": summary, "report": str(args.out / "report.json")}, indent=2))

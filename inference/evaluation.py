@@ -71,23 +71,40 @@ def evaluate(
     device: str | None = None,
     title: str | None = None,
     note: str | None = None,
+    also: Sequence[tuple[Path, Path]] = (),
 ) -> dict[str, Any]:
+    """Evaluates the model at ``model_path`` on ``source`` and writes its report, ROC curve and
+    card to ``out_dir``. Each (model, out dir) of ``also`` is a package with the same networks
+    (from ``ich refit-heads``): it is scored from the same pass of the networks and gets the
+    report a separate evaluation would write, for about the cost of one."""
     predictor = Predictor.load(model_path, device=device)
+    others = [Predictor.load(path, device=device) for path, _ in also]
     items = read_source(source)
     if exclude_training:
         items = _held_out(items, predictor)
+        for path, other in zip((p for p, _ in also), others, strict=True):
+            if _held_out(items, other) != items:
+                raise ValueError(
+                    f"{path} was trained on some of these items and {model_path} was not: "
+                    "evaluate it on its own"
+                )
     if not items:
         raise ValueError("no items left to evaluate (all were used in training?)")
-    collected = Collected()
+    collected = [Collected() for _ in range(1 + len(others))]
     for item in progress(items, desc=f"evaluate {source.kind}", unit="item"):
-        _evaluate_item(item, predictor, collected)
-    report = _report(predictor, source, collected, bootstrap_rounds)
-    report["dataset"].update({"title": title, "note": note, "held_out_only": exclude_training})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _roc_png(collected, out_dir / "roc_study.png", predictor)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "MODEL_CARD.md").write_text(model_card(predictor, [report]))
-    return report
+        _evaluate_item(item, predictor, others, collected)
+    reports = []
+    for p, c, out in zip(
+        [predictor, *others], collected, [out_dir, *(o for _, o in also)], strict=True
+    ):
+        report = _report(p, source, c, bootstrap_rounds)
+        report["dataset"].update({"title": title, "note": note, "held_out_only": exclude_training})
+        out.mkdir(parents=True, exist_ok=True)
+        _roc_png(c, out / "roc_study.png", p)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "MODEL_CARD.md").write_text(model_card(p, [report]))
+        reports.append(report)
+    return reports[0]
 
 
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
@@ -96,7 +113,9 @@ def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
     return [i for i in items if datasets.item_key(i) not in seen]
 
 
-def _evaluate_item(item: Any, predictor: Predictor, collected: Collected) -> None:
+def _evaluate_item(
+    item: Any, predictor: Predictor, others: list[Predictor], collected: list[Collected]
+) -> None:
     has_masks = bool(getattr(item, "masks_path", None)) or bool(getattr(item, "boxes", None))
     if isinstance(item, datasets.SliceItem):
         series: Any = picture_series(item, predictor)
@@ -106,7 +125,19 @@ def _evaluate_item(item: Any, predictor: Predictor, collected: Collected) -> Non
 
         series = load_series(item.paths, skip_bad=True)
         slice_labels = _slice_labels(item, series)
-    prediction = predictor.predict(series, heatmaps=has_masks, basis=False)
+    predictions = predictor.predict_shared(series, others, heatmaps=has_masks, basis=False)
+    for prediction, into in zip(predictions, collected, strict=True):
+        _collect(item, series, prediction, slice_labels, has_masks, into)
+
+
+def _collect(
+    item: Any,
+    series: CTSeries,
+    prediction: StudyPrediction,
+    slice_labels: np.ndarray,
+    has_masks: bool,
+    collected: Collected,
+) -> None:
     probs = np.array([prediction.probabilities[c] for c in CLASSES])
     collected.names.append(datasets.item_key(item))
     collected.study_labels.append(np.asarray(item.labels, np.float32))

@@ -178,6 +178,45 @@ def slice_outputs(
     return out
 
 
+def shared_slice_outputs(
+    heads: list[list[EfficientNetLite]], x: torch.Tensor
+) -> list[dict[str, torch.Tensor]]:
+    """``slice_outputs`` (with class maps) for several member lists that share their networks
+    and differ in their linear heads: each member's last stage is computed once, by the first
+    list's member, and read by every list's head."""
+    logits: list[list[torch.Tensor]] = [[] for _ in heads]
+    embeddings: list[torch.Tensor] = []
+    maps: list[list[torch.Tensor]] = [[] for _ in heads]
+    for m, model in enumerate(heads[0]):
+        features = model.forward_features(x)  # (B, E, h, w)
+        embeddings.append(model.pool(features))
+        for i, members in enumerate(heads):
+            logits[i].append(members[m].forward_head(features))
+            maps[i].append(members[m].forward_maps(features))
+    pooled = torch.stack(embeddings)
+    return [
+        {"logits": torch.stack(lo), "embeddings": pooled, "class_maps": torch.stack(ma)}
+        for lo, ma in zip(logits, maps, strict=True)
+    ]
+
+
+def check_same_networks(a: "ModelPackage", b: "ModelPackage") -> None:
+    """Raises ValueError unless b has a's preprocessing and networks (every weight but the
+    linear heads'), as a package from ``ich refit-heads`` has its source's."""
+    where = f"{b.name} {b.version} against {a.name} {a.version}"
+    if a.preprocess != b.preprocess:
+        raise ValueError(f"{where}: the preprocessing differs")
+    if [m.variant for m in a.members] != [m.variant for m in b.members]:
+        raise ValueError(f"{where}: the ensemble's members differ")
+    for ma, mb in zip(a.members, b.members, strict=True):
+        if ma.output_stride != mb.output_stride:
+            raise ValueError(f"{where}: {ma.variant}'s output stride differs")
+        sb = mb.state_dict()
+        for key, value in ma.state_dict().items():
+            if not key.startswith("fc.") and not torch.equal(value, sb[key]):
+                raise ValueError(f"{where}: {ma.variant} differs in {key}")
+
+
 def aggregator_features(logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     """(M, N, 6) and (M, N, E) -> (N, M * (E + 6)): what the study aggregator reads per slice."""
     return torch.cat(

@@ -2,7 +2,7 @@
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,13 @@ import torch
 from inference.constants import CLASS_LABELS, CLASSES
 from inference.dicom_io import CTSeries, load_series
 from inference.gradcam import class_activation
-from inference.package import ModelPackage, aggregator_features, slice_outputs
+from inference.models import EfficientNetLite
+from inference.package import (
+    ModelPackage,
+    aggregator_features,
+    check_same_networks,
+    shared_slice_outputs,
+)
 from inference.preprocess import model_input, resample_inplane, to_original
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "ich-demo" / "model.pt"
@@ -119,7 +125,28 @@ class Predictor:
         """batch_size: slices per network pass; by default 8 on CPU (a 500-slice series at
         256 px peaks near 2.3 GB with 8 or 16; 8 was faster in docs/benchmarks.md) and 32 on
         CUDA."""
+        return self.predict_shared(
+            series, [], heatmaps=heatmaps, basis=basis, basis_k=basis_k, batch_size=batch_size
+        )[0]
+
+    def predict_shared(
+        self,
+        series: CTSeries | Iterable[Path | str | bytes] | Path | str,
+        others: "Sequence[Predictor]",
+        *,
+        heatmaps: bool = True,
+        basis: bool = True,
+        basis_k: int = 4,
+        batch_size: int | None = None,
+    ) -> list[StudyPrediction]:
+        """This predictor's prediction and then each of ``others``', from one pass of the
+        networks: ``others`` must have the same networks and preprocessing and may differ in
+        their heads, study level, calibration, operating points and atlas (a package from
+        ``ich refit-heads`` against the one it came from). Each prediction is what its own
+        ``predict`` gives; the shared stages' timings are in every one."""
         batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        for other in others:
+            check_same_networks(self.package, other.package)
         timings: dict[str, float] = {}
         clock = _Clock(timings)
         if not isinstance(series, CTSeries):
@@ -130,9 +157,28 @@ class Predictor:
         x = model_input(grid, series.positions_mm, config)  # (N, 3, S, S)
         del grid
         clock.lap("preprocess")
-        logits, embeddings, class_maps = self._run_members(x, batch_size)
+        predictors = [self, *others]
+        outputs = self._run_members(x, batch_size, [p.package.members for p in predictors])
         del x  # the heatmaps that follow need the class maps only: peak memory on long series
         clock.lap("networks")
+        return [
+            p._finish(series, transform, out, dict(timings), heatmaps, basis, basis_k, batch_size)
+            for p, out in zip(predictors, outputs, strict=True)
+        ]
+
+    def _finish(
+        self,
+        series: CTSeries,
+        transform: Any,
+        outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        timings: dict[str, float],
+        heatmaps: bool,
+        basis: bool,
+        basis_k: int,
+        batch_size: int,
+    ) -> StudyPrediction:
+        logits, embeddings, class_maps = outputs
+        clock = _Clock(timings)
         study = self._study_logits(logits, embeddings)
         probabilities = self.package.calibrate(study)
         flags = self.package.flags(probabilities)
@@ -169,18 +215,25 @@ class Predictor:
 
     @torch.no_grad()
     def _run_members(
-        self, x: torch.Tensor, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slice logits (M, N, 6), embeddings (M, N, E) and class evidence maps (M, N, 6, h, w):
-        one pass of the networks gives the scores and everything Grad-CAM needs."""
-        logits, embeddings, maps = [], [], []
+        self, x: torch.Tensor, batch_size: int, heads: list[list[EfficientNetLite]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per entry of ``heads`` (member lists with these networks): slice logits (M, N, 6),
+        embeddings (M, N, E) and class evidence maps (M, N, 6, h, w). One pass of the networks
+        gives the scores and everything Grad-CAM needs, for every set of heads."""
+        parts: list[list[dict[str, torch.Tensor]]] = [[] for _ in heads]
         with self._autocast():
             for chunk in torch.split(x, batch_size):
-                out = slice_outputs(self.package.members, chunk.to(self.device), class_maps=True)
-                logits.append(out["logits"].float().cpu())
-                embeddings.append(out["embeddings"].float().cpu())
-                maps.append(out["class_maps"].float().cpu())
-        return torch.cat(logits, dim=1), torch.cat(embeddings, dim=1), torch.cat(maps, dim=1)
+                outs = shared_slice_outputs(heads, chunk.to(self.device))
+                for part, out in zip(parts, outs, strict=True):
+                    part.append({k: v.float().cpu() for k, v in out.items()})
+        return [
+            (
+                torch.cat([o["logits"] for o in part], dim=1),
+                torch.cat([o["embeddings"] for o in part], dim=1),
+                torch.cat([o["class_maps"] for o in part], dim=1),
+            )
+            for part in parts
+        ]
 
     @torch.no_grad()
     def _study_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:

@@ -259,3 +259,63 @@ def test_the_model_card_says_how_the_head_was_fitted() -> None:
     record["cross_validated_study_auc"]["0.1"] = {"mean": 0.96}
     line = _heads_line(record)
     assert "chosen by 5-fold cross-validation" in line and "localisation" not in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED.is_file(), reason=f"no model package at {SHIPPED}")
+def test_evaluate_also_scores_a_refitted_package_from_the_same_network_pass(
+    tmp_path: Path,
+) -> None:
+    """`ich evaluate MODEL DATA --also REFIT:OUT` writes for REFIT the report its own
+    evaluation writes, and refuses a package whose networks differ."""
+    import json
+
+    from inference.data import DataSource
+    from inference.evaluation import evaluate
+    from inference.package import check_same_networks
+    from inference.phantom import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, 3, seed=78, progress=False)
+    shipped = ModelPackage.load(SHIPPED)
+    refit = ModelPackage.load(SHIPPED)
+    dim = sum(m.embedding_dim for m in refit.members)
+    generator = torch.Generator().manual_seed(5)
+    fold_into_members(
+        refit,
+        LinearHead(
+            mean=torch.zeros(dim),
+            scale=torch.ones(dim),
+            weight=torch.cat([m.fc.weight.T / 2 for m in shipped.members])
+            + 0.02 * torch.randn(dim, len(CLASSES), generator=generator),
+            bias=shipped.members[0].fc.bias.detach().clone(),
+        ),
+    )
+    refit.version = "9.9.8"
+    refit.save(tmp_path / "refit.pt")
+    source = DataSource(kind="phantom", path=str(data))
+    evaluate(SHIPPED, source, tmp_path / "a", bootstrap_rounds=20)
+    evaluate(tmp_path / "refit.pt", source, tmp_path / "b", bootstrap_rounds=20)
+    evaluate(
+        SHIPPED,
+        source,
+        tmp_path / "a2",
+        bootstrap_rounds=20,
+        also=[(tmp_path / "refit.pt", tmp_path / "b2")],
+    )
+    for own, shared in (("a", "a2"), ("b", "b2")):
+        expected = json.loads((tmp_path / own / "report.json").read_text())
+        got = json.loads((tmp_path / shared / "report.json").read_text())
+        assert got == expected
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert a["model"] != b["model"]  # two packages, two reports
+    assert [s["probabilities"] for s in a["per_item"]] != [
+        s["probabilities"] for s in b["per_item"]
+    ]
+
+    other = ModelPackage.load(SHIPPED)
+    with torch.no_grad():
+        other.members[1].conv_stem.weight.add_(0.01)
+    with pytest.raises(ValueError, match="conv_stem"):
+        check_same_networks(shipped, other)
