@@ -35,16 +35,23 @@ def _package(n_members: int = 2) -> ModelPackage:
     return ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None)
 
 
-def test_the_folded_head_is_what_the_ensemble_scores_and_explains(tmp_path: Path) -> None:
-    package = _package()
+def _random_head(
+    package: ModelPackage, generator: torch.Generator, bias_scale: float
+) -> LinearHead:
+    """A random head over the package's pooled embeddings, drawn from the generator."""
     dim = sum(m.embedding_dim for m in package.members)
-    generator = torch.Generator().manual_seed(1)
-    head = LinearHead(
+    return LinearHead(
         mean=torch.randn(dim, generator=generator),
         scale=torch.rand(dim, generator=generator) + 0.1,
         weight=torch.randn(dim, len(CLASSES), generator=generator) * 0.05,
-        bias=torch.randn(len(CLASSES), generator=generator) * 3,
+        bias=torch.randn(len(CLASSES), generator=generator) * bias_scale,
     )
+
+
+def test_the_folded_head_is_what_the_ensemble_scores_and_explains(tmp_path: Path) -> None:
+    package = _package()
+    generator = torch.Generator().manual_seed(1)
+    head = _random_head(package, generator, bias_scale=3.0)
     fold_into_members(package, head)
     package.save(tmp_path / "m.pt")
     loaded = ModelPackage.load(tmp_path / "m.pt")
@@ -87,14 +94,8 @@ def _attention(maps: list[torch.Tensor], cells: torch.Tensor) -> AttentionSlices
 
 def test_attention_hits_reads_the_peak_of_the_folded_ensembles_grad_cam() -> None:
     package = _package()
-    dim = sum(m.embedding_dim for m in package.members)
     generator = torch.Generator().manual_seed(2)
-    head = LinearHead(
-        mean=torch.randn(dim, generator=generator),
-        scale=torch.rand(dim, generator=generator) + 0.1,
-        weight=torch.randn(dim, len(CLASSES), generator=generator) * 0.05,
-        bias=torch.randn(len(CLASSES), generator=generator),
-    )
+    head = _random_head(package, generator, bias_scale=1.0)
     fold_into_members(package, head)
     # last-stage maps (B, E, h, w) as forward_features gives them (ReLU6: in [0, 6])
     stages = [
