@@ -25,7 +25,8 @@ from inference.training import (
     train,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# the first test builds the module fixtures (phantoms, tiny training, evaluation)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
