@@ -147,12 +147,20 @@ def _extent(head: np.ndarray) -> float:
 
 
 def resample_mask(mask: np.ndarray, transform: InplaneTransform, size: int) -> np.ndarray:
-    """(N, H, W) uint8 bit flags -> (N, S, S) on the model grid, one bit plane at a time."""
-    planes = torch.from_numpy(np.unpackbits(mask[..., None], axis=-1, bitorder="little"))
-    planes = planes.permute(3, 0, 1, 2).reshape(8 * mask.shape[0], *mask.shape[1:]).float()
-    sampled = _sample(planes, transform, size, air=0.0) > 0.5  # (8N, S, S)
-    bits = sampled.reshape(8, mask.shape[0], size, size).permute(1, 2, 3, 0).numpy()
-    return np.packbits(bits, axis=-1, bitorder="little")[..., 0]
+    """(N, H, W) uint8 bit flags -> (N, S, S) on the model grid, one bit plane at a time.
+
+    Only the slices where a bit is set are resampled for that bit (the rest stay 0, as they
+    would): most slices and most bits of a study are empty, and this is most of the cost of
+    preparing a masked study."""
+    out = np.zeros((mask.shape[0], size, size), dtype=np.uint8)
+    for bit in range(8):
+        plane = (mask & np.uint8(1 << bit)) != 0  # (N, H, W)
+        rows = np.flatnonzero(plane.reshape(len(plane), -1).any(axis=1))
+        if rows.size == 0:
+            continue
+        sampled = _sample(torch.from_numpy(plane[rows]).float(), transform, size, air=0.0) > 0.5
+        out[rows] |= sampled.numpy().astype(np.uint8) << np.uint8(bit)
+    return out
 
 
 def _sample(

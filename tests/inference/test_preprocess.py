@@ -7,6 +7,7 @@ from inference.preprocess import (
     BONE,
     BRAIN,
     SUBDURAL,
+    InplaneTransform,
     PreprocessConfig,
     Window,
     apply_windows,
@@ -14,6 +15,7 @@ from inference.preprocess import (
     hu_from_windowed,
     neighbour_slices,
     resample_inplane,
+    resample_mask,
     slice_context,
     to_original,
 )
@@ -127,6 +129,32 @@ def test_a_heatmap_maps_back_onto_the_original_slice_where_the_head_was() -> Non
     original = hu[0] > -500
     overlap = (back & original).sum() / original.sum()
     assert overlap > 0.95
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 1.4])
+def test_mask_bits_resample_like_every_plane_resampled_alone(scale: float) -> None:
+    """resample_mask skips the slices where a bit is empty: the result must be what resampling
+    each bit plane of every slice gives, as a 0/1 image through the same bilinear sampling."""
+    rng = np.random.default_rng(1)
+    mask = np.zeros((6, 120, 100), np.uint8)
+    mask[1, 30:70, 20:60] = 0b11  # two classes in one blob
+    mask[2, 5:7, 10:90] = 1 << 4  # a thin line
+    mask[4] = rng.integers(0, 256, (120, 100), dtype=np.uint8)  # every bit, noise
+    mask[5, 60, 50] = 1 << 7  # one pixel
+    transform = InplaneTransform(scale, 4.0, -3.0, (120, 100))
+    got = resample_mask(mask, transform, 64)
+    for bit in range(8):
+        plane = ((mask >> bit) & 1).astype(np.float32)  # every slice, as a 0/1 image, air 0
+        expected = _resampled_plane(plane, transform, 64) > 0.5
+        assert np.array_equal((got >> bit) & 1, expected.astype(np.uint8)), bit
+    assert got[0].max() == 0 and got[3].max() == 0  # empty slices stay empty
+    assert (got[1] & 0b11 == 0b11).sum() > 100
+
+
+def _resampled_plane(plane: np.ndarray, transform: InplaneTransform, size: int) -> np.ndarray:
+    from inference.preprocess import _sample
+
+    return _sample(torch.from_numpy(plane), transform, size, air=0.0).numpy()
 
 
 def test_windows_round_trip_through_the_stored_configuration() -> None:
