@@ -5,7 +5,8 @@ slice AUC for "any" on two phantom test sets, as one JSON line (also appended to
     .venv/bin/python scripts/tiny_sweep.py NAME --train-seed 11 --seed 3 \
         [--train-studies 80] [--set epochs=8 --set preprocess.image_size=128 ...]
 
-Phantoms are written once under --data (at --min-size, default small as in the test) and reused:
+Phantoms are written once under --data (at --min-size, default as in the test; --favour a,b
+draws those subtypes more often in the training set) and reused:
 the training set (--train-seed, --train-studies), the test's held-out set (seed 22, 48 studies)
 and the smaller one the test used before (seed 12, 24 studies). Overrides are JSON values;
 dotted keys go into a section (preprocess., augment.). One run costs 3-9 minutes on one core
@@ -25,15 +26,17 @@ from inference.data import DataSource
 from inference.evaluation import evaluate
 from inference.phantom import write_dataset
 from inference.training import TrainConfig, train
-from tests.inference.test_training import TINY_RECIPE
+from tests.inference.test_training import TINY_MIN_SIZE, TINY_RECIPE
 
 HELD_OUT = {"test48": (22, 48), "test24": (12, 24)}
 
 
-def phantoms(root: Path, seed: int, studies: int, min_size: str) -> Path:
-    path = root / f"seed{seed}-{studies}-{min_size}"
+def phantoms(
+    root: Path, seed: int, studies: int, min_size: str, favour: tuple[str, ...] = ()
+) -> Path:
+    path = root / "-".join([f"seed{seed}", str(studies), min_size, *favour])
     if not (path / "complete").exists():
-        write_dataset(path, studies, seed=seed, progress=False, min_size=min_size)
+        write_dataset(path, studies, seed=seed, progress=False, min_size=min_size, favour=favour)
         (path / "complete").touch()
     return path
 
@@ -56,14 +59,16 @@ def main() -> None:
     parser.add_argument("--train-seed", type=int, default=11)
     parser.add_argument("--train-studies", type=int, default=80)
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--min-size", default="small")
+    parser.add_argument("--min-size", default=TINY_MIN_SIZE)
+    parser.add_argument("--favour", default="", help="subtypes the training set favours, a,b")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
     parser.add_argument("--data", type=Path, default=Path("var/tiny-sweep/data"))
     parser.add_argument("--runs", type=Path, default=Path("var/tiny-sweep/runs"))
     parser.add_argument("--results", type=Path, default=Path("var/tiny-sweep/results.jsonl"))
     args = parser.parse_args()
 
-    train_path = phantoms(args.data, args.train_seed, args.train_studies, args.min_size)
+    favour = tuple(s for s in args.favour.split(",") if s)
+    train_path = phantoms(args.data, args.train_seed, args.train_studies, args.min_size, favour)
     run_dir = args.runs / args.name
     config = {
         **recipe(args.set),
@@ -78,6 +83,8 @@ def main() -> None:
         "train_seed": args.train_seed,
         "train_studies": args.train_studies,
         "seed": args.seed,
+        "min_size": args.min_size,
+        "favour": list(favour),
         "set": args.set,
         "train_s": round(time.monotonic() - started),
     }
