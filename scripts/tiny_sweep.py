@@ -26,9 +26,11 @@ from inference.data import DataSource
 from inference.evaluation import evaluate
 from inference.phantom import write_dataset
 from inference.training import TrainConfig, train
-from tests.inference.test_training import TINY_MIN_SIZE, TINY_RECIPE
+from tests.inference.test_training import TINY_MIN_SIZE, TINY_RECIPE, TINY_SETS
 
-HELD_OUT = {"test48": (22, 48), "test24": (12, 24)}
+TRAIN_STUDIES, TRAIN_SEED = TINY_SETS["train"]
+# the test's held-out set (48 studies, seed 22) and the smaller one it used before
+HELD_OUT = {"test48": TINY_SETS["test"][::-1], "test24": (12, 24)}  # seed, studies
 
 
 def phantoms(
@@ -56,9 +58,9 @@ def recipe(overrides: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name")
-    parser.add_argument("--train-seed", type=int, default=11)
-    parser.add_argument("--train-studies", type=int, default=80)
-    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--train-seed", type=int, default=TRAIN_SEED)
+    parser.add_argument("--train-studies", type=int, default=TRAIN_STUDIES)
+    parser.add_argument("--seed", type=int, default=TINY_RECIPE["seed"])
     parser.add_argument("--min-size", default=TINY_MIN_SIZE)
     parser.add_argument("--favour", default="", help="subtypes the training set favours, a,b")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
