@@ -133,9 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     heads.add_argument(
         "--attention-weight",
         type=float,
-        default=0.0,
+        action="append",
         help="weight of the localisation term that keeps each class's Grad-CAM on the bleed"
-        " (0: AUC only, as 6.2.0; training uses 0.5); needs studies with masks",
+        " (default 0: AUC only, as 6.2.0; training uses 0.5); needs studies with masks;"
+        " repeatable: every weight is cross-validated from one pass of the networks",
+    )
+    heads.add_argument(
+        "--max-attention-drop",
+        type=float,
+        default=0.05,
+        help="the setting chosen must put each class's Grad-CAM peak near the bleed, out of"
+        " fold, at most this much less often than the members' own heads (default 0.05)",
     )
     heads.add_argument(
         "--attention-slices",
@@ -326,7 +334,8 @@ def _refit_heads(args: argparse.Namespace) -> None:
         seed=args.seed,
         data=list(args.data),
         l2_grid=tuple(args.l2) if args.l2 else DEFAULT_L2,
-        attention_weight=args.attention_weight,
+        attention_weights=tuple(args.attention_weight) if args.attention_weight else (0.0,),
+        max_attention_drop=args.max_attention_drop,
         attention_per_class=args.attention_slices,
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +344,8 @@ def _refit_heads(args: argparse.Namespace) -> None:
     before = report["members_own_heads_study_auc"]["mean"]
     print(
         f"{args.out / 'model.pt'}: {package.name} {package.version}, head L2 "
-        f"{report['l2_chosen']:g}, out-of-fold mean study AUC {chosen:.4f} "
+        f"{report['l2_chosen']:g}, attention weight {report['attention_weight']:g}, "
+        f"out-of-fold mean study AUC {chosen:.4f} "
         f"(the members' own heads: {before:.4f})"
     )
 

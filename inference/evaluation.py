@@ -486,6 +486,22 @@ def _heads_line(heads: dict[str, Any]) -> str:
             " bleed slices), which keeps each class's Grad-CAM on the bleed; out of fold, its peak"
             f" fell near the bleed on {shares} of those slices."
         )
+    if "attention_within_drop" in heads:
+        drop = heads.get("max_attention_drop", 0.05)
+        sweep = heads.get("attention_weight_sweep")
+        weights = ", ".join(sorted({f"{e['attention_weight']:g}" for e in sweep or []}, key=float))
+        if heads.get("attention_within_drop") is False:
+            line += (
+                f" No setting{f' (weights {weights})' if sweep else ''} kept every class's"
+                f" peak near the bleed within {drop:g} of the members' own heads, so for some"
+                " class this head's Grad-CAM points at the bleed less often than theirs did."
+            )
+        elif sweep:
+            line += (
+                f" The weight was chosen from {weights} by cross-validation: the highest"
+                " out-of-fold AUC among the settings whose peaks fell near the bleed at most"
+                f" {drop:g} less often than with the members' own heads, for every class."
+            )
     return (
         line + " Calibration and operating points are fitted on the out-of-fold study scores; the"
         " atlas is kept from the networks' training."

@@ -50,6 +50,9 @@ from inference.training import (
 
 DEFAULT_L2 = (1e-3, 1e-2, 1e-1)
 DEFAULT_ATTENTION_SLICES = 60  # bleed slices sampled per class for the attention term
+# the largest fall, per class, in the out-of-fold share of Grad-CAM peaks near the bleed against
+# the members' own heads that a chosen setting may have (the ship rule's pointing-game margin)
+DEFAULT_MAX_ATTENTION_DROP = 0.05
 
 
 ATTENTION_ENERGY = 0.995  # share of the feature maps' energy the attention term's basis keeps
@@ -296,6 +299,15 @@ def hit_rates(hits: torch.Tensor, valid: torch.Tensor) -> dict[str, float | None
     }
 
 
+def within_drop(rates: dict[str, float | None], own: dict[str, float | None], drop: float) -> bool:
+    """Whether every class's share of peaks near the bleed is at most ``drop`` under ``own``."""
+    return all(
+        rate >= own_rate - drop
+        for name, rate in rates.items()
+        if rate is not None and (own_rate := own.get(name)) is not None
+    )
+
+
 def patient_folds(volumes: list[Volume], k: int, seed: int) -> np.ndarray:
     """Fold per study, all studies of a patient in one fold."""
     patients = sorted({v.patient_id for v in volumes})
@@ -342,16 +354,24 @@ def refit_heads(
     seed: int = 0,
     target_sensitivity: float = 0.95,
     data: list[str] | None = None,
-    attention_weight: float = 0.0,
+    attention_weights: tuple[float, ...] = (0.0,),
     attention_per_class: int = DEFAULT_ATTENTION_SLICES,
+    max_attention_drop: float = DEFAULT_MAX_ATTENTION_DROP,
 ) -> dict[str, Any]:
     """Fits the ensemble head on `volumes` (studies the networks never trained on, with slice
     labels), chooses its L2 weight by patient-grouped cross-validation (mean out-of-fold study
     AUC), calibrates and chooses the operating points on the out-of-fold study logits, and
-    writes all of it into `package`. With ``attention_weight`` > 0, every fit also pulls the
+    writes all of it into `package`. With an attention weight > 0, every fit also pulls the
     evidence maps onto the bleeds of ``attention_per_class`` sampled outlined slices per class,
     and the record reports how often, out of fold, the Grad-CAM peak lies near the bleed.
-    Returns the record it adds to the package's training."""
+
+    Several ``attention_weights`` are cross-validated from one pass of the networks. Where
+    attention slices exist, a setting (L2, weight) is eligible when, for every class, its
+    out-of-fold share of peaks near the bleed is at most ``max_attention_drop`` under the
+    members' own heads' share on the same slices; the eligible setting with the highest
+    out-of-fold mean study AUC is chosen. If none is eligible, the highest-AUC setting is
+    chosen with a warning, and the record says so. Returns the record it adds to the
+    package's training."""
     if package.aggregator is not None:
         raise ValueError("refit-heads needs a model whose study level is the maximum over slices")
     if len(volumes) < 2 * folds:
@@ -368,36 +388,60 @@ def refit_heads(
     y = torch.from_numpy(np.concatenate([v.slice_labels for v in volumes]))
     counts = [len(v.slice_labels) for v in volumes]
     attention = None
-    if attention_weight > 0:
+    if max(attention_weights) > 0:
         attention = attention_slices(package, volumes, attention_per_class, seed)
         if attention is None:
             raise ValueError("--attention-weight needs studies with bleed masks (phantom output)")
-    cv: dict[str, Any] = {}
-    best: tuple[float, float, np.ndarray] = (-1.0, l2_grid[0], before)
-    bar = progress(desc="fit heads", unit="fit", total=len(l2_grid) * folds + 1)
     own_hits = None
     if attention is not None:
-        own = fold_weights(package)
-        own_hits = hit_rates(attention_hits(attention, *own), attention.valid)
-    for l2 in l2_grid:
-        logits, hits = cross_fitted(x, y, counts, l2, assignment, bar, attention, attention_weight)
-        per_class = class_aucs(logits, labels)
-        mean = mean_of(per_class)
-        cv[f"{l2:g}"] = {"mean": mean, **dict(zip(CLASSES, per_class, strict=True))}
-        line = f"head L2 {l2:g}: out-of-fold mean study AUC {mean:.4f}"
-        if attention is not None and hits is not None:
-            rates = hit_rates(hits, attention.valid)
-            cv[f"{l2:g}"]["attention_near_bleed"] = rates
-            line += ", attention peak near the bleed " + ", ".join(
-                f"{name} {rate:.2f}" for name, rate in rates.items() if rate is not None
-            )
-        tqdm.write(line)
-        if mean > best[0]:
-            best = (mean, l2, logits)
-    _, l2, oof = best
+        own_hits = hit_rates(attention_hits(attention, *fold_weights(package)), attention.valid)
+        tqdm.write(
+            "members' own heads: attention peak near the bleed "
+            + ", ".join(f"{name} {rate:.2f}" for name, rate in own_hits.items() if rate is not None)
+        )
+    total = len(l2_grid) * len(attention_weights) * folds + 1
+    bar = progress(desc="fit heads", unit="fit", total=total)
+    sweep = []
+    for weight in attention_weights:
+        for l2 in l2_grid:
+            logits, hits = cross_fitted(x, y, counts, l2, assignment, bar, attention, weight)
+            per_class = class_aucs(logits, labels)
+            entry: dict[str, Any] = {
+                "l2": l2,
+                "attention_weight": weight,
+                "mean": mean_of(per_class),
+                **dict(zip(CLASSES, per_class, strict=True)),
+            }
+            line = f"head L2 {l2:g}"
+            if len(attention_weights) > 1:
+                line += f", attention weight {weight:g}"
+            line += f": out-of-fold mean study AUC {entry['mean']:.4f}"
+            if attention is not None and own_hits is not None and hits is not None:
+                rates = hit_rates(hits, attention.valid)
+                entry["attention_near_bleed"] = rates
+                entry["attention_within_drop"] = within_drop(rates, own_hits, max_attention_drop)
+                line += ", attention peak near the bleed " + ", ".join(
+                    f"{name} {rate:.2f}" for name, rate in rates.items() if rate is not None
+                )
+            tqdm.write(line)
+            sweep.append((entry, logits))
+    eligible = [s for s in sweep if s[0].get("attention_within_drop", True)]
+    chosen, oof = max(eligible or sweep, key=lambda s: s[0]["mean"])
+    if not eligible:
+        tqdm.write(
+            f"WARNING: every setting puts some class's Grad-CAM peak near the bleed more than"
+            f" {max_attention_drop:g} less often than the members' own heads; chose the highest"
+            " out-of-fold AUC anyway. Check the explanations before shipping this model"
+        )
+    l2, attention_weight = chosen["l2"], chosen["attention_weight"]
     head = fit_head(x, y, l2, attention, attention_weight)
     bar.update(1)
     bar.close()
+    cv = {
+        f"{e['l2']:g}": {k: v for k, v in e.items() if k not in ("l2", "attention_weight")}
+        for e, _ in sweep
+        if e["attention_weight"] == attention_weight
+    }
     fold_into_members(package, head)
     package.calibration = fit_platt(oof, labels)
     probabilities = platt(oof, package.calibration)
@@ -425,6 +469,11 @@ def refit_heads(
         "attention_weight": attention_weight,
         "seconds": round(time.time() - started, 1),
     }
+    if len(attention_weights) > 1:
+        report["attention_weight_sweep"] = [e for e, _ in sweep]
+    if own_hits is not None:
+        report["max_attention_drop"] = max_attention_drop
+        report["attention_within_drop"] = bool(eligible)
     if attention is not None:
         report["attention_slices"] = {
             "per_class": attention_per_class,

@@ -18,6 +18,7 @@ from inference.heads import (
     fold_weights,
     hit_rates,
     principal_basis,
+    within_drop,
 )
 from inference.metrics import roc_auc
 from inference.models import EfficientNetLite
@@ -190,6 +191,8 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
                 "--threads",
                 "1",
                 "--attention-weight",
+                "0",
+                "--attention-weight",
                 "0.5",
                 "--attention-slices",
                 "4",
@@ -203,10 +206,32 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     assert record["from"].endswith(ModelPackage.load(SHIPPED).version)
     assert set(record["cross_validated_study_auc"]) == {"0.001", "0.01", "0.1"}
     # the attention term's slices and the out-of-fold share of Grad-CAM peaks near the bleed
-    assert record["attention_weight"] == 0.5
     assert 4 <= record["attention_slices"]["slices"] <= 4 * len(CLASSES)
     rates = record["cross_validated_study_auc"]["0.01"]["attention_near_bleed"]
     assert all(r is None or 0.0 <= r <= 1.0 for r in rates.values())
+    # both weights at every L2 were cross-validated; the setting chosen is the best out-of-fold
+    # AUC among those whose peaks stay within 0.05 of the members' own heads (or of all of them)
+    sweep = record["attention_weight_sweep"]
+    assert sorted((e["attention_weight"], e["l2"]) for e in sweep) == [
+        (w, l2) for w in (0.0, 0.5) for l2 in (0.001, 0.01, 0.1)
+    ]
+    own = record["attention_slices"]["members_own_heads_near_bleed"]
+    for e in sweep:
+        assert e["attention_within_drop"] == all(
+            r >= own[c] - 0.05 for c, r in e["attention_near_bleed"].items() if r is not None
+        )
+    eligible = [e for e in sweep if e["attention_within_drop"]]
+    best = max(eligible or sweep, key=lambda e: e["mean"])
+    assert (record["attention_weight"], record["l2_chosen"]) == (
+        best["attention_weight"],
+        best["l2"],
+    )
+    assert record["attention_within_drop"] == bool(eligible)
+    assert record["cross_validated_study_auc"]["0.01"]["mean"] == next(
+        e["mean"]
+        for e in sweep
+        if e["l2"] == 0.01 and e["attention_weight"] == best["attention_weight"]
+    )
     assert package.training["split"]["heads"] == [f"phantom-{77 * 100000 + i}" for i in range(10)]
     assert set(package.training["operating_points_on_validation"]) == set(CLASSES)
     # the new package reads a study, and its slice scores are the refitted head's
@@ -237,6 +262,14 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     assert "already used" in capsys.readouterr().err
 
 
+def test_within_drop_compares_every_class_with_the_members_own_heads() -> None:
+    own = {"any": 0.90, "subdural": 0.78, "epidural": None}
+    assert within_drop({"any": 0.86, "subdural": 0.73, "epidural": 0.1}, own, 0.05)
+    assert not within_drop({"any": 0.86, "subdural": 0.72, "epidural": 0.9}, own, 0.05)
+    assert not within_drop({"any": 0.84, "subdural": None}, own, 0.05)
+    assert within_drop({"any": 0.84, "subdural": 0.78}, own, 0.10)
+
+
 def test_the_model_card_says_how_the_head_was_fitted() -> None:
     from inference.evaluation import _heads_line
 
@@ -256,10 +289,23 @@ def test_the_model_card_says_how_the_head_was_fitted() -> None:
     line = _heads_line(record)
     assert "L2 weight 0.01 fixed" in line and "0.970, against 0.955" in line
     assert "localisation term (weight 0.5, on 330 outlined" in line and "any 91%" in line
+    assert "chosen from" not in line and "No setting" not in line
+    # a weight chosen from several, within the margin, and a fit where no setting kept it
+    record |= {
+        "attention_weight_sweep": [{"attention_weight": w} for w in (2.0, 0.5)],
+        "max_attention_drop": 0.05,
+        "attention_within_drop": True,
+    }
+    assert "weight was chosen from 0.5, 2 by cross-validation" in _heads_line(record)
+    record["attention_within_drop"] = False
+    line = _heads_line(record)
+    assert "No setting (weights 0.5, 2) kept every class's peak" in line
+    assert "chosen from" not in line
     record["attention_weight"] = 0.0
     record["cross_validated_study_auc"]["0.1"] = {"mean": 0.96}
     line = _heads_line(record)
     assert "chosen by 5-fold cross-validation" in line and "localisation" not in line
+    assert "No setting" in line  # a weight of 0 chosen still says what the explanations lost
 
 
 @pytest.mark.slow
