@@ -1,4 +1,5 @@
-"""The `ich` command: phantom, train, refit-heads, evaluate, card, predict, atlas build."""
+"""The `ich` command: phantom, train, refit-heads, convexity, evaluate, card, predict, atlas
+build."""
 
 import argparse
 import json
@@ -10,6 +11,7 @@ from typing import Any
 from inference.constants import CLASSES
 
 DATA_KINDS = ("phantom", "study_folder", "cq500", "rsna", "yolo", "image_folder")
+SERIES_KINDS = ("phantom", "study_folder", "cq500", "rsna")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +154,38 @@ def main(argv: list[str] | None = None) -> int:
         help="outlined bleed slices drawn per class for that term (default 60)",
     )
     heads.set_defaults(run=_refit_heads)
+
+    convexity = commands.add_parser(
+        "convexity",
+        help="train the strip network that reads extra-axial blood along the inner table and"
+        " join its evidence to a model's subdural, epidural and any scores",
+    )
+    convexity.add_argument("model", type=Path, help="model package whose ensemble stays as it is")
+    convexity.add_argument(
+        "--train",
+        action="append",
+        required=True,
+        metavar="phantom:PATH",
+        help="studies with blood masks the strip network trains on; repeatable",
+    )
+    convexity.add_argument(
+        "--fit",
+        action="append",
+        required=True,
+        metavar="KIND:PATH",
+        help="labelled studies neither network trained on, where the fusion and the fused"
+        " classes' operating points are fitted (out of fold); repeatable",
+    )
+    convexity.add_argument("--out", type=Path, required=True, help="the model package to write")
+    convexity.add_argument("--version", required=True, help="version of the new package")
+    convexity.add_argument("--epochs", type=int, default=6)
+    convexity.add_argument("--steps", type=int, default=150, help="batches per epoch")
+    convexity.add_argument("--batch", type=int, default=32)
+    convexity.add_argument("--lr", type=float, default=2e-3)
+    convexity.add_argument("--width", type=int, default=16, help="channels of the first stage")
+    convexity.add_argument("--seed", type=int, default=0)
+    convexity.add_argument("--threads", type=int, default=0, help="0: every core")
+    convexity.set_defaults(run=_convexity)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
     atlas_commands = atlas.add_subparsers(dest="atlas_command", required=True)
@@ -297,11 +331,72 @@ def _atlas_build(args: argparse.Namespace) -> None:
     print(f"atlas of {len(package.atlas.classes)} slices written into {target}")
 
 
+def _convexity(args: argparse.Namespace) -> None:
+    import torch
+
+    from inference.convexity_fit import add_convexity
+    from inference.package import ModelPackage
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    package = ModelPackage.load(args.model)
+    seen = {k for part in package.training.get("split", {}).values() for k in part}
+    train_items = _fresh_studies(args.train, seen, args.model, kinds=("phantom",))
+    fit_items = _fresh_studies(args.fit, seen, args.model, kinds=SERIES_KINDS)
+    shared = {s.study_id for s in train_items} & {s.study_id for s in fit_items}
+    if shared:
+        raise ValueError(f"{len(shared)} studies are in both --train and --fit")
+    record = add_convexity(
+        package,
+        train_items,
+        fit_items,
+        version=args.version,
+        data={"train": list(args.train), "fit": list(args.fit)},
+        workers=args.threads or os.cpu_count() or 1,
+        seed=args.seed,
+        epochs=args.epochs,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        width=args.width,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    package.save(args.out / "model.pt")
+    print(f"{args.out / 'model.pt'}: {package.name} {package.version}")
+    for name, r in record["classes"].items():
+        kept = "fused" if name in record["fused"] else "left to the ensemble"
+        print(
+            f"  {name}: out-of-fold study AUC {r['fused_auc_out_of_fold']:.4f} against the"
+            f" ensemble's {r['ensemble_auc']:.4f}: {kept}"
+        )
+
+
+def _fresh_studies(
+    specs: list[str], seen: set[str], model: Path, kinds: tuple[str, ...] = DATA_KINDS
+) -> list[Any]:
+    """The studies of KIND:PATH specs, refusing any the model already used."""
+    from inference.data import DataSource, read_source
+    from inference.datasets import item_key
+
+    items = []
+    for spec in specs:
+        kind, _, path = spec.partition(":")
+        if kind not in kinds or not path:
+            raise ValueError(f"{spec}: expected KIND:PATH, KIND one of {', '.join(kinds)}")
+        found = read_source(DataSource(kind=kind, path=path))
+        used = [k for k in map(item_key, found) if k in seen]
+        if used:
+            raise ValueError(
+                f"{path}: {len(used)} studies were already used by {model} (first {used[0]})"
+            )
+        items += found
+    return items
+
+
 def _refit_heads(args: argparse.Namespace) -> None:
     import torch
 
-    from inference.data import DataSource, prepare, read_source
-    from inference.datasets import item_key
+    from inference.data import prepare
     from inference.heads import DEFAULT_L2, refit_heads
     from inference.package import ModelPackage
     from inference.progress import progress
@@ -312,17 +407,8 @@ def _refit_heads(args: argparse.Namespace) -> None:
     seen = {k for part in package.training.get("split", {}).values() for k in part}
     volumes = []
     for spec in args.data:
-        kind, _, path = spec.partition(":")
-        if kind not in DATA_KINDS or not path:
-            kinds = ", ".join(DATA_KINDS)
-            raise ValueError(f"--data {spec}: expected KIND:PATH, KIND one of {kinds}")
-        items = read_source(DataSource(kind=kind, path=path))
-        used = [k for k in map(item_key, items) if k in seen]
-        if used:
-            raise ValueError(
-                f"{path}: {len(used)} studies were already used by {args.model} "
-                f"(first {used[0]}); the head needs studies the networks never saw"
-            )
+        kind = spec.partition(":")[0]
+        items = _fresh_studies([spec], seen, args.model)
         bar = progress(desc=f"prepare {kind}", unit="study", total=len(items))
         volumes += prepare(items, package.preprocess, kind, progress=bar)
         bar.close()

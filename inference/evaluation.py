@@ -109,7 +109,7 @@ def evaluate(
 
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
     split = predictor.package.training.get("split", {})
-    seen = set(split.get("train", [])) | set(split.get("val", [])) | set(split.get("heads", []))
+    seen = {key for part in ("train", "val", "heads", "convexity") for key in split.get(part, [])}
     return [i for i in items if datasets.item_key(i) not in seen]
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from inference.constants import CLASSES
+from inference.convexity import ConvexityReader
 from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator
 from inference.preprocess import PreprocessConfig
 
@@ -77,13 +78,11 @@ class ModelPackage:
     thresholds: np.ndarray = field(default_factory=lambda: np.full(len(CLASSES), 0.5))
     atlas: Atlas | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    convexity: ConvexityReader | None = None  # strip network joined by `ich convexity`
 
     @property
     def feature_dim(self) -> int:
         return sum(m.embedding_dim + len(CLASSES) for m in self.members)
-
-    def calibrate(self, study_logits: np.ndarray) -> np.ndarray:
-        return platt(study_logits, self.calibration)
 
     def flags(self, probabilities: np.ndarray) -> np.ndarray:
         """Flags at the operating points, (..., 6) bool. A subtype is flagged only together with
@@ -124,6 +123,7 @@ class ModelPackage:
             "thresholds": torch.from_numpy(np.asarray(self.thresholds, dtype=np.float64)),
             "atlas": None if self.atlas is None else self.atlas.to_state(),
             "training": self.training,
+            "convexity": None if self.convexity is None else self.convexity.to_state(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
@@ -157,6 +157,9 @@ class ModelPackage:
             thresholds=state["thresholds"].numpy(),
             atlas=None if state["atlas"] is None else Atlas.from_state(state["atlas"]),
             training=state["training"],
+            convexity=None
+            if state.get("convexity") is None
+            else ConvexityReader.from_state(state["convexity"], device),
         )
 
 

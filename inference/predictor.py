@@ -179,12 +179,16 @@ class Predictor:
     ) -> StudyPrediction:
         logits, embeddings, class_maps = outputs
         clock = _Clock(timings)
-        study = self._study_logits(logits, embeddings)
-        probabilities = self.package.calibrate(study)
+        study = self._calibrated_logits(logits, embeddings)
+        clock.lap("aggregate")
+        reader = self.package.convexity
+        if reader is not None:
+            study = reader.fuse(study, reader.study_logits(series.hu, series.pixel_spacing_mm))
+            clock.lap("strips")
+        probabilities = 1.0 / (1.0 + np.exp(-study))
         flags = self.package.flags(probabilities)
         slice_probabilities = torch.sigmoid(logits.mean(0)).numpy()  # (N, 6)
         key = slice_probabilities.argmax(axis=0)  # (6,)
-        clock.lap("aggregate")
         prediction = StudyPrediction(
             model_name=self.package.name,
             model_version=self.package.version,
@@ -234,6 +238,20 @@ class Predictor:
             )
             for part in parts
         ]
+
+    def ensemble_logits(self, series: CTSeries, batch_size: int | None = None) -> np.ndarray:
+        """The ensemble's calibrated study logits (6,), before any strip evidence joins them:
+        what ``ich convexity`` fits its fusion on."""
+        batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        grid, _ = resample_inplane(series.hu, series.pixel_spacing_mm, self.package.preprocess)
+        x = model_input(grid, series.positions_mm, self.package.preprocess)  # (N, 3, S, S)
+        logits, embeddings, _ = self._run_members(x, batch_size, [self.package.members])[0]
+        return self._calibrated_logits(logits, embeddings)
+
+    def _calibrated_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:
+        """Platt scaling in logit space: a * study logit + b per class (6,)."""
+        study = self._study_logits(logits, embeddings).astype(np.float64)
+        return self.package.calibration[:, 0] * study + self.package.calibration[:, 1]
 
     @torch.no_grad()
     def _study_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:

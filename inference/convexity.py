@@ -1,0 +1,310 @@
+"""Extra-axial blood read along the convexity, at the scan's own resolution.
+
+Subdural and epidural blood lie between the brain and the inner table of the skull. Each slice
+is unrolled into a strip: one column per ray from the head's centre, one row per depth inward
+from the inner table (0.5 mm steps). In the strip a subdural is a long thin band along the top
+and an epidural a short thick lens, at the native pixel size rather than the 0.94 mm grid of the
+slice networks, so thin blood keeps its few pixels.
+
+``ConvexityNet`` reads the strips of a slice and its neighbours and gives, per ray sector, a
+subdural and an epidural logit; a slice's score is the maximum over its sectors.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.constants import CLASSES, SUBTYPES
+
+EXTRA_AXIAL = ("subdural", "epidural")
+_BITS = tuple(1 << SUBTYPES.index(name) for name in EXTRA_AXIAL)
+AIR_HU = -1000.0
+
+
+@dataclass(frozen=True)
+class StripConfig:
+    angles: int = 360  # rays per slice
+    depth_mm: float = 32.0  # how far inward from the inner table the strip reaches
+    step_mm: float = 0.5  # sample spacing along each ray
+    max_radius_mm: float = 130.0
+    bone_hu: float = 300.0
+    min_inner_radius_mm: float = 30.0  # a ray whose skull starts closer to the centre is invalid
+
+    @property
+    def depth(self) -> int:
+        return round(self.depth_mm / self.step_mm)
+
+    @property
+    def samples(self) -> int:
+        return round(self.max_radius_mm / self.step_mm)
+
+
+@dataclass
+class Strips:
+    hu: np.ndarray  # (N, D, A) float32 HU; row 0 touches the inner table
+    valid: np.ndarray  # (N, A) bool: the ray found the skull
+    labels: np.ndarray | None = None  # (N, 2, A) uint8: subdural/epidural blood within the strip
+
+
+def _ray_grid(
+    centres_px: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int], cfg: StripConfig
+) -> torch.Tensor:
+    """Sample points of every ray as grid_sample coordinates."""
+    angle = torch.arange(cfg.angles, dtype=torch.float32) * (2 * math.pi / cfg.angles)
+    radius = torch.arange(cfg.samples, dtype=torch.float32) * cfg.step_mm  # (K,)
+    rows = centres_px[:, 0, None, None] + (
+        radius[None, None, :] * torch.sin(angle)[None, :, None] / spacing[0]
+    )  # (N, A, K)
+    cols = centres_px[:, 1, None, None] + (
+        radius[None, None, :] * torch.cos(angle)[None, :, None] / spacing[1]
+    )
+    height, width = shape
+    return torch.stack(
+        (cols / (width - 1) * 2 - 1, rows / (height - 1) * 2 - 1), dim=-1
+    )  # (N, A, K, 2)
+
+
+def _head_centres(hu: torch.Tensor) -> torch.Tensor:
+    """Centroid of the tissue in each slice, in pixels (row, col); the image centre when empty."""
+    tissue = (hu > -200).float()  # (N, H, W)
+    weight = tissue.sum(dim=(1, 2)).clamp(min=1.0)
+    rows = torch.arange(hu.shape[1], dtype=torch.float32)
+    cols = torch.arange(hu.shape[2], dtype=torch.float32)
+    centre_r = (tissue.sum(dim=2) * rows).sum(dim=1) / weight
+    centre_c = (tissue.sum(dim=1) * cols).sum(dim=1) / weight
+    empty = tissue.sum(dim=(1, 2)) < 1
+    centre_r[empty] = (hu.shape[1] - 1) / 2
+    centre_c[empty] = (hu.shape[2] - 1) / 2
+    return torch.stack((centre_r, centre_c), dim=1)  # (N, 2)
+
+
+def _inner_table(profiles: torch.Tensor, cfg: StripConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the inner table on each ray: where the outermost run of bone begins.
+
+    The outermost run is the skull itself, so a calcified falx or plexus nearer the centre
+    does not stop the ray.
+    """
+    bone = profiles > cfg.bone_hu  # (N, A, K)
+    index = torch.arange(profiles.shape[-1])
+    last_bone = torch.where(bone, index, -1).amax(dim=-1)  # (N, A)
+    soft_before = (~bone) & (index < last_bone[..., None])
+    inner = torch.where(soft_before, index, -1).amax(dim=-1) + 1  # (N, A)
+    valid = (last_bone >= 0) & (inner * cfg.step_mm >= cfg.min_inner_radius_mm)
+    return inner, valid
+
+
+def convexity_strips(
+    hu: np.ndarray,
+    pixel_spacing_mm: tuple[float, float],
+    cfg: StripConfig | None = None,
+    masks: np.ndarray | None = None,
+) -> Strips:
+    """Unroll each slice (and, for training, its blood masks) along the inner table."""
+    cfg = cfg or StripConfig()
+    volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))  # (N, H, W)
+    shape = (volume.shape[1], volume.shape[2])
+    grid = _ray_grid(_head_centres(volume), pixel_spacing_mm, shape, cfg)
+    profiles = (
+        F.grid_sample((volume - AIR_HU)[:, None], grid, align_corners=True)[:, 0] + AIR_HU
+    )  # (N, A, K)
+    inner, valid = _inner_table(profiles, cfg)
+    depth_index = inner[..., None] - 1 - torch.arange(cfg.depth)  # (N, A, D)
+    inside = (depth_index >= 0) & valid[..., None]
+    strips = torch.gather(profiles, 2, depth_index.clamp(min=0))
+    strips = torch.where(inside, strips, torch.full_like(strips, AIR_HU))
+    labels = None
+    if masks is not None:
+        labels = _strip_labels(masks, grid, depth_index, inside)
+    return Strips(hu=strips.transpose(1, 2).numpy(), valid=valid.numpy(), labels=labels)
+
+
+def _strip_labels(
+    masks: np.ndarray, grid: torch.Tensor, depth_index: torch.Tensor, inside: torch.Tensor
+) -> np.ndarray:
+    bits = torch.from_numpy(np.ascontiguousarray(masks))
+    planes = torch.stack([(bits & bit) > 0 for bit in _BITS], dim=1).float()  # (N, 2, H, W)
+    along = F.grid_sample(planes, grid, mode="nearest", align_corners=True)  # (N, 2, A, K)
+    index = depth_index.clamp(min=0)[:, None].expand(-1, 2, -1, -1)  # (N, 2, A, D)
+    in_strip = torch.gather(along, 3, index) * inside[:, None]
+    return (in_strip.amax(dim=3) > 0).to(torch.uint8).numpy()  # (N, 2, A)
+
+
+def neighbours(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each slice's neighbour below and above (series are sorted by position; the
+    slice itself at the borders), for a series stored from ``offset`` on."""
+    order = np.arange(count)
+    return offset + np.maximum(order - 1, 0), offset + np.minimum(order + 1, count - 1)
+
+
+def _blood(hu: torch.Tensor) -> torch.Tensor:
+    return ((hu.float() + 10.0) / 110.0).clamp(0, 1)
+
+
+def strip_channels(
+    strips: torch.Tensor, index: torch.Tensor, below: torch.Tensor, above: torch.Tensor
+) -> torch.Tensor:
+    """Network input for the slices ``index`` of ``strips`` (M, D, A) HU: the slice and its
+    neighbours below and above in a blood window (-10..100 HU), and the slice in a wide window
+    that shows the bone's partial volume."""
+    own = strips[index]  # (B, D, A)
+    wide = ((own.float() + 100.0) / 400.0).clamp(0, 1)
+    channels = (_blood(strips[below[index]]), _blood(own), _blood(strips[above[index]]), wide)
+    return torch.stack(channels, dim=1)  # (B, 4, D, A)
+
+
+class _CircularConv(nn.Module):
+    """3x3 convolution that wraps around the angle axis and pads the depth axis with zeros."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 0, 0), mode="circular")
+        x = F.pad(x, (0, 0, 1, 1))
+        return F.relu(self.norm(self.conv(x)))
+
+
+class ConvexityNet(nn.Module):
+    """Strips (B, 4, D, A) -> per-sector subdural and epidural logits (B, 2, A / 8)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.width = width
+        widths = (width, width * 2, width * 4, width * 6)
+        layers: list[nn.Module] = []
+        c_in = 4
+        for i, c_out in enumerate(widths):
+            layers.append(_CircularConv(c_in, c_out))
+            if i > 0:  # full resolution gets one convolution only: it holds most of the cost
+                layers.append(_CircularConv(c_out, c_out))
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        # Along the convexity: dilated circular 1D convolutions see a lesion's whole length.
+        self.dilations = (1, 2, 4, 8)
+        self.along = nn.ModuleList(
+            nn.Conv1d(c_in, c_in, 3, dilation=d, padding=0) for d in self.dilations
+        )
+        self.head = nn.Conv1d(c_in, len(EXTRA_AXIAL), 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (B, C, D/8, A/8)
+        x = x.amax(dim=2)  # (B, C, A/8)
+        for conv, pad in zip(self.along, self.dilations, strict=True):
+            x = x + F.relu(conv(F.pad(x, (pad, pad), mode="circular")))
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)  # (B, 2, A/8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @staticmethod
+    def slice_logits(sector_logits: torch.Tensor) -> torch.Tensor:
+        return sector_logits.amax(dim=2)  # (B, 2)
+
+
+# Below this share of rays that found the skull, a slice is not read (skull base, vertex, a
+# windowed 8-bit picture whose bone is clipped to the brain window).
+MIN_VALID_RAYS = 0.5
+STRIP_CHUNK = 32  # slices unrolled at once: bounds the ray profiles' memory on long series
+
+
+def series_strips(
+    hu: np.ndarray, pixel_spacing_mm: tuple[float, float], cfg: StripConfig
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Strips (N, D, A) float32 HU of a whole series, unrolled in chunks, and each slice's
+    share of valid rays (N,)."""
+    parts, valid = [], []
+    for start in range(0, len(hu), STRIP_CHUNK):
+        strips = convexity_strips(hu[start : start + STRIP_CHUNK], pixel_spacing_mm, cfg)
+        parts.append(torch.from_numpy(strips.hu))
+        valid.append(strips.valid.mean(axis=1))
+    return torch.cat(parts), np.concatenate(valid)
+
+
+# Which strip logit each fused class reads: subdural and epidural their own, "any" the larger.
+STRIP_FEATURE = {"any": None, "subdural": 0, "epidural": 1}
+
+
+class ConvexityReader:
+    """The strip network of a model package and how its evidence joins the ensemble's.
+
+    ``fusion`` holds, per class of CLASSES, (w_ensemble, w_strips, bias): the class's study
+    logit becomes w_ensemble * (the ensemble's calibrated logit) + w_strips * (the strip
+    network's study logit) + bias, fitted by logistic regression on studies neither network
+    trained on. A row of NaN leaves the class to the ensemble, and so does a series with no
+    slice the strips can read."""
+
+    def __init__(self, net: ConvexityNet, strips: StripConfig, fusion: np.ndarray) -> None:
+        self.net = net.eval()
+        self.strips = strips
+        self.fusion = np.asarray(fusion, dtype=np.float64)  # (6, 3)
+
+    def to_state(self) -> dict:
+        return {
+            "strips": vars(self.strips).copy(),
+            "width": self.net.width,
+            "state": self.net.state_dict(),
+            "fusion": torch.from_numpy(self.fusion),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ConvexityReader":
+        net = ConvexityNet(width=int(state["width"]))
+        net.load_state_dict(state["state"])
+        return cls(net.to(device), StripConfig(**state["strips"]), state["fusion"].numpy())
+
+    @torch.no_grad()
+    def slice_logits(
+        self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float], batch_size: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Subdural and epidural logits per slice (N, 2), and which slices could be read (N,)."""
+        strips, valid = series_strips(hu, pixel_spacing_mm, self.strips)
+        below, above = (torch.from_numpy(i) for i in neighbours(len(strips)))
+        device = next(self.net.parameters()).device
+        out = []
+        for index in torch.arange(len(strips)).split(batch_size):
+            x = strip_channels(strips, index, below, above).to(device)  # (B, 4, D, A)
+            out.append(self.net.slice_logits(self.net(x)).float().cpu())
+        return torch.cat(out).numpy(), valid >= MIN_VALID_RAYS
+
+    def study_logits(
+        self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float]
+    ) -> np.ndarray | None:
+        """The strongest readable slice's logits (2,), or None when no slice is readable."""
+        logits, readable = self.slice_logits(hu, pixel_spacing_mm)
+        if not readable.any():
+            return None
+        return logits[readable].max(axis=0)
+
+    def fuse(self, calibrated_logits: np.ndarray, strip_logits: np.ndarray | None) -> np.ndarray:
+        """Study logits (6,) after the strips' evidence joins: see the class docstring."""
+        fused = np.array(calibrated_logits, dtype=np.float64)
+        if strip_logits is None:
+            return fused
+        evidence = strip_features(strip_logits[None])[0]  # (6,)
+        for c in range(len(CLASSES)):
+            if not np.isnan(self.fusion[c]).any():
+                w_ensemble, w_strips, bias = self.fusion[c]
+                fused[c] = w_ensemble * fused[c] + w_strips * evidence[c] + bias
+        return fused
+
+
+def strip_features(strip_logits: np.ndarray) -> np.ndarray:
+    """(S, 2) subdural/epidural strip logits -> (S, 6): the strip evidence each class reads
+    (NaN for classes that read none)."""
+    out = np.full((len(strip_logits), len(CLASSES)), np.nan)
+    for c, name in enumerate(CLASSES):
+        if name in STRIP_FEATURE:
+            column = STRIP_FEATURE[name]
+            out[:, c] = strip_logits.max(axis=1) if column is None else strip_logits[:, column]
+    return out

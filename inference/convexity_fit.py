@@ -1,0 +1,271 @@
+"""`ich convexity`: train the strip network (inference/convexity.py) on studies with blood masks,
+then join its evidence to a model package's ensemble by a logistic regression per class, fitted
+on other studies that neither network trained on."""
+
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference import datasets, dicom_io
+from inference.constants import CLASSES
+from inference.convexity import (
+    ConvexityNet,
+    ConvexityReader,
+    StripConfig,
+    convexity_strips,
+    neighbours,
+    strip_channels,
+    strip_features,
+)
+from inference.data import _masks_in_series_order
+from inference.metrics import roc_auc, threshold_for_sensitivity
+from inference.package import ModelPackage
+from inference.predictor import Predictor
+from inference.progress import progress
+from inference.training import operating_point_record
+
+SECTOR = 8  # rays per output sector of ConvexityNet (three poolings by 2)
+
+
+@dataclass
+class StripStore:
+    """Every training slice's strip, with its neighbours' indices and sector labels."""
+
+    strips: torch.Tensor  # (M, D, A) int16 HU
+    below: torch.Tensor  # (M,) index of the neighbour below
+    above: torch.Tensor  # (M,)
+    sectors: torch.Tensor  # (M, 2, A / SECTOR) float32: subdural/epidural blood in the sector
+
+    def __len__(self) -> int:
+        return len(self.strips)
+
+
+def _study_strips(job: tuple[datasets.StudyItem, StripConfig]) -> tuple[np.ndarray, np.ndarray]:
+    item, cfg = job
+    series = dicom_io.load_series(item.paths)
+    if item.masks_path is None:
+        raise ValueError(f"{item.study_id}: the strip network trains on studies with masks.npz")
+    masks = _masks_in_series_order(item.masks_path, series.sop_instance_uids)
+    if masks is None:
+        raise ValueError(f"{item.study_id}: masks.npz does not match the series")
+    strips = convexity_strips(series.hu, series.pixel_spacing_mm, cfg, masks=masks)
+    labels = strips.labels if strips.labels is not None else np.zeros((0,), np.uint8)
+    return np.clip(strips.hu, -1000, 3000).astype(np.int16), labels
+
+
+def strip_store(
+    items: Sequence[datasets.StudyItem], cfg: StripConfig, *, workers: int = 1
+) -> StripStore:
+    bar = progress(desc="unroll studies", unit="study", total=len(items))
+    strips, labels, below, above = [], [], [], []
+    offset = 0
+    # spawn: a forked child of a process whose torch thread pool already ran can hang
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for hu, lab in pool.map(_study_strips, [(i, cfg) for i in items], chunksize=2):
+            b, a = neighbours(len(hu), offset)
+            strips.append(torch.from_numpy(hu))
+            labels.append(torch.from_numpy(lab).float())
+            below.append(torch.from_numpy(b))
+            above.append(torch.from_numpy(a))
+            offset += len(hu)
+            bar.update()
+    bar.close()
+    sectors = F.max_pool1d(torch.cat(labels), SECTOR)  # (M, 2, A / SECTOR)
+    return StripStore(torch.cat(strips), torch.cat(below), torch.cat(above), sectors)
+
+
+def _turned(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple:
+    """Augmentation: the head turned by whole sectors, and mirrored left to right."""
+    sectors = int(rng.integers(0, y.shape[-1]))
+    x, y = torch.roll(x, sectors * SECTOR, dims=-1), torch.roll(y, sectors, dims=-1)
+    if rng.random() < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    return x, y
+
+
+def train_net(
+    store: StripStore,
+    *,
+    epochs: int = 6,
+    steps: int = 150,
+    batch: int = 32,
+    lr: float = 2e-3,
+    width: int = 16,
+    seed: int = 0,
+) -> tuple[ConvexityNet, list[float]]:
+    """Half of each batch are slices with extra-axial blood; the loss reads every sector and
+    each slice's strongest sector. One-cycle learning rate; the last epoch's net is kept."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = ConvexityNet(width=width)
+    positive = (store.sectors.amax(dim=(1, 2)) > 0).numpy()
+    if not positive.any() or positive.all():
+        raise ValueError("the strip network needs slices with and without extra-axial blood")
+    p = np.where(positive, 0.5 / positive.sum(), 0.5 / (~positive).sum())
+    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * steps)
+    losses = []
+    bar = progress(desc="train strip network", unit="step", total=epochs * steps)
+    net.train()
+    for _ in range(epochs):
+        total = 0.0
+        for _ in range(steps):
+            index = torch.from_numpy(rng.choice(len(store), batch, p=p))
+            x = strip_channels(store.strips, index, store.below, store.above)  # (B, 4, D, A)
+            x, y = _turned(x, store.sectors[index], rng)
+            sector_logits = net(x)  # (B, 2, A / SECTOR)
+            loss = F.binary_cross_entropy_with_logits(sector_logits, y)
+            loss = loss + F.binary_cross_entropy_with_logits(
+                net.slice_logits(sector_logits), y.amax(dim=2)
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach())
+            bar.update()
+        losses.append(total / steps)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    return net.eval(), losses
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """(w_ensemble, w_strips, bias) minimising log-loss on (S, 2) features."""
+    features = torch.tensor(x, dtype=torch.float64)
+    target = torch.tensor(y, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w], lr=0.5, max_iter=200)
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = features @ w[:2] + w[2]
+        loss = F.binary_cross_entropy_with_logits(logits, target) + l2 * (w[:2] ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return w.detach().numpy()
+
+
+def _folds(count: int, k: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(count) % k
+
+
+def fit_fusion(
+    ensemble: np.ndarray, strips: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Per class that reads strip evidence: the fusion fitted on every study, and, out of fold,
+    whether it ranks the studies better than the ensemble alone; only then is it kept.
+
+    ensemble (S, 6) calibrated logits, strips (S, 2) study strip logits (NaN where no slice was
+    readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not fused), the out-of-fold
+    study logits (S, 6) of what was kept, and the record."""
+    evidence = strip_features(np.nan_to_num(strips, nan=0.0))  # (S, 6)
+    readable = ~np.isnan(strips).any(axis=1)
+    assignment = _folds(len(labels), folds, seed)
+    fusion = np.full((len(CLASSES), 3), np.nan)
+    out_of_fold = ensemble.copy()
+    record: dict[str, Any] = {}
+    for c, name in enumerate(CLASSES):
+        if np.isnan(evidence[:, c]).all():
+            continue
+        known = ~np.isnan(labels[:, c]) & readable
+        y = labels[:, c]
+        if len(np.unique(y[known])) < 2:
+            continue
+        x = np.stack([ensemble[:, c], evidence[:, c]], axis=1)
+        oof = ensemble[:, c].copy()
+        for k in range(folds):
+            train, test = known & (assignment != k), known & (assignment == k)
+            w = _fit_logistic(x[train], y[train])
+            oof[test] = x[test] @ w[:2] + w[2]
+        before = roc_auc(y[known], ensemble[known, c])
+        after = roc_auc(y[known], oof[known])
+        record[name] = {"ensemble_auc": before, "fused_auc_out_of_fold": after}
+        if after > before:
+            fusion[c] = _fit_logistic(x[known], y[known])
+            out_of_fold[:, c] = oof
+            record[name]["weights"] = [float(v) for v in fusion[c]]
+    return fusion, out_of_fold, record
+
+
+def fit_inputs(
+    predictor: Predictor, reader: ConvexityReader, items: Sequence[datasets.StudyItem]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ensemble calibrated logits (S, 6), strip study logits (S, 2; NaN when unreadable) and
+    labels (S, 6) of the studies the fusion is fitted on."""
+    ensemble, strips = [], []
+    for item in progress(items, desc="score fit studies", unit="study"):
+        series = dicom_io.load_series(item.paths)
+        ensemble.append(predictor.ensemble_logits(series))
+        study = reader.study_logits(series.hu, series.pixel_spacing_mm)
+        strips.append(np.full(2, np.nan) if study is None else study)
+    labels = np.stack([np.asarray(i.labels, np.float64) for i in items])
+    return np.stack(ensemble), np.stack(strips), labels
+
+
+def add_convexity(
+    package: ModelPackage,
+    train_items: Sequence[datasets.StudyItem],
+    fit_items: Sequence[datasets.StudyItem],
+    *,
+    version: str,
+    data: dict[str, list[str]],
+    target_sensitivity: float = 0.95,
+    workers: int = 1,
+    seed: int = 0,
+    **net_settings: Any,
+) -> dict[str, Any]:
+    """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
+    operating points (out of fold) on ``fit_items``, and writes all of it into ``package``.
+    Returns the record it adds to the package's training."""
+    started = time.time()
+    cfg = StripConfig()
+    net, losses = train_net(
+        strip_store(train_items, cfg, workers=workers), seed=seed, **net_settings
+    )
+    reader = ConvexityReader(net, cfg, np.full((len(CLASSES), 3), np.nan))
+    ensemble, strips, labels = fit_inputs(
+        Predictor(package, torch.device("cpu")), reader, fit_items
+    )
+    fusion, out_of_fold, per_class = fit_fusion(ensemble, strips, labels, seed=seed)
+    reader.fusion = fusion
+    probabilities = 1.0 / (1.0 + np.exp(-out_of_fold))
+    fused = ~np.isnan(fusion).any(axis=1)
+    for c in np.flatnonzero(fused):
+        known = ~np.isnan(labels[:, c])
+        package.thresholds[c] = threshold_for_sensitivity(
+            labels[known, c] == 1, probabilities[known, c], target_sensitivity
+        )
+    fused_names = [CLASSES[c] for c in np.flatnonzero(fused)]
+    record: dict[str, Any] = {
+        "from": f"{package.name} {package.version}",
+        "data": data,
+        "train_studies": len(train_items),
+        "fit_studies": len(fit_items),
+        "unreadable_fit_studies": int(np.isnan(strips).any(axis=1).sum()),
+        "net": {**net_settings, "seed": seed, "loss_per_epoch": losses},
+        "strips": vars(cfg).copy(),
+        "classes": per_class,
+        "fused": fused_names,
+        "seconds": round(time.time() - started),
+    }
+    # The fused flags' thresholds and what they do, out of fold, on the fit studies.
+    chosen_on = package.training.setdefault("operating_points_on_validation", {})
+    for name, r in operating_point_record(probabilities, labels, package.thresholds).items():
+        if name in fused_names and chosen_on:
+            chosen_on[name] = r
+    split = package.training.setdefault("split", {})
+    split["convexity"] = sorted(datasets.item_key(i) for i in [*train_items, *fit_items])
+    package.training["convexity"] = record
+    package.convexity = reader
+    package.version = version
+    return record
