@@ -1,0 +1,175 @@
+"""`ich convexity`: the strip network's training, its fusion with the ensemble, and the package
+and predictor that carry it."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.constants import CLASSES
+from inference.convexity import ConvexityNet, ConvexityReader, StripConfig
+from inference.convexity_fit import SECTOR, StripStore, fit_fusion, train_net
+from inference.metrics import roc_auc
+from inference.models import EfficientNetLite
+from inference.package import ModelPackage
+from inference.predictor import Predictor
+from inference.preprocess import PreprocessConfig
+
+SUBDURAL, EPIDURAL = CLASSES.index("subdural"), CLASSES.index("epidural")
+DEPTH, ANGLES = 32, 96
+
+
+def _strips(count: int, seed: int) -> tuple[StripStore, np.ndarray]:
+    """Brain strips (about 30 HU) of which some carry a long thin band of blood along the
+    table (subdural) and some a short deep lens (epidural), at random angles."""
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(30, 6, (count, DEPTH, ANGLES))
+    kinds = rng.integers(0, 3, count)  # 0 none, 1 subdural, 2 epidural
+    labels = np.zeros((count, 2, ANGLES), np.float32)
+    for i, kind in enumerate(kinds):
+        start = int(rng.integers(0, ANGLES))
+        length, depth = (48, 3) if kind == 1 else (12, 12)
+        cols = (start + np.arange(length)) % ANGLES
+        if kind:
+            hu[i, :depth, cols] = rng.normal(70, 6, (length, depth))
+            labels[i, kind - 1, cols] = 1
+    index = torch.arange(count)
+    sectors = torch.nn.functional.max_pool1d(torch.from_numpy(labels), SECTOR)
+    store = StripStore(torch.from_numpy(hu).to(torch.int16), index, index, sectors)
+    return store, kinds
+
+
+def test_the_strip_network_learns_a_band_from_a_lens() -> None:
+    torch.set_num_threads(1)
+    train, _ = _strips(400, seed=0)
+    net, losses = train_net(train, epochs=3, steps=25, batch=16, width=8, seed=0)
+    assert losses[-1] < losses[0]
+    held_out, kinds = _strips(120, seed=1)
+    from inference.convexity import strip_channels
+
+    with torch.no_grad():
+        x = strip_channels(held_out.strips, torch.arange(120), held_out.below, held_out.above)
+        scores = torch.sigmoid(net.slice_logits(net(x))).numpy()  # (120, 2)
+    assert roc_auc(kinds == 1, scores[:, 0]) >= 0.9
+    assert roc_auc(kinds == 2, scores[:, 1]) >= 0.9
+
+
+def _fit_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((200, len(CLASSES))) < 0.4).astype(np.float64)
+    ensemble = rng.normal(0, 1, labels.shape) + 0.8 * labels  # weak everywhere
+    strips = np.stack(
+        [rng.normal(0, 1, 200) + 3.0 * labels[:, SUBDURAL], rng.normal(0, 1, 200)], axis=1
+    )  # informative for subdural, noise for epidural
+    return ensemble, strips, labels
+
+
+def test_fusion_joins_a_class_whose_strips_rank_better_and_leaves_one_they_do_not() -> None:
+    ensemble, strips, labels = _fit_data()
+    fusion, out_of_fold, record = fit_fusion(ensemble, strips, labels)
+    assert record["subdural"]["fused_auc_out_of_fold"] > record["subdural"]["ensemble_auc"] + 0.1
+    assert fusion[SUBDURAL, 1] > 0
+    assert np.isnan(fusion[EPIDURAL]).all()
+    np.testing.assert_array_equal(out_of_fold[:, EPIDURAL], ensemble[:, EPIDURAL])
+    assert set(record) == {"any", "subdural", "epidural"}  # the classes with strip evidence
+    assert np.isnan(fusion[CLASSES.index("intraparenchymal")]).all()
+
+
+def test_fusion_leaves_unreadable_studies_out_of_its_fit() -> None:
+    ensemble, strips, labels = _fit_data()
+    strips[:20] = np.nan
+    fusion, out_of_fold, _ = fit_fusion(ensemble, strips, labels)
+    np.testing.assert_array_equal(out_of_fold[:20, SUBDURAL], ensemble[:20, SUBDURAL])
+    assert not np.isnan(fusion[SUBDURAL]).any()
+
+
+def _reader(fusion_row: tuple[float, float, float]) -> ConvexityReader:
+    torch.manual_seed(0)
+    fusion = np.full((len(CLASSES), 3), np.nan)
+    fusion[SUBDURAL] = fusion_row
+    return ConvexityReader(ConvexityNet(width=4), StripConfig(), fusion)
+
+
+def _phantom_series(tmp_path: Path):
+    from inference.dicom_io import load_series
+    from inference.phantom import write_dataset
+
+    write_dataset(tmp_path / "p", 1, seed=5, progress=False, favour=["subdural"])
+    return load_series(sorted((tmp_path / "p").glob("*/*.dcm")))
+
+
+def test_the_predictor_fuses_the_strips_as_the_package_says(tmp_path: Path) -> None:
+    series = _phantom_series(tmp_path)
+    members = [EfficientNetLite("efficientnet_lite0", output_stride=16).eval()]
+    package = ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None)
+    package.convexity = _reader((0.5, 2.0, -1.0))
+    package.save(tmp_path / "m.pt")
+    predictor = Predictor.load(tmp_path / "m.pt", device="cpu")
+    assert predictor.package.convexity is not None
+    strips = predictor.package.convexity.study_logits(series.hu, series.pixel_spacing_mm)
+    assert strips is not None
+    ensemble = predictor.ensemble_logits(series)
+    prediction = predictor.predict(series, heatmaps=False, basis=False)
+    fused = 0.5 * ensemble[SUBDURAL] + 2.0 * strips[0] - 1.0
+    assert prediction.probabilities["subdural"] == pytest.approx(1 / (1 + np.exp(-fused)))
+    assert prediction.probabilities["epidural"] == pytest.approx(
+        1 / (1 + np.exp(-ensemble[EPIDURAL]))
+    )
+    assert "strips" in prediction.timings
+
+
+def test_a_picture_without_bone_is_left_to_the_ensemble() -> None:
+    reader = _reader((0.5, 2.0, -1.0))
+    brain_window = np.clip(np.random.default_rng(0).normal(30, 20, (3, 128, 128)), 0, 80)
+    assert reader.study_logits(brain_window, (0.5, 0.5)) is None
+    calibrated = np.arange(len(CLASSES), dtype=np.float64)
+    np.testing.assert_array_equal(reader.fuse(calibrated, None), calibrated)
+
+
+def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inference.cli import main
+    from inference.evaluation import _held_out
+    from inference.phantom import write_dataset
+    from inference.predictor import default_model_path
+
+    train, fit = tmp_path / "train", tmp_path / "fit"
+    write_dataset(train, 3, seed=81, progress=False, favour=["subdural", "epidural"])
+    write_dataset(fit, 10, seed=82, progress=False, favour=["subdural", "epidural"])
+    out = tmp_path / "out"
+    common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
+    args = ["convexity", str(default_model_path()), "--train", f"phantom:{train}"]
+    assert (
+        main([*args, "--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common])
+        == 0
+    )
+    package = ModelPackage.load(out / "model.pt")
+    assert package.version == "9.9.9" and package.convexity is not None
+    record = package.training["convexity"]
+    assert record["train_studies"] == 3 and record["fit_studies"] == 10
+    assert set(record["classes"]) == {"any", "subdural", "epidural"}
+    assert len(package.training["split"]["convexity"]) == 13
+    from inference.data import DataSource, read_source
+
+    items = read_source(DataSource(kind="phantom", path=str(fit)))
+    assert _held_out(items, Predictor(package, torch.device("cpu"))) == []
+
+    again = ["convexity", str(out / "model.pt"), "--train", f"phantom:{train}"]
+    assert (
+        main(
+            [
+                *again,
+                "--fit",
+                f"phantom:{fit}",
+                "--out",
+                str(tmp_path / "x"),
+                "--version",
+                "1",
+                *common,
+            ]
+        )
+        == 2
+    )
+    assert "already used" in capsys.readouterr().err
