@@ -459,7 +459,28 @@ def _training_stages(training: dict[str, Any]) -> list[str]:
     heads = training.get("heads_refit")
     if heads:
         lines.append(_heads_line(heads))
+    if training.get("convexity"):
+        lines.append(_convexity_line(training["convexity"]))
     return lines
+
+
+def _convexity_line(record: dict[str, Any]) -> str:
+    """How `ich convexity` joined the strip network's evidence to the ensemble's."""
+    fused = ", ".join(
+        f"{name} {r['ensemble_auc']:.3f} to {r['fused_auc_out_of_fold']:.3f}"
+        for name, r in record["classes"].items()
+        if name in record["fused"]
+    )
+    return (
+        "- Extra-axial blood also read along the inner table (`ich convexity`, from"
+        f" {record['from']}): each slice unrolled into a strip at the scan's own pixel size and"
+        f" read by a small CNN trained on {record['train_studies']} phantom studies with masks;"
+        " its study evidence is joined to the ensemble's by a logistic regression per class,"
+        f" fitted on {record['fit_studies']} other studies. Fused where it raised the"
+        f" out-of-fold study AUC there: {fused or 'no class'}. Heatmaps and the prediction"
+        " basis still come from the ensemble; a series with no readable strip is scored by the"
+        " ensemble alone."
+    )
 
 
 def _heads_line(heads: dict[str, Any]) -> str:
