@@ -131,7 +131,7 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from inference.cli import main
-    from inference.evaluation import _held_out
+    from inference.evaluation import _held_out, model_card
     from inference.phantom import write_dataset
     from inference.predictor import default_model_path
 
@@ -154,7 +154,9 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     from inference.data import DataSource, read_source
 
     items = read_source(DataSource(kind="phantom", path=str(fit)))
-    assert _held_out(items, Predictor(package, torch.device("cpu"))) == []
+    predictor = Predictor(package, torch.device("cpu"))
+    assert _held_out(items, predictor) == []
+    assert "read along the inner table" in model_card(predictor, [])
 
     again = ["convexity", str(out / "model.pt"), "--train", f"phantom:{train}"]
     assert (
