@@ -16,6 +16,8 @@ SERVICES := $(CURDIR)/scripts/services.sh
 REAL_DATA ?= $(abspath $(CURDIR)/../shared/data)
 DEMO_RUN := $(ICH_VAR_DIR)/runs/ich-demo
 DEMO_EVAL := $(ICH_VAR_DIR)/eval/ich-demo
+# The shipped package: the trained ensemble with the convexity strip reader joined to it.
+DEMO_MODEL_RUN := $(DEMO_RUN)-cx
 
 help:
 	@echo "make run    install, start Postgres + Redis, migrate, seed demo users, start the app"
@@ -102,22 +104,32 @@ demo-model: setup
 	  --init-from $(DEMO_RUN)-stage3/model.pt
 	$(BIN)/ich train --config configs/demo.toml --out $(DEMO_RUN) \
 	  --init-from $(DEMO_RUN)-stage4/model.pt
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/cx-train-classic --studies 300 --seed 61 \
+	  --favour subdural,epidural
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/cx-train-typical --studies 300 --seed 62 \
+	  --favour subdural,epidural --extra-axial typical
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/cx-val --studies 120 --seed 63
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/cx-fit-typical --studies 120 --seed 64 \
+	  --extra-axial typical
+	$(BIN)/ich convexity $(DEMO_RUN)/model.pt --train phantom:$(ICH_VAR_DIR)/data/cx-train-classic \
+	  --train phantom:$(ICH_VAR_DIR)/data/cx-train-typical --fit phantom:$(ICH_VAR_DIR)/data/cx-val \
+	  --fit phantom:$(ICH_VAR_DIR)/data/cx-fit-typical --out $(DEMO_MODEL_RUN) --version 6.5.0
 	$(MAKE) demo-model-measure
 
 # Measures the trained run on the held-out data and copies it, its reports and card to models/.
 demo-model-measure: setup
-	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test --kind phantom \
+	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test --kind phantom \
 	  --out $(DEMO_EVAL)/phantom --title "60 held-out phantom studies (seed 1001)"
-	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test-large --kind phantom \
+	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test-large --kind phantom \
 	  --out $(DEMO_EVAL)/phantom-large --title "240 held-out phantom studies (seed 1002)"
-	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(REAL_DATA)/roboflow-ich --kind yolo \
+	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(REAL_DATA)/roboflow-ich --kind yolo \
 	  --out $(DEMO_EVAL)/roboflow --title "roboflow-ich slices of held-out patients" \
 	  --note "Real CT, windowed 8-bit slices (CC BY 4.0); patients in the model's test split only."
-	$(BIN)/ich evaluate $(DEMO_RUN)/model.pt $(REAL_DATA)/cq500 --kind study_folder \
+	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(REAL_DATA)/cq500 --kind study_folder \
 	  --out $(DEMO_EVAL)/cq500 --title "the 4 CQ500 studies in shared/data" \
 	  --note "Real CT (CC BY-NC-SA 4.0). Four studies measure nothing statistically."
 	mkdir -p models/ich-demo
-	cp $(DEMO_RUN)/model.pt models/ich-demo/model.pt
+	cp $(DEMO_MODEL_RUN)/model.pt models/ich-demo/model.pt
 	cp $(DEMO_EVAL)/phantom/report.json models/ich-demo/eval-phantom.json
 	cp $(DEMO_EVAL)/phantom-large/report.json models/ich-demo/eval-phantom-large.json
 	cp $(DEMO_EVAL)/roboflow/report.json models/ich-demo/eval-roboflow.json

@@ -278,9 +278,12 @@ class ConvexityReader:
         return torch.cat(out).numpy(), valid >= MIN_VALID_RAYS
 
     def study_logits(
-        self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float]
+        self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float] | None
     ) -> np.ndarray | None:
-        """The strongest readable slice's logits (2,), or None when no slice is readable."""
+        """The strongest readable slice's logits (2,), or None when no slice is readable or the
+        series has no pixel spacing (a windowed picture: its strips have no scale in mm)."""
+        if pixel_spacing_mm is None:
+            return None
         logits, readable = self.slice_logits(hu, pixel_spacing_mm)
         if not readable.any():
             return None

@@ -1,6 +1,7 @@
 """`ich convexity`: the strip network's training, its fusion with the ensemble, and the package
 and predictor that carry it."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,13 @@ def test_the_predictor_fuses_the_strips_as_the_package_says(tmp_path: Path) -> N
         1 / (1 + np.exp(-ensemble[EPIDURAL]))
     )
     assert "strips" in prediction.timings
+    # A windowed picture has no pixel spacing, so no strips in mm: the ensemble's answer stands.
+    picture = dataclasses.replace(series, pixel_spacing_mm=None)
+    assert predictor.package.convexity.study_logits(picture.hu, None) is None
+    alone = predictor.predict(picture, heatmaps=False, basis=False)
+    assert alone.probabilities["subdural"] == pytest.approx(
+        1 / (1 + np.exp(-predictor.ensemble_logits(picture)[SUBDURAL]))
+    )
 
 
 def test_a_picture_without_bone_is_left_to_the_ensemble() -> None:
