@@ -242,26 +242,46 @@ class ConvexityReader:
     logit becomes w_ensemble * (the ensemble's calibrated logit) + w_strips * (the strip
     network's study logit) + bias, fitted by logistic regression on studies neither network
     trained on. A row of NaN leaves the class to the ensemble, and so does a series with no
-    slice the strips can read."""
+    slice the strips can read. The package's operating points are chosen on the fused scores;
+    ``ensemble_thresholds`` (6,) are the ensemble's own, which flag a series the strips could
+    not read (its scores are the ensemble's alone)."""
 
-    def __init__(self, net: ConvexityNet, strips: StripConfig, fusion: np.ndarray) -> None:
+    def __init__(
+        self,
+        net: ConvexityNet,
+        strips: StripConfig,
+        fusion: np.ndarray,
+        ensemble_thresholds: np.ndarray | None = None,
+    ) -> None:
         self.net = net.eval()
         self.strips = strips
         self.fusion = np.asarray(fusion, dtype=np.float64)  # (6, 3)
+        self.ensemble_thresholds = (
+            None if ensemble_thresholds is None else np.asarray(ensemble_thresholds, np.float64)
+        )
 
     def to_state(self) -> dict:
-        return {
+        state = {
             "strips": vars(self.strips).copy(),
             "width": self.net.width,
             "state": self.net.state_dict(),
             "fusion": torch.from_numpy(self.fusion),
         }
+        if self.ensemble_thresholds is not None:
+            state["ensemble_thresholds"] = torch.from_numpy(self.ensemble_thresholds)
+        return state
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ConvexityReader":
         net = ConvexityNet(width=int(state["width"]))
         net.load_state_dict(state["state"])
-        return cls(net.to(device), StripConfig(**state["strips"]), state["fusion"].numpy())
+        fallback = state.get("ensemble_thresholds")
+        return cls(
+            net.to(device),
+            StripConfig(**state["strips"]),
+            state["fusion"].numpy(),
+            None if fallback is None else fallback.numpy(),
+        )
 
     @torch.no_grad()
     def slice_logits(

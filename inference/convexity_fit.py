@@ -226,13 +226,24 @@ def add_convexity(
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
     operating points (out of fold) on ``fit_items``, and writes all of it into ``package``.
-    Returns the record it adds to the package's training."""
+    A reader the package already has is replaced. Returns the record it adds to the
+    package's training."""
     started = time.time()
+    if package.convexity is not None:  # replaced: start again from the ensemble's own flags
+        if package.convexity.ensemble_thresholds is None:
+            raise ValueError(
+                f"{package.name} {package.version} already has a convexity reader without the"
+                " ensemble's own operating points: build from the package it was made from"
+            )
+        package.thresholds = package.convexity.ensemble_thresholds.copy()
+        package.convexity = None
     cfg = StripConfig()
     net, losses = train_net(
         strip_store(train_items, cfg, workers=workers), seed=seed, **net_settings
     )
-    reader = ConvexityReader(net, cfg, np.full((len(CLASSES), 3), np.nan))
+    reader = ConvexityReader(
+        net, cfg, np.full((len(CLASSES), 3), np.nan), ensemble_thresholds=package.thresholds.copy()
+    )
     ensemble, strips, labels = fit_inputs(
         Predictor(package, torch.device("cpu")), reader, fit_items
     )

@@ -84,11 +84,12 @@ class ModelPackage:
     def feature_dim(self) -> int:
         return sum(m.embedding_dim + len(CLASSES) for m in self.members)
 
-    def flags(self, probabilities: np.ndarray) -> np.ndarray:
-        """Flags at the operating points, (..., 6) bool. A subtype is flagged only together with
-        "any": its own threshold is chosen for sensitivity, and alone it would put studies the
-        model does not think bleed at the top of the worklist."""
-        flags = np.asarray(probabilities) >= self.thresholds
+    def flags(self, probabilities: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+        """Flags at the operating points (``thresholds``, else the package's), (..., 6) bool. A
+        subtype is flagged only together with "any": its own threshold is chosen for
+        sensitivity, and alone it would put studies the model does not think bleed at the top
+        of the worklist."""
+        flags = np.asarray(probabilities) >= (self.thresholds if thresholds is None else thresholds)
         flags[..., 1:] &= flags[..., :1]
         return flags
 

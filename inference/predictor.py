@@ -182,11 +182,15 @@ class Predictor:
         study = self._calibrated_logits(logits, embeddings)
         clock.lap("aggregate")
         reader = self.package.convexity
+        thresholds = None  # the package's operating points
         if reader is not None:
-            study = reader.fuse(study, reader.study_logits(series.hu, series.pixel_spacing_mm))
+            strips = reader.study_logits(series.hu, series.pixel_spacing_mm)
+            study = reader.fuse(study, strips)
+            if strips is None:  # the ensemble's scores alone: its own operating points
+                thresholds = reader.ensemble_thresholds
             clock.lap("strips")
         probabilities = 1.0 / (1.0 + np.exp(-study))
-        flags = self.package.flags(probabilities)
+        flags = self.package.flags(probabilities, thresholds)
         slice_probabilities = torch.sigmoid(logits.mean(0)).numpy()  # (N, 6)
         key = slice_probabilities.argmax(axis=0)  # (6,)
         prediction = StudyPrediction(

@@ -125,6 +125,11 @@ def test_the_predictor_fuses_the_strips_as_the_package_says(tmp_path: Path) -> N
     assert alone.probabilities["subdural"] == pytest.approx(
         1 / (1 + np.exp(-predictor.ensemble_logits(picture)[SUBDURAL]))
     )
+    # ... and so do its operating points, not those chosen on the fused scores
+    predictor.package.convexity.ensemble_thresholds = np.full(len(CLASSES), -1.0)  # flag all
+    predictor.package.thresholds = np.full(len(CLASSES), 2.0)  # flag nothing
+    assert all(predictor.predict(picture, heatmaps=False, basis=False).flags.values())
+    assert not any(predictor.predict(series, heatmaps=False, basis=False).flags.values())
 
 
 def test_a_picture_without_bone_is_left_to_the_ensemble() -> None:
@@ -155,6 +160,11 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     )
     package = ModelPackage.load(out / "model.pt")
     assert package.version == "9.9.9" and package.convexity is not None
+    shipped = ModelPackage.load(default_model_path())
+    own = shipped.thresholds if shipped.convexity is None else shipped.convexity.ensemble_thresholds
+    np.testing.assert_array_equal(package.convexity.ensemble_thresholds, own)
+    for c in np.flatnonzero(np.isnan(package.convexity.fusion).any(axis=1)):
+        assert package.thresholds[c] == own[c], CLASSES[c]  # a class left to the ensemble
     record = package.training["convexity"]
     assert record["train_studies"] == 3 and record["fit_studies"] == 10
     assert set(record["classes"]) == {"any", "subdural", "epidural"}
