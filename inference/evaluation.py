@@ -478,8 +478,9 @@ def _convexity_line(record: dict[str, Any]) -> str:
         " its study evidence is joined to the ensemble's by a logistic regression per class,"
         f" fitted on {record['fit_studies']} other studies. Fused where it raised the"
         f" out-of-fold study AUC there: {fused or 'no class'}. Heatmaps and the prediction"
-        " basis still come from the ensemble; a series with no readable strip is scored by the"
-        " ensemble alone."
+        " basis still come from the ensemble; a series with no readable strip (a windowed"
+        " picture) is scored and flagged by the ensemble alone, at its own operating points,"
+        " not those in the table below."
     )
 
 
