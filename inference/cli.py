@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     convexity = commands.add_parser(
         "convexity",
-        help="train the strip network that reads extra-axial blood along the inner table and"
-        " join its evidence to a model's subdural, epidural and any scores",
+        help="train the strip network that reads blood along the inner table (extra-axial, and"
+        " sulcal when asked) and join its evidence to the model's scores of those classes and any",
     )
     convexity.add_argument("model", type=Path, help="model package whose ensemble stays as it is")
     convexity.add_argument(
@@ -185,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     convexity.add_argument("--width", type=int, default=16, help="channels of the first stage")
     convexity.add_argument("--seed", type=int, default=0)
     convexity.add_argument("--threads", type=int, default=0, help="0: every core")
+    convexity.add_argument(
+        "--classes",
+        default="subdural,epidural",
+        metavar="CLASS,...",
+        help="what the strips read: subdural, epidural and/or subarachnoid (sulcal blood near"
+        " the convexity); default subdural,epidural",
+    )
     convexity.set_defaults(run=_convexity)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
@@ -334,13 +341,23 @@ def _atlas_build(args: argparse.Namespace) -> None:
 def _convexity(args: argparse.Namespace) -> None:
     import torch
 
+    from inference.convexity import check_classes
     from inference.convexity_fit import add_convexity
     from inference.package import ModelPackage
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    check_classes(classes)
     package = ModelPackage.load(args.model)
-    seen = {k for part in package.training.get("split", {}).values() for k in part}
+    # A reader the package has is replaced, so the studies it learnt from may be used again;
+    # those of the ensemble may not.
+    seen = {
+        k
+        for part, keys in package.training.get("split", {}).items()
+        if part != "convexity"
+        for k in keys
+    }
     train_items = _fresh_studies(args.train, seen, args.model, kinds=("phantom",))
     fit_items = _fresh_studies(args.fit, seen, args.model, kinds=SERIES_KINDS)
     shared = {s.study_id for s in train_items} & {s.study_id for s in fit_items}
@@ -359,6 +376,7 @@ def _convexity(args: argparse.Namespace) -> None:
         batch=args.batch,
         lr=args.lr,
         width=args.width,
+        classes=classes,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     package.save(args.out / "model.pt")

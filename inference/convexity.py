@@ -1,13 +1,16 @@
 """Extra-axial blood read along the convexity, at the scan's own resolution.
 
-Subdural and epidural blood lie between the brain and the inner table of the skull. Each slice
-is unrolled into a strip: one column per ray from the head's centre, one row per depth inward
-from the inner table (0.5 mm steps). In the strip a subdural is a long thin band along the top
-and an epidural a short thick lens, at the native pixel size rather than the 0.94 mm grid of the
-slice networks, so thin blood keeps its few pixels.
+Subdural and epidural blood lie between the brain and the inner table of the skull, and blood
+in the sulci of the convexity a few millimetres further in. Each slice is unrolled into a
+strip: one column per ray from the head's centre, one row per depth inward from the inner table
+(0.5 mm steps, 32 mm deep). In the strip a subdural is a long thin band along the top, an
+epidural a short thick lens, and sulcal blood short bright lines running down from the surface,
+at the native pixel size rather than the 0.94 mm grid of the slice networks, so thin blood keeps
+its few pixels. Blood deep in the basal cisterns lies outside the strip.
 
 ``ConvexityNet`` reads the strips of a slice and its neighbours and gives, per ray sector, a
-subdural and an epidural logit; a slice's score is the maximum over its sectors.
+logit per class it reads (subdural and epidural by default; subarachnoid when asked); a
+slice's score is the maximum over its sectors.
 """
 
 import math
@@ -20,8 +23,20 @@ from torch import nn
 
 from inference.constants import CLASSES, SUBTYPES
 
-EXTRA_AXIAL = ("subdural", "epidural")
-_BITS = tuple(1 << SUBTYPES.index(name) for name in EXTRA_AXIAL)
+EXTRA_AXIAL = ("subdural", "epidural")  # the classes a reader reads unless told otherwise
+STRIP_CLASSES = ("subdural", "epidural", "subarachnoid")  # those the strip can hold
+
+
+def check_classes(classes: tuple[str, ...]) -> tuple[str, ...]:
+    classes = tuple(classes)
+    unknown = [c for c in classes if c not in STRIP_CLASSES]
+    if unknown or not classes or len(set(classes)) != len(classes):
+        raise ValueError(
+            f"the strips read {', '.join(STRIP_CLASSES)}, each at most once; got {classes}"
+        )
+    return classes
+
+
 AIR_HU = -1000.0
 
 
@@ -47,7 +62,7 @@ class StripConfig:
 class Strips:
     hu: np.ndarray  # (N, D, A) float32 HU; row 0 touches the inner table
     valid: np.ndarray  # (N, A) bool: the ray found the skull
-    labels: np.ndarray | None = None  # (N, 2, A) uint8: subdural/epidural blood within the strip
+    labels: np.ndarray | None = None  # (N, C, A) uint8: blood of each read class in the strip
 
 
 def _ray_grid(
@@ -102,6 +117,7 @@ def convexity_strips(
     pixel_spacing_mm: tuple[float, float],
     cfg: StripConfig | None = None,
     masks: np.ndarray | None = None,
+    classes: tuple[str, ...] = EXTRA_AXIAL,
 ) -> Strips:
     """Unroll each slice (and, for training, its blood masks) along the inner table."""
     cfg = cfg or StripConfig()
@@ -118,19 +134,25 @@ def convexity_strips(
     strips = torch.where(inside, strips, torch.full_like(strips, AIR_HU))
     labels = None
     if masks is not None:
-        labels = _strip_labels(masks, grid, depth_index, inside)
+        labels = _strip_labels(masks, grid, depth_index, inside, check_classes(classes))
     return Strips(hu=strips.transpose(1, 2).numpy(), valid=valid.numpy(), labels=labels)
 
 
 def _strip_labels(
-    masks: np.ndarray, grid: torch.Tensor, depth_index: torch.Tensor, inside: torch.Tensor
+    masks: np.ndarray,
+    grid: torch.Tensor,
+    depth_index: torch.Tensor,
+    inside: torch.Tensor,
+    classes: tuple[str, ...],
 ) -> np.ndarray:
     bits = torch.from_numpy(np.ascontiguousarray(masks))
-    planes = torch.stack([(bits & bit) > 0 for bit in _BITS], dim=1).float()  # (N, 2, H, W)
-    along = F.grid_sample(planes, grid, mode="nearest", align_corners=True)  # (N, 2, A, K)
-    index = depth_index.clamp(min=0)[:, None].expand(-1, 2, -1, -1)  # (N, 2, A, D)
+    planes = torch.stack(
+        [(bits & (1 << SUBTYPES.index(name))) > 0 for name in classes], dim=1
+    ).float()  # (N, C, H, W)
+    along = F.grid_sample(planes, grid, mode="nearest", align_corners=True)  # (N, C, A, K)
+    index = depth_index.clamp(min=0)[:, None].expand(-1, len(classes), -1, -1)  # (N, C, A, D)
     in_strip = torch.gather(along, 3, index) * inside[:, None]
-    return (in_strip.amax(dim=3) > 0).to(torch.uint8).numpy()  # (N, 2, A)
+    return (in_strip.amax(dim=3) > 0).to(torch.uint8).numpy()  # (N, C, A)
 
 
 def neighbours(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -171,11 +193,12 @@ class _CircularConv(nn.Module):
 
 
 class ConvexityNet(nn.Module):
-    """Strips (B, 4, D, A) -> per-sector subdural and epidural logits (B, 2, A / 8)."""
+    """Strips (B, 4, D, A) -> per-sector logits of each read class (B, C, A / 8)."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, classes: tuple[str, ...] = EXTRA_AXIAL) -> None:
         super().__init__()
         self.width = width
+        self.classes = check_classes(classes)
         widths = (width, width * 2, width * 4, width * 6)
         layers: list[nn.Module] = []
         c_in = 4
@@ -192,7 +215,7 @@ class ConvexityNet(nn.Module):
         self.along = nn.ModuleList(
             nn.Conv1d(c_in, c_in, 3, dilation=d, padding=0) for d in self.dilations
         )
-        self.head = nn.Conv1d(c_in, len(EXTRA_AXIAL), 1)
+        self.head = nn.Conv1d(c_in, len(self.classes), 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (B, C, D/8, A/8)
@@ -202,14 +225,14 @@ class ConvexityNet(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)  # (B, 2, A/8)
+        return self.head(x)  # (B, C, A/8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     @staticmethod
     def slice_logits(sector_logits: torch.Tensor) -> torch.Tensor:
-        return sector_logits.amax(dim=2)  # (B, 2)
+        return sector_logits.amax(dim=2)  # (B, C)
 
 
 # Below this share of rays that found the skull, a slice is not read (skull base, vertex, a
@@ -229,10 +252,6 @@ def series_strips(
         parts.append(torch.from_numpy(strips.hu))
         valid.append(strips.valid.mean(axis=1))
     return torch.cat(parts), np.concatenate(valid)
-
-
-# Which strip logit each fused class reads: subdural and epidural their own, "any" the larger.
-STRIP_FEATURE = {"any": None, "subdural": 0, "epidural": 1}
 
 
 class ConvexityReader:
@@ -264,6 +283,7 @@ class ConvexityReader:
         state = {
             "strips": vars(self.strips).copy(),
             "width": self.net.width,
+            "classes": list(self.net.classes),
             "state": self.net.state_dict(),
             "fusion": torch.from_numpy(self.fusion),
         }
@@ -273,7 +293,8 @@ class ConvexityReader:
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ConvexityReader":
-        net = ConvexityNet(width=int(state["width"]))
+        classes = tuple(state.get("classes", EXTRA_AXIAL))  # 6.5.0 read the two extra-axial
+        net = ConvexityNet(width=int(state["width"]), classes=classes)
         net.load_state_dict(state["state"])
         fallback = state.get("ensemble_thresholds")
         return cls(
@@ -287,7 +308,7 @@ class ConvexityReader:
     def slice_logits(
         self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float], batch_size: int = 16
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Subdural and epidural logits per slice (N, 2), and which slices could be read (N,)."""
+        """Logits per slice of each read class (N, C), and which slices could be read (N,)."""
         strips, valid = series_strips(hu, pixel_spacing_mm, self.strips)
         below, above = (torch.from_numpy(i) for i in neighbours(len(strips)))
         device = next(self.net.parameters()).device
@@ -300,7 +321,7 @@ class ConvexityReader:
     def study_logits(
         self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float] | None
     ) -> np.ndarray | None:
-        """The strongest readable slice's logits (2,), or None when no slice is readable or the
+        """The strongest readable slice's logits (C,), or None when no slice is readable or the
         series has no pixel spacing (a windowed picture: its strips have no scale in mm)."""
         if pixel_spacing_mm is None:
             return None
@@ -314,7 +335,7 @@ class ConvexityReader:
         fused = np.array(calibrated_logits, dtype=np.float64)
         if strip_logits is None:
             return fused
-        evidence = strip_features(strip_logits[None])[0]  # (6,)
+        evidence = strip_features(strip_logits[None], self.net.classes)[0]  # (6,)
         for c in range(len(CLASSES)):
             if not np.isnan(self.fusion[c]).any():
                 w_ensemble, w_strips, bias = self.fusion[c]
@@ -322,12 +343,11 @@ class ConvexityReader:
         return fused
 
 
-def strip_features(strip_logits: np.ndarray) -> np.ndarray:
-    """(S, 2) subdural/epidural strip logits -> (S, 6): the strip evidence each class reads
-    (NaN for classes that read none)."""
+def strip_features(strip_logits: np.ndarray, classes: tuple[str, ...] = EXTRA_AXIAL) -> np.ndarray:
+    """(S, C) strip logits of ``classes`` -> (S, 6): the strip evidence each class reads, its
+    own column, "any" the largest (NaN for classes the strips do not read)."""
     out = np.full((len(strip_logits), len(CLASSES)), np.nan)
-    for c, name in enumerate(CLASSES):
-        if name in STRIP_FEATURE:
-            column = STRIP_FEATURE[name]
-            out[:, c] = strip_logits.max(axis=1) if column is None else strip_logits[:, column]
+    out[:, CLASSES.index("any")] = strip_logits.max(axis=1)
+    for column, name in enumerate(classes):
+        out[:, CLASSES.index(name)] = strip_logits[:, column]
     return out

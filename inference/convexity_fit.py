@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from inference import datasets, dicom_io
 from inference.constants import CLASSES
 from inference.convexity import (
+    EXTRA_AXIAL,
     ConvexityNet,
     ConvexityReader,
     StripConfig,
+    check_classes,
     convexity_strips,
     neighbours,
     strip_channels,
@@ -41,34 +43,41 @@ class StripStore:
     strips: torch.Tensor  # (M, D, A) int16 HU
     below: torch.Tensor  # (M,) index of the neighbour below
     above: torch.Tensor  # (M,)
-    sectors: torch.Tensor  # (M, 2, A / SECTOR) float32: subdural/epidural blood in the sector
+    sectors: torch.Tensor  # (M, C, A / SECTOR) float32: blood of each read class in the sector
 
     def __len__(self) -> int:
         return len(self.strips)
 
 
-def _study_strips(job: tuple[datasets.StudyItem, StripConfig]) -> tuple[np.ndarray, np.ndarray]:
-    item, cfg = job
+def _study_strips(
+    job: tuple[datasets.StudyItem, StripConfig, tuple[str, ...]],
+) -> tuple[np.ndarray, np.ndarray]:
+    item, cfg, classes = job
     series = dicom_io.load_series(item.paths)
     if item.masks_path is None:
         raise ValueError(f"{item.study_id}: the strip network trains on studies with masks.npz")
     masks = _masks_in_series_order(item.masks_path, series.sop_instance_uids)
     if masks is None:
         raise ValueError(f"{item.study_id}: masks.npz does not match the series")
-    strips = convexity_strips(series.hu, series.pixel_spacing_mm, cfg, masks=masks)
+    strips = convexity_strips(series.hu, series.pixel_spacing_mm, cfg, masks=masks, classes=classes)
     labels = strips.labels if strips.labels is not None else np.zeros((0,), np.uint8)
     return np.clip(strips.hu, -1000, 3000).astype(np.int16), labels
 
 
 def strip_store(
-    items: Sequence[datasets.StudyItem], cfg: StripConfig, *, workers: int = 1
+    items: Sequence[datasets.StudyItem],
+    cfg: StripConfig,
+    *,
+    workers: int = 1,
+    classes: tuple[str, ...] = EXTRA_AXIAL,
 ) -> StripStore:
     bar = progress(desc="unroll studies", unit="study", total=len(items))
     strips, labels, below, above = [], [], [], []
     offset = 0
     # spawn: a forked child of a process whose torch thread pool already ran can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for hu, lab in pool.map(_study_strips, [(i, cfg) for i in items], chunksize=2):
+        jobs = [(i, cfg, classes) for i in items]
+        for hu, lab in pool.map(_study_strips, jobs, chunksize=2):
             b, a = neighbours(len(hu), offset)
             strips.append(torch.from_numpy(hu))
             labels.append(torch.from_numpy(lab).float())
@@ -77,7 +86,7 @@ def strip_store(
             offset += len(hu)
             bar.update()
     bar.close()
-    sectors = F.max_pool1d(torch.cat(labels), SECTOR)  # (M, 2, A / SECTOR)
+    sectors = F.max_pool1d(torch.cat(labels), SECTOR)  # (M, C, A / SECTOR)
     return StripStore(torch.cat(strips), torch.cat(below), torch.cat(above), sectors)
 
 
@@ -99,15 +108,21 @@ def train_net(
     lr: float = 2e-3,
     width: int = 16,
     seed: int = 0,
+    classes: tuple[str, ...] = EXTRA_AXIAL,
 ) -> tuple[ConvexityNet, list[float]]:
-    """Half of each batch are slices with extra-axial blood; the loss reads every sector and
-    each slice's strongest sector. One-cycle learning rate; the last epoch's net is kept."""
+    """Half of each batch are slices with blood of a read class in the strip; the loss reads
+    every sector and each slice's strongest sector. One-cycle learning rate; the last epoch's
+    net is kept."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = ConvexityNet(width=width)
+    net = ConvexityNet(width=width, classes=classes)
+    if store.sectors.shape[1] != len(net.classes):
+        raise ValueError(f"the strips were labelled for {store.sectors.shape[1]} classes")
     positive = (store.sectors.amax(dim=(1, 2)) > 0).numpy()
     if not positive.any() or positive.all():
-        raise ValueError("the strip network needs slices with and without extra-axial blood")
+        raise ValueError(
+            f"the strip network needs slices with and without {' or '.join(net.classes)} blood"
+        )
     p = np.where(positive, 0.5 / positive.sum(), 0.5 / (~positive).sum())
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * steps)
@@ -120,7 +135,7 @@ def train_net(
             index = torch.from_numpy(rng.choice(len(store), batch, p=p))
             x = strip_channels(store.strips, index, store.below, store.above)  # (B, 4, D, A)
             x, y = _turned(x, store.sectors[index], rng)
-            sector_logits = net(x)  # (B, 2, A / SECTOR)
+            sector_logits = net(x)  # (B, C, A / SECTOR)
             loss = F.binary_cross_entropy_with_logits(sector_logits, y)
             loss = loss + F.binary_cross_entropy_with_logits(
                 net.slice_logits(sector_logits), y.amax(dim=2)
@@ -160,15 +175,21 @@ def _folds(count: int, k: int, seed: int) -> np.ndarray:
 
 
 def fit_fusion(
-    ensemble: np.ndarray, strips: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0
+    ensemble: np.ndarray,
+    strips: np.ndarray,
+    labels: np.ndarray,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    classes: tuple[str, ...] = EXTRA_AXIAL,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Per class that reads strip evidence: the fusion fitted on every study, and, out of fold,
     whether it ranks the studies better than the ensemble alone; only then is it kept.
 
-    ensemble (S, 6) calibrated logits, strips (S, 2) study strip logits (NaN where no slice was
-    readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not fused), the out-of-fold
-    study logits (S, 6) of what was kept, and the record."""
-    evidence = strip_features(np.nan_to_num(strips, nan=0.0))  # (S, 6)
+    ensemble (S, 6) calibrated logits, strips (S, C) study strip logits of ``classes`` (NaN
+    where no slice was readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not
+    fused), the out-of-fold study logits (S, 6) of what was kept, and the record."""
+    evidence = strip_features(np.nan_to_num(strips, nan=0.0), classes)  # (S, 6)
     readable = ~np.isnan(strips).any(axis=1)
     assignment = _folds(len(labels), folds, seed)
     fusion = np.full((len(CLASSES), 3), np.nan)
@@ -200,14 +221,14 @@ def fit_fusion(
 def fit_inputs(
     predictor: Predictor, reader: ConvexityReader, items: Sequence[datasets.StudyItem]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ensemble calibrated logits (S, 6), strip study logits (S, 2; NaN when unreadable) and
+    """Ensemble calibrated logits (S, 6), strip study logits (S, C; NaN when unreadable) and
     labels (S, 6) of the studies the fusion is fitted on."""
     ensemble, strips = [], []
     for item in progress(items, desc="score fit studies", unit="study"):
         series = dicom_io.load_series(item.paths)
         ensemble.append(predictor.ensemble_logits(series))
         study = reader.study_logits(series.hu, series.pixel_spacing_mm)
-        strips.append(np.full(2, np.nan) if study is None else study)
+        strips.append(np.full(len(reader.net.classes), np.nan) if study is None else study)
     labels = np.stack([np.asarray(i.labels, np.float64) for i in items])
     return np.stack(ensemble), np.stack(strips), labels
 
@@ -222,6 +243,7 @@ def add_convexity(
     target_sensitivity: float = 0.95,
     workers: int = 1,
     seed: int = 0,
+    classes: tuple[str, ...] = EXTRA_AXIAL,
     **net_settings: Any,
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
@@ -238,8 +260,12 @@ def add_convexity(
         package.thresholds = package.convexity.ensemble_thresholds.copy()
         package.convexity = None
     cfg = StripConfig()
+    classes = check_classes(classes)
     net, losses = train_net(
-        strip_store(train_items, cfg, workers=workers), seed=seed, **net_settings
+        strip_store(train_items, cfg, workers=workers, classes=classes),
+        seed=seed,
+        classes=classes,
+        **net_settings,
     )
     reader = ConvexityReader(
         net, cfg, np.full((len(CLASSES), 3), np.nan), ensemble_thresholds=package.thresholds.copy()
@@ -247,7 +273,9 @@ def add_convexity(
     ensemble, strips, labels = fit_inputs(
         Predictor(package, torch.device("cpu")), reader, fit_items
     )
-    fusion, out_of_fold, per_class = fit_fusion(ensemble, strips, labels, seed=seed)
+    fusion, out_of_fold, per_class = fit_fusion(
+        ensemble, strips, labels, seed=seed, classes=classes
+    )
     reader.fusion = fusion
     probabilities = 1.0 / (1.0 + np.exp(-out_of_fold))
     fused = ~np.isnan(fusion).any(axis=1)
@@ -264,6 +292,7 @@ def add_convexity(
         "fit_studies": len(fit_items),
         "unreadable_fit_studies": int(np.isnan(strips).any(axis=1).sum()),
         "net": {**net_settings, "seed": seed, "loss_per_epoch": losses},
+        "strip_classes": list(classes),
         "strips": vars(cfg).copy(),
         "classes": per_class,
         "fused": fused_names,

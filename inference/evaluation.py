@@ -471,8 +471,10 @@ def _convexity_line(record: dict[str, Any]) -> str:
         for name, r in record["classes"].items()
         if name in record["fused"]
     )
+    read = record.get("strip_classes", ["subdural", "epidural"])
+    what = " and ".join(read) if len(read) < 3 else f"{', '.join(read[:-1])} and {read[-1]}"
     return (
-        "- Extra-axial blood also read along the inner table (`ich convexity`, from"
+        f"- {what.capitalize()} blood also read along the inner table (`ich convexity`, from"
         f" {record['from']}): each slice unrolled into a strip at the scan's own pixel size and"
         f" read by a small CNN trained on {record['train_studies']} phantom studies with masks;"
         " its study evidence is joined to the ensemble's by a logistic regression per class,"

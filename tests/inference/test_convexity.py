@@ -14,6 +14,7 @@ SPACING = (0.5, 0.5)
 SIZE = 400  # 200 mm field, head centre in the middle
 INNER_MM, OUTER_MM = 80.0, 86.0
 SUBDURAL_BIT = 1 << 2
+SUBARACHNOID_BIT = 1 << 4
 
 
 def _polar() -> tuple[np.ndarray, np.ndarray]:
@@ -102,3 +103,24 @@ def test_the_net_turns_with_the_head(shift):
     turned = net(torch.roll(x, shift, dims=-1))  # (2, 2, 45)
     assert turned.shape == (2, 2, 45)
     assert torch.allclose(turned, torch.roll(net(x), shift // 8, dims=-1), atol=1e-5)
+
+
+def test_a_reader_of_sulcal_blood_labels_it_from_its_own_bit():
+    hu, masks = _head()
+    radius, angle = _polar()
+    sulcus = (np.abs(angle - 200) < 2) & (radius < INNER_MM - 4) & (radius > INNER_MM - 14)
+    masks[0][sulcus] |= SUBARACHNOID_BIT
+    classes = ("subdural", "epidural", "subarachnoid")
+    strips = convexity_strips(hu, SPACING, masks=masks, classes=classes)
+    assert strips.labels is not None and strips.labels.shape == (1, 3, 360)
+    subdural, epidural, subarachnoid = strips.labels[0]
+    assert subdural[2:58].all() and not epidural.any()
+    assert subarachnoid[199:202].all() and subarachnoid.sum() <= 6
+    net = ConvexityNet(width=4, classes=classes).eval()
+    assert net(torch.rand(1, 4, 64, 360)).shape == (1, 3, 45)
+
+
+@pytest.mark.parametrize("classes", [(), ("intraparenchymal",), ("subdural", "subdural")])
+def test_the_strips_refuse_a_class_they_cannot_hold(classes):
+    with pytest.raises(ValueError, match="the strips read"):
+        ConvexityNet(width=4, classes=classes)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.constants import CLASSES
-from inference.convexity import ConvexityNet, ConvexityReader, StripConfig
+from inference.convexity import ConvexityNet, ConvexityReader, StripConfig, strip_features
 from inference.convexity_fit import SECTOR, StripStore, fit_fusion, train_net
 from inference.metrics import roc_auc
 from inference.models import EfficientNetLite
@@ -154,10 +154,11 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     out = tmp_path / "out"
     common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
     args = ["convexity", str(default_model_path()), "--train", f"phantom:{train}"]
-    assert (
-        main([*args, "--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common])
-        == 0
-    )
+    args += ["--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common]
+    assert main([*args, "--classes", "subdural,bleed"]) == 2
+    assert "the strips read" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--classes", "subdural,epidural,subarachnoid"]) == 0
     package = ModelPackage.load(out / "model.pt")
     assert package.version == "9.9.9" and package.convexity is not None
     shipped = ModelPackage.load(default_model_path())
@@ -167,29 +168,60 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
         assert package.thresholds[c] == own[c], CLASSES[c]  # a class left to the ensemble
     record = package.training["convexity"]
     assert record["train_studies"] == 3 and record["fit_studies"] == 10
-    assert set(record["classes"]) == {"any", "subdural", "epidural"}
+    assert record["strip_classes"] == ["subdural", "epidural", "subarachnoid"]
+    assert package.convexity.net.classes == ("subdural", "epidural", "subarachnoid")
+    assert {"any", "subdural", "epidural"} <= set(record["classes"])
     assert len(package.training["split"]["convexity"]) == 13
     from inference.data import DataSource, read_source
 
     items = read_source(DataSource(kind="phantom", path=str(fit)))
     predictor = Predictor(package, torch.device("cpu"))
     assert _held_out(items, predictor) == []
-    assert "read along the inner table" in model_card(predictor, [])
+    card = model_card(predictor, [])
+    assert "Subdural, epidural and subarachnoid blood also read along the inner table" in card
 
+    # The reader is replaced, so its own studies may train the next one; the ensemble's may not.
+    used = tmp_path / "used"
+    write_dataset(used, 1, seed=1, progress=False)  # phantom-100000: the ensemble trained on it
     again = ["convexity", str(out / "model.pt"), "--train", f"phantom:{train}"]
-    assert (
-        main(
-            [
-                *again,
-                "--fit",
-                f"phantom:{fit}",
-                "--out",
-                str(tmp_path / "x"),
-                "--version",
-                "1",
-                *common,
-            ]
-        )
-        == 2
+    again += ["--fit", f"phantom:{used}", "--out", str(tmp_path / "x"), "--version", "1", *common]
+    assert main(again) == 2
+    error = capsys.readouterr().err
+    assert f"{used}: 1 studies were already used" in error and str(train) not in error
+
+
+def test_a_reader_of_three_classes_keeps_them_and_an_old_one_reads_two() -> None:
+    torch.manual_seed(0)
+    classes = ("subdural", "epidural", "subarachnoid")
+    fusion = np.full((len(CLASSES), 3), np.nan)
+    fusion[CLASSES.index("subarachnoid")] = (1.0, 2.0, 0.0)
+    reader = ConvexityReader(ConvexityNet(width=4, classes=classes), StripConfig(), fusion)
+    again = ConvexityReader.from_state(reader.to_state())
+    assert again.net.classes == classes
+    old = reader.to_state()
+    del old["classes"]  # packages before the reader could read other classes
+    old["state"] = ConvexityNet(width=4).state_dict()
+    assert ConvexityReader.from_state(old).net.classes == ("subdural", "epidural")
+    # each class reads its own column, "any" the strongest of the three
+    evidence = strip_features(np.array([[0.5, -1.0, 2.0]]), classes)[0]
+    assert evidence[CLASSES.index("subarachnoid")] == 2.0
+    assert evidence[CLASSES.index("any")] == 2.0
+    assert evidence[CLASSES.index("epidural")] == -1.0
+    assert np.isnan(evidence[CLASSES.index("intraventricular")])
+    fused = again.fuse(np.zeros(len(CLASSES)), np.array([0.5, -1.0, 2.0]))
+    assert fused[CLASSES.index("subarachnoid")] == pytest.approx(4.0)
+    assert fused[CLASSES.index("subdural")] == 0.0  # not fused in this reader
+
+
+def test_fusion_of_a_third_class_reads_its_column() -> None:
+    ensemble, strips, labels = _fit_data()
+    sah = CLASSES.index("subarachnoid")
+    rng = np.random.default_rng(3)
+    sulcal = rng.normal(0, 1, len(labels)) + 3.0 * labels[:, sah]
+    classes = ("subdural", "epidural", "subarachnoid")
+    fusion, _, record = fit_fusion(
+        ensemble, np.column_stack([strips, sulcal]), labels, classes=classes
     )
-    assert "already used" in capsys.readouterr().err
+    assert set(record) == {"any", *classes}
+    assert record["subarachnoid"]["fused_auc_out_of_fold"] > record["subarachnoid"]["ensemble_auc"]
+    assert fusion[sah, 1] > 0
