@@ -192,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         help="what the strips read: subdural, epidural and/or subarachnoid (sulcal blood near"
         " the convexity); default subdural,epidural",
     )
+    convexity.add_argument(
+        "--reader",
+        choices=("convexity", "sulcal"),
+        default="convexity",
+        help="convexity (default): the package's first strip reader, joined to the ensemble's"
+        " scores; sulcal: a second strip network joined after the first, only for the classes"
+        " in --fuse, so the first reader's classes keep their scores and operating points",
+    )
+    convexity.add_argument(
+        "--fuse",
+        metavar="CLASS,...",
+        help="the classes whose scores the new reader may join (default: for convexity every"
+        " class it has evidence for, any included; for sulcal the classes it reads)",
+    )
     convexity.set_defaults(run=_convexity)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
@@ -342,20 +356,24 @@ def _convexity(args: argparse.Namespace) -> None:
     import torch
 
     from inference.convexity import check_classes
-    from inference.convexity_fit import add_convexity
+    from inference.convexity_fit import SLOTS, add_convexity, check_slot
     from inference.package import ModelPackage
 
     if args.threads:
         torch.set_num_threads(args.threads)
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     check_classes(classes)
+    fuse = None if args.fuse is None else tuple(c.strip() for c in args.fuse.split(","))
+    if fuse is None and args.reader == "sulcal":
+        fuse = classes
     package = ModelPackage.load(args.model)
-    # A reader the package has is replaced, so the studies it learnt from may be used again;
-    # those of the ensemble may not.
+    check_slot(package, args.reader, fuse)
+    # The strip readers' studies may be used again (a reader the package has is replaced; a
+    # sulcal reader fuses classes the first did not); those of the ensemble may not.
     seen = {
         k
         for part, keys in package.training.get("split", {}).items()
-        if part != "convexity"
+        if part not in SLOTS
         for k in keys
     }
     train_items = _fresh_studies(args.train, seen, args.model, kinds=("phantom",))
@@ -377,6 +395,8 @@ def _convexity(args: argparse.Namespace) -> None:
         lr=args.lr,
         width=args.width,
         classes=classes,
+        slot=args.reader,
+        fuse=fuse,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     package.save(args.out / "model.pt")

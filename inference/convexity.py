@@ -330,6 +330,19 @@ class ConvexityReader:
             return None
         return logits[readable].max(axis=0)
 
+    def fused_classes(self) -> np.ndarray:
+        """Indices into CLASSES of the classes this reader's evidence joins."""
+        return np.flatnonzero(~np.isnan(self.fusion).any(axis=1))
+
+    def unread_thresholds(self, thresholds: np.ndarray) -> np.ndarray:
+        """The operating points for a series this reader could not read: its fused classes go
+        back to the thresholds they had before it joined (``ensemble_thresholds``)."""
+        out = np.array(thresholds, dtype=np.float64)
+        if self.ensemble_thresholds is not None:
+            fused = self.fused_classes()
+            out[fused] = self.ensemble_thresholds[fused]
+        return out
+
     def fuse(self, calibrated_logits: np.ndarray, strip_logits: np.ndarray | None) -> np.ndarray:
         """Study logits (6,) after the strips' evidence joins: see the class docstring."""
         fused = np.array(calibrated_logits, dtype=np.float64)

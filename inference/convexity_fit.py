@@ -49,6 +49,9 @@ class StripStore:
         return len(self.strips)
 
 
+SLOTS = ("convexity", "sulcal")  # where a package holds strip readers, in the order they join
+
+
 def _study_strips(
     job: tuple[datasets.StudyItem, StripConfig, tuple[str, ...]],
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -182,13 +185,15 @@ def fit_fusion(
     folds: int = 5,
     seed: int = 0,
     classes: tuple[str, ...] = EXTRA_AXIAL,
+    fuse: tuple[str, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Per class that reads strip evidence: the fusion fitted on every study, and, out of fold,
     whether it ranks the studies better than the ensemble alone; only then is it kept.
 
     ensemble (S, 6) calibrated logits, strips (S, C) study strip logits of ``classes`` (NaN
     where no slice was readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not
-    fused), the out-of-fold study logits (S, 6) of what was kept, and the record."""
+    fused), the out-of-fold study logits (S, 6) of what was kept, and the record. ``fuse``
+    limits the classes that may be fused (None: every class with strip evidence)."""
     evidence = strip_features(np.nan_to_num(strips, nan=0.0), classes)  # (S, 6)
     readable = ~np.isnan(strips).any(axis=1)
     assignment = _folds(len(labels), folds, seed)
@@ -196,7 +201,7 @@ def fit_fusion(
     out_of_fold = ensemble.copy()
     record: dict[str, Any] = {}
     for c, name in enumerate(CLASSES):
-        if np.isnan(evidence[:, c]).all():
+        if np.isnan(evidence[:, c]).all() or (fuse is not None and name not in fuse):
             continue
         known = ~np.isnan(labels[:, c]) & readable
         y = labels[:, c]
@@ -221,16 +226,48 @@ def fit_fusion(
 def fit_inputs(
     predictor: Predictor, reader: ConvexityReader, items: Sequence[datasets.StudyItem]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ensemble calibrated logits (S, 6), strip study logits (S, C; NaN when unreadable) and
-    labels (S, 6) of the studies the fusion is fitted on."""
+    """The scores the new reader's evidence joins (S, 6: the ensemble's calibrated logits, fused
+    by the readers the package already has), its strip study logits (S, C; NaN when
+    unreadable) and labels (S, 6) of the studies the fusion is fitted on."""
     ensemble, strips = [], []
     for item in progress(items, desc="score fit studies", unit="study"):
         series = dicom_io.load_series(item.paths)
-        ensemble.append(predictor.ensemble_logits(series))
+        base = predictor.ensemble_logits(series)
+        for earlier in predictor.package.readers():
+            base = earlier.fuse(base, earlier.study_logits(series.hu, series.pixel_spacing_mm))
+        ensemble.append(base)
         study = reader.study_logits(series.hu, series.pixel_spacing_mm)
         strips.append(np.full(len(reader.net.classes), np.nan) if study is None else study)
     labels = np.stack([np.asarray(i.labels, np.float64) for i in items])
     return np.stack(ensemble), np.stack(strips), labels
+
+
+def check_slot(package: ModelPackage, slot: str, fuse: Sequence[str] | None) -> None:
+    """Refuses, before any work, a reader that cannot join ``package`` as asked."""
+    if slot not in SLOTS:
+        raise ValueError(f"a strip reader goes in {' or '.join(SLOTS)}, not {slot!r}")
+    if fuse is not None:
+        unknown = sorted(set(fuse) - set(CLASSES))
+        if unknown or not fuse:
+            raise ValueError(f"--fuse names classes of {', '.join(CLASSES)}; got {tuple(fuse)}")
+    name = f"{package.name} {package.version}"
+    if slot == "convexity" and package.sulcal is not None:
+        raise ValueError(
+            f"{name} has a sulcal reader fitted on its convexity reader's scores:"
+            " build from the package it was made from"
+        )
+    if slot == "sulcal":
+        if package.convexity is None:
+            raise ValueError(f"{name} has no convexity reader: add one before a sulcal reader")
+        if fuse is None:
+            raise ValueError("a sulcal reader fuses only the classes it is given (--fuse)")
+        first = {CLASSES[c] for c in package.convexity.fused_classes()}
+        overlap = sorted(first & set(fuse))
+        if overlap:
+            raise ValueError(
+                f"{', '.join(overlap)} already joins the convexity reader's evidence in {name}:"
+                " a sulcal reader fuses other classes"
+            )
 
 
 def add_convexity(
@@ -244,21 +281,29 @@ def add_convexity(
     workers: int = 1,
     seed: int = 0,
     classes: tuple[str, ...] = EXTRA_AXIAL,
+    slot: str = "convexity",
+    fuse: tuple[str, ...] | None = None,
     **net_settings: Any,
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
     operating points (out of fold) on ``fit_items``, and writes all of it into ``package``.
-    A reader the package already has is replaced. Returns the record it adds to the
-    package's training."""
+
+    ``slot`` is "convexity" (the first reader, joined to the ensemble's scores) or "sulcal" (a
+    second reader, joined to the scores after the first); ``fuse`` limits the classes its
+    evidence may join (None: every class it has evidence for, "any" included). A reader the
+    package already has in that slot is replaced. Returns the record it adds to the package's
+    training."""
     started = time.time()
-    if package.convexity is not None:  # replaced: start again from the ensemble's own flags
-        if package.convexity.ensemble_thresholds is None:
+    check_slot(package, slot, fuse)
+    old = getattr(package, slot)
+    if old is not None:  # replaced: its classes start again from the flags they had before it
+        if old.ensemble_thresholds is None:
             raise ValueError(
-                f"{package.name} {package.version} already has a convexity reader without the"
-                " ensemble's own operating points: build from the package it was made from"
+                f"{package.name} {package.version} already has a {slot} reader without the"
+                " operating points from before it: build from the package it was made from"
             )
-        package.thresholds = package.convexity.ensemble_thresholds.copy()
-        package.convexity = None
+        package.thresholds = old.unread_thresholds(package.thresholds)
+        setattr(package, slot, None)
     cfg = StripConfig()
     classes = check_classes(classes)
     net, losses = train_net(
@@ -274,7 +319,7 @@ def add_convexity(
         Predictor(package, torch.device("cpu")), reader, fit_items
     )
     fusion, out_of_fold, per_class = fit_fusion(
-        ensemble, strips, labels, seed=seed, classes=classes
+        ensemble, strips, labels, seed=seed, classes=classes, fuse=fuse
     )
     reader.fusion = fusion
     probabilities = 1.0 / (1.0 + np.exp(-out_of_fold))
@@ -293,6 +338,7 @@ def add_convexity(
         "unreadable_fit_studies": int(np.isnan(strips).any(axis=1).sum()),
         "net": {**net_settings, "seed": seed, "loss_per_epoch": losses},
         "strip_classes": list(classes),
+        "fuse_only": None if fuse is None else list(fuse),
         "strips": vars(cfg).copy(),
         "classes": per_class,
         "fused": fused_names,
@@ -304,8 +350,8 @@ def add_convexity(
         if name in fused_names and chosen_on:
             chosen_on[name] = r
     split = package.training.setdefault("split", {})
-    split["convexity"] = sorted(datasets.item_key(i) for i in [*train_items, *fit_items])
-    package.training["convexity"] = record
-    package.convexity = reader
+    split[slot] = sorted(datasets.item_key(i) for i in [*train_items, *fit_items])
+    package.training[slot] = record
+    setattr(package, slot, reader)
     package.version = version
     return record

@@ -109,7 +109,8 @@ def evaluate(
 
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
     split = predictor.package.training.get("split", {})
-    seen = {key for part in ("train", "val", "heads", "convexity") for key in split.get(part, [])}
+    parts = ("train", "val", "heads", "convexity", "sulcal")
+    seen = {key for part in parts for key in split.get(part, [])}
     return [i for i in items if datasets.item_key(i) not in seen]
 
 
@@ -461,7 +462,27 @@ def _training_stages(training: dict[str, Any]) -> list[str]:
         lines.append(_heads_line(heads))
     if training.get("convexity"):
         lines.append(_convexity_line(training["convexity"]))
+    if training.get("sulcal"):
+        lines.append(_sulcal_line(training["sulcal"]))
     return lines
+
+
+def _sulcal_line(record: dict[str, Any]) -> str:
+    """How `ich convexity --reader sulcal` joined a second strip network's evidence."""
+    fused = ", ".join(
+        f"{name} {r['ensemble_auc']:.3f} to {r['fused_auc_out_of_fold']:.3f}"
+        for name, r in record["classes"].items()
+        if name in record["fused"]
+    )
+    return (
+        f"- A second strip network (`ich convexity --reader sulcal`, from {record['from']})"
+        f" reads {' and '.join(record['strip_classes'])} blood in the same strips, trained on"
+        f" {record['train_studies']} phantom studies with masks; its evidence joins only"
+        f" {', '.join(record['fuse_only'] or [])}, after the first reader, by a logistic"
+        f" regression fitted on {record['fit_studies']} other studies, where it was kept only if"
+        f" it raised the out-of-fold study AUC: {fused or 'no class'}. The other classes keep"
+        " their scores and operating points."
+    )
 
 
 def _convexity_line(record: dict[str, Any]) -> str:

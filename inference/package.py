@@ -79,6 +79,13 @@ class ModelPackage:
     atlas: Atlas | None = None
     training: dict[str, Any] = field(default_factory=dict)
     convexity: ConvexityReader | None = None  # strip network joined by `ich convexity`
+    # a second strip network (`ich convexity --reader sulcal`), fused after the first and only
+    # for the classes it was added for, so the first reader's classes cannot move
+    sulcal: ConvexityReader | None = None
+
+    def readers(self) -> list[ConvexityReader]:
+        """The strip readers in the order their evidence joins the study scores."""
+        return [r for r in (self.convexity, self.sulcal) if r is not None]
 
     @property
     def feature_dim(self) -> int:
@@ -125,6 +132,7 @@ class ModelPackage:
             "atlas": None if self.atlas is None else self.atlas.to_state(),
             "training": self.training,
             "convexity": None if self.convexity is None else self.convexity.to_state(),
+            "sulcal": None if self.sulcal is None else self.sulcal.to_state(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
@@ -161,6 +169,9 @@ class ModelPackage:
             convexity=None
             if state.get("convexity") is None
             else ConvexityReader.from_state(state["convexity"], device),
+            sulcal=None
+            if state.get("sulcal") is None
+            else ConvexityReader.from_state(state["sulcal"], device),
         )
 
 

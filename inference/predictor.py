@@ -181,13 +181,14 @@ class Predictor:
         clock = _Clock(timings)
         study = self._calibrated_logits(logits, embeddings)
         clock.lap("aggregate")
-        reader = self.package.convexity
         thresholds = None  # the package's operating points
-        if reader is not None:
+        for reader in self.package.readers():
             strips = reader.study_logits(series.hu, series.pixel_spacing_mm)
             study = reader.fuse(study, strips)
-            if strips is None:  # the ensemble's scores alone: its own operating points
-                thresholds = reader.ensemble_thresholds
+            if strips is None:  # the scores before this reader: their own operating points
+                thresholds = reader.unread_thresholds(
+                    self.package.thresholds if thresholds is None else thresholds
+                )
             clock.lap("strips")
         probabilities = 1.0 / (1.0 + np.exp(-study))
         flags = self.package.flags(probabilities, thresholds)

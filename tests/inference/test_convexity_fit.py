@@ -125,11 +125,15 @@ def test_the_predictor_fuses_the_strips_as_the_package_says(tmp_path: Path) -> N
     assert alone.probabilities["subdural"] == pytest.approx(
         1 / (1 + np.exp(-predictor.ensemble_logits(picture)[SUBDURAL]))
     )
-    # ... and so do its operating points, not those chosen on the fused scores
+    # ... and so do its operating points, not those chosen on the fused scores: the fused class
+    # (subdural) goes back to its own, the others keep the package's
     predictor.package.convexity.ensemble_thresholds = np.full(len(CLASSES), -1.0)  # flag all
-    predictor.package.thresholds = np.full(len(CLASSES), 2.0)  # flag nothing
-    assert all(predictor.predict(picture, heatmaps=False, basis=False).flags.values())
-    assert not any(predictor.predict(series, heatmaps=False, basis=False).flags.values())
+    predictor.package.thresholds = np.full(len(CLASSES), 2.0)  # flag nothing ...
+    predictor.package.thresholds[0] = -1.0  # ... but "any"
+    flags = predictor.predict(picture, heatmaps=False, basis=False).flags
+    assert {c for c, f in flags.items() if f} == {"any", "subdural"}
+    flags = predictor.predict(series, heatmaps=False, basis=False).flags
+    assert {c for c, f in flags.items() if f} == {"any"}
 
 
 def test_a_picture_without_bone_is_left_to_the_ensemble() -> None:
@@ -225,3 +229,119 @@ def test_fusion_of_a_third_class_reads_its_column() -> None:
     assert set(record) == {"any", *classes}
     assert record["subarachnoid"]["fused_auc_out_of_fold"] > record["subarachnoid"]["ensemble_auc"]
     assert fusion[sah, 1] > 0
+
+
+def test_fusion_limited_to_chosen_classes_leaves_the_others() -> None:
+    ensemble, strips, labels = _fit_data()
+    fusion, out_of_fold, record = fit_fusion(ensemble, strips, labels, fuse=("epidural",))
+    assert set(record) <= {"epidural"}
+    assert np.isnan(fusion[SUBDURAL]).all() and np.isnan(fusion[0]).all()  # not asked: left
+    np.testing.assert_array_equal(out_of_fold[:, SUBDURAL], ensemble[:, SUBDURAL])
+
+
+def test_a_sulcal_reader_joins_after_the_first_and_moves_only_its_class(tmp_path: Path) -> None:
+    series = _phantom_series(tmp_path)
+    sah = CLASSES.index("subarachnoid")
+    members = [EfficientNetLite("efficientnet_lite0", output_stride=16).eval()]
+    package = ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None)
+    package.convexity = _reader((0.5, 2.0, -1.0))
+    predictor = Predictor(package, torch.device("cpu"))
+    first = predictor.predict(series, heatmaps=False, basis=False)
+    torch.manual_seed(1)
+    fusion = np.full((len(CLASSES), 3), np.nan)
+    fusion[sah] = (0.8, 1.5, 0.25)
+    sulcal = ConvexityReader(
+        ConvexityNet(width=4, classes=("subarachnoid",)), StripConfig(), fusion
+    )
+    sulcal.ensemble_thresholds = package.thresholds.copy()
+    package.sulcal = sulcal
+    package.thresholds[sah] = 0.7
+    package.save(tmp_path / "m.pt")
+    predictor = Predictor.load(tmp_path / "m.pt", device="cpu")
+    assert [r.net.classes for r in predictor.package.readers()] == [
+        ("subdural", "epidural"),
+        ("subarachnoid",),
+    ]
+    both = predictor.predict(series, heatmaps=False, basis=False)
+    strip = predictor.package.sulcal.study_logits(series.hu, series.pixel_spacing_mm)
+    assert strip is not None and strip.shape == (1,)
+    before = np.log(first.probabilities["subarachnoid"] / (1 - first.probabilities["subarachnoid"]))
+    fused = 0.8 * before + 1.5 * strip[0] + 0.25
+    assert both.probabilities["subarachnoid"] == pytest.approx(1 / (1 + np.exp(-fused)))
+    for name in CLASSES:  # the first reader's classes and the rest keep their scores
+        if name != "subarachnoid":
+            assert both.probabilities[name] == pytest.approx(first.probabilities[name]), name
+    assert both.thresholds["subarachnoid"] == pytest.approx(0.7)
+    # A series neither reader can read: each reader's classes go back to their own points.
+    picture = dataclasses.replace(series, pixel_spacing_mm=None)
+    predictor.package.thresholds = np.full(len(CLASSES), 2.0)  # flag nothing ...
+    predictor.package.thresholds[0] = -1.0  # ... but "any", which neither reader fuses here
+    predictor.package.convexity.ensemble_thresholds = np.full(len(CLASSES), -1.0)
+    predictor.package.sulcal.ensemble_thresholds = np.full(len(CLASSES), -1.0)
+    flags = predictor.predict(picture, heatmaps=False, basis=False).flags
+    assert {c for c, f in flags.items() if f} == {"any", "subdural", "subarachnoid"}
+
+
+def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inference.cli import main
+    from inference.evaluation import _held_out
+    from inference.phantom import write_dataset
+    from inference.predictor import default_model_path
+
+    shipped = ModelPackage.load(default_model_path())
+    train, fit = tmp_path / "train", tmp_path / "fit"
+    write_dataset(train, 3, seed=83, progress=False, favour=["subarachnoid"])
+    write_dataset(fit, 10, seed=84, progress=False, favour=["subarachnoid"])
+    out = tmp_path / "out"
+    common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
+    args = ["convexity", str(default_model_path()), "--train", f"phantom:{train}"]
+    args += ["--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common]
+    args += ["--reader", "sulcal", "--classes", "subarachnoid"]
+    if shipped.convexity is not None and shipped.convexity.fused_classes().size:
+        assert main([*args, "--fuse", "subarachnoid,any"]) == 2  # "any" is the first reader's
+        assert "already joins the convexity reader's evidence" in capsys.readouterr().err
+        assert not out.exists()
+    assert main(args) == 0
+    package = ModelPackage.load(out / "model.pt")
+    assert package.version == "9.9.9" and package.sulcal is not None
+    assert package.sulcal.net.classes == ("subarachnoid",)
+    # the first reader is the shipped one, untouched, and so are the other classes' points
+    assert package.convexity is not None and shipped.convexity is not None
+    np.testing.assert_array_equal(package.convexity.fusion, shipped.convexity.fusion)
+    for c, name in enumerate(CLASSES):
+        if name != "subarachnoid":
+            assert package.thresholds[c] == shipped.thresholds[c], name
+    fused = {CLASSES[c] for c in package.sulcal.fused_classes()}
+    assert fused <= {"subarachnoid"}
+    np.testing.assert_array_equal(package.sulcal.ensemble_thresholds, shipped.thresholds)
+    record = package.training["sulcal"]
+    assert record["fuse_only"] == ["subarachnoid"] and record["strip_classes"] == ["subarachnoid"]
+    assert len(package.training["split"]["sulcal"]) == 13
+    from inference.data import DataSource, read_source
+
+    predictor = Predictor(package, torch.device("cpu"))
+    assert _held_out(read_source(DataSource(kind="phantom", path=str(fit))), predictor) == []
+    # The first reader cannot be replaced under the second: its scores are what it joined.
+    again = ["convexity", str(out / "model.pt"), "--train", f"phantom:{train}"]
+    again += ["--fit", f"phantom:{fit}", "--out", str(tmp_path / "x"), "--version", "1", *common]
+    assert main(again) == 2
+    assert "has a sulcal reader" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_model_card_says_what_the_sulcal_reader_joined() -> None:
+    from inference.evaluation import _training_stages
+
+    record = {
+        "from": "ich-demo 6.5.0",
+        "strip_classes": ["subarachnoid"],
+        "fuse_only": ["subarachnoid"],
+        "train_studies": 900,
+        "fit_studies": 240,
+        "classes": {"subarachnoid": {"ensemble_auc": 0.93, "fused_auc_out_of_fold": 0.96}},
+        "fused": ["subarachnoid"],
+    }
+    (line,) = _training_stages({"sulcal": record})
+    assert "joins only subarachnoid" in line and "subarachnoid 0.930 to 0.960" in line
