@@ -306,10 +306,18 @@ class ConvexityReader:
 
     @torch.no_grad()
     def slice_logits(
-        self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float], batch_size: int = 16
+        self,
+        hu: np.ndarray,
+        pixel_spacing_mm: tuple[float, float],
+        batch_size: int = 16,
+        unrolled: tuple[torch.Tensor, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Logits per slice of each read class (N, C), and which slices could be read (N,)."""
-        strips, valid = series_strips(hu, pixel_spacing_mm, self.strips)
+        """Logits per slice of each read class (N, C), and which slices could be read (N,).
+        ``unrolled``: the series' strips as `series_strips` made them with this reader's
+        StripConfig, when another reader has unrolled them already."""
+        strips, valid = (
+            series_strips(hu, pixel_spacing_mm, self.strips) if unrolled is None else unrolled
+        )
         below, above = (torch.from_numpy(i) for i in neighbours(len(strips)))
         device = next(self.net.parameters()).device
         out = []
@@ -319,13 +327,16 @@ class ConvexityReader:
         return torch.cat(out).numpy(), valid >= MIN_VALID_RAYS
 
     def study_logits(
-        self, hu: np.ndarray, pixel_spacing_mm: tuple[float, float] | None
+        self,
+        hu: np.ndarray,
+        pixel_spacing_mm: tuple[float, float] | None,
+        unrolled: tuple[torch.Tensor, np.ndarray] | None = None,
     ) -> np.ndarray | None:
         """The strongest readable slice's logits (C,), or None when no slice is readable or the
         series has no pixel spacing (a windowed picture: its strips have no scale in mm)."""
         if pixel_spacing_mm is None:
             return None
-        logits, readable = self.slice_logits(hu, pixel_spacing_mm)
+        logits, readable = self.slice_logits(hu, pixel_spacing_mm, unrolled=unrolled)
         if not readable.any():
             return None
         return logits[readable].max(axis=0)
