@@ -16,8 +16,10 @@ SERVICES := $(CURDIR)/scripts/services.sh
 REAL_DATA ?= $(abspath $(CURDIR)/../shared/data)
 DEMO_RUN := $(ICH_VAR_DIR)/runs/ich-demo
 DEMO_EVAL := $(ICH_VAR_DIR)/eval/ich-demo
-# The shipped package: the trained ensemble with the convexity strip reader joined to it.
-DEMO_MODEL_RUN := $(DEMO_RUN)-cx
+# The shipped package: the trained ensemble with the convexity strip reader joined to it, and
+# the sulcal strip reader joined after it for subarachnoid only.
+DEMO_CX_RUN := $(DEMO_RUN)-cx
+DEMO_MODEL_RUN := $(DEMO_RUN)-sulcal
 
 help:
 	@echo "make run    install, start Postgres + Redis, migrate, seed demo users, start the app"
@@ -85,8 +87,9 @@ test: setup lint test-tools
 # The shipped demonstration model, trained and measured by one command (about 6 hours on 2 CPU
 # cores, 16 GB of memory), in five stages (configs/demo-stage1.toml .. demo-stage4.toml: growing
 # resolution; demo.toml: a fourth phantom set rich in subdural and epidural blood). Training data:
-# 760 phantoms (four seeds) + roboflow-ich; evaluation: 60 and 240 new phantoms (two more seeds),
-# the roboflow-ich patients held out of training, and the four CQ500 studies.
+# 760 phantoms (four seeds) + roboflow-ich, then 1140 more for the two strip readers; evaluation:
+# 60 and 240 new phantoms (two more seeds), the roboflow-ich patients held out of training, and
+# the four CQ500 studies.
 demo-model: setup
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train --studies 160 --seed 1
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train-b --studies 200 --seed 2
@@ -113,7 +116,13 @@ demo-model: setup
 	  --extra-axial typical
 	$(BIN)/ich convexity $(DEMO_RUN)/model.pt --train phantom:$(ICH_VAR_DIR)/data/cx-train-classic \
 	  --train phantom:$(ICH_VAR_DIR)/data/cx-train-typical --fit phantom:$(ICH_VAR_DIR)/data/cx-val \
-	  --fit phantom:$(ICH_VAR_DIR)/data/cx-fit-typical --out $(DEMO_MODEL_RUN) --version 6.5.0
+	  --fit phantom:$(ICH_VAR_DIR)/data/cx-fit-typical --out $(DEMO_CX_RUN) --version 6.5.0
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/sah-train --studies 300 --seed 65 \
+	  --favour subarachnoid
+	$(BIN)/ich convexity $(DEMO_CX_RUN)/model.pt --train phantom:$(ICH_VAR_DIR)/data/cx-train-classic \
+	  --train phantom:$(ICH_VAR_DIR)/data/cx-train-typical --train phantom:$(ICH_VAR_DIR)/data/sah-train \
+	  --fit phantom:$(ICH_VAR_DIR)/data/cx-val --fit phantom:$(ICH_VAR_DIR)/data/cx-fit-typical \
+	  --reader sulcal --classes subarachnoid --out $(DEMO_MODEL_RUN) --version 6.7.0
 	$(MAKE) demo-model-measure
 
 # Measures the trained run on the held-out data and copies it, its reports and card to models/.

@@ -144,20 +144,36 @@ def test_a_picture_without_bone_is_left_to_the_ensemble() -> None:
     np.testing.assert_array_equal(reader.fuse(calibrated, None), calibrated)
 
 
+def _first_reader_only(tmp_path: Path) -> Path:
+    """The shipped package as it was before a sulcal reader joined it (if one has): a first
+    reader cannot be replaced under a second."""
+    from inference.predictor import default_model_path
+
+    package = ModelPackage.load(default_model_path())
+    if package.sulcal is None:
+        return default_model_path()
+    package.thresholds = package.sulcal.unread_thresholds(package.thresholds)
+    package.sulcal = None
+    package.training.pop("sulcal", None)
+    package.training.get("split", {}).pop("sulcal", None)
+    package.save(tmp_path / "first.pt")
+    return tmp_path / "first.pt"
+
+
 def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from inference.cli import main
     from inference.evaluation import _held_out, model_card
     from inference.phantom import write_dataset
-    from inference.predictor import default_model_path
 
+    base = _first_reader_only(tmp_path)
     train, fit = tmp_path / "train", tmp_path / "fit"
     write_dataset(train, 3, seed=81, progress=False, favour=["subdural", "epidural"])
     write_dataset(fit, 10, seed=82, progress=False, favour=["subdural", "epidural"])
     out = tmp_path / "out"
     common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
-    args = ["convexity", str(default_model_path()), "--train", f"phantom:{train}"]
+    args = ["convexity", str(base), "--train", f"phantom:{train}"]
     args += ["--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common]
     assert main([*args, "--classes", "subdural,bleed"]) == 2
     assert "the strips read" in capsys.readouterr().err
@@ -165,7 +181,7 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     assert main([*args, "--classes", "subdural,epidural,subarachnoid"]) == 0
     package = ModelPackage.load(out / "model.pt")
     assert package.version == "9.9.9" and package.convexity is not None
-    shipped = ModelPackage.load(default_model_path())
+    shipped = ModelPackage.load(base)
     own = shipped.thresholds if shipped.convexity is None else shipped.convexity.ensemble_thresholds
     np.testing.assert_array_equal(package.convexity.ensemble_thresholds, own)
     for c in np.flatnonzero(np.isnan(package.convexity.fusion).any(axis=1)):
@@ -315,7 +331,8 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
             assert package.thresholds[c] == shipped.thresholds[c], name
     fused = {CLASSES[c] for c in package.sulcal.fused_classes()}
     assert fused <= {"subarachnoid"}
-    np.testing.assert_array_equal(package.sulcal.ensemble_thresholds, shipped.thresholds)
+    before = shipped.thresholds if shipped.sulcal is None else shipped.sulcal.ensemble_thresholds
+    np.testing.assert_array_equal(package.sulcal.ensemble_thresholds, before)
     record = package.training["sulcal"]
     assert record["fuse_only"] == ["subarachnoid"] and record["strip_classes"] == ["subarachnoid"]
     assert len(package.training["split"]["sulcal"]) == 13
