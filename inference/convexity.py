@@ -367,6 +367,22 @@ class ConvexityReader:
         return fused
 
 
+def readers_study_logits(
+    readers: list[ConvexityReader],
+    hu: np.ndarray,
+    pixel_spacing_mm: tuple[float, float] | None,
+) -> list[np.ndarray | None]:
+    """Each reader's study logits (see ConvexityReader.study_logits); readers with the same
+    strip settings share one unrolling of the series."""
+    unrolled: dict[StripConfig, tuple[torch.Tensor, np.ndarray]] = {}
+    out = []
+    for reader in readers:
+        if pixel_spacing_mm is not None and reader.strips not in unrolled:
+            unrolled[reader.strips] = series_strips(hu, pixel_spacing_mm, reader.strips)
+        out.append(reader.study_logits(hu, pixel_spacing_mm, unrolled.get(reader.strips)))
+    return out
+
+
 def strip_features(strip_logits: np.ndarray, classes: tuple[str, ...] = EXTRA_AXIAL) -> np.ndarray:
     """(S, C) strip logits of ``classes`` -> (S, 6): the strip evidence each class reads, its
     own column, "any" the largest (NaN for classes the strips do not read)."""

@@ -23,11 +23,13 @@ from inference.convexity import (
     check_classes,
     convexity_strips,
     neighbours,
+    readers_study_logits,
     strip_channels,
     strip_features,
 )
 from inference.data import _masks_in_series_order
 from inference.metrics import roc_auc, threshold_for_sensitivity
+from inference.package import READER_SLOTS as SLOTS
 from inference.package import ModelPackage
 from inference.predictor import Predictor
 from inference.progress import progress
@@ -47,9 +49,6 @@ class StripStore:
 
     def __len__(self) -> int:
         return len(self.strips)
-
-
-SLOTS = ("convexity", "sulcal")  # where a package holds strip readers, in the order they join
 
 
 def _study_strips(
@@ -233,10 +232,11 @@ def fit_inputs(
     for item in progress(items, desc="score fit studies", unit="study"):
         series = dicom_io.load_series(item.paths)
         base = predictor.ensemble_logits(series)
-        for earlier in predictor.package.readers():
-            base = earlier.fuse(base, earlier.study_logits(series.hu, series.pixel_spacing_mm))
+        earlier = predictor.package.readers()
+        *read, study = readers_study_logits([*earlier, reader], series.hu, series.pixel_spacing_mm)
+        for r, logits in zip(earlier, read, strict=True):
+            base = r.fuse(base, logits)
         ensemble.append(base)
-        study = reader.study_logits(series.hu, series.pixel_spacing_mm)
         strips.append(np.full(len(reader.net.classes), np.nan) if study is None else study)
     labels = np.stack([np.asarray(i.labels, np.float64) for i in items])
     return np.stack(ensemble), np.stack(strips), labels

@@ -16,6 +16,7 @@ from inference.constants import CLASS_LABELS, CLASSES, SUBTYPES
 from inference.data import DataSource, read_source
 from inference.dicom_io import CTSeries
 from inference.metrics import at_threshold, bootstrap_auc, calibration, roc_curve
+from inference.package import READER_SLOTS
 from inference.predictor import Predictor, StudyPrediction
 from inference.preprocess import hu_from_windowed
 from inference.progress import progress
@@ -109,7 +110,7 @@ def evaluate(
 
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
     split = predictor.package.training.get("split", {})
-    parts = ("train", "val", "heads", "convexity", "sulcal")
+    parts = ("train", "val", "heads", *READER_SLOTS)
     seen = {key for part in parts for key in split.get(part, [])}
     return [i for i in items if datasets.item_key(i) not in seen]
 
@@ -467,13 +468,18 @@ def _training_stages(training: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _sulcal_line(record: dict[str, Any]) -> str:
-    """How `ich convexity --reader sulcal` joined a second strip network's evidence."""
-    fused = ", ".join(
+def _fused_text(record: dict[str, Any]) -> str:
+    """The classes a strip reader joined, with their study AUC before and after (out of fold)."""
+    return ", ".join(
         f"{name} {r['ensemble_auc']:.3f} to {r['fused_auc_out_of_fold']:.3f}"
         for name, r in record["classes"].items()
         if name in record["fused"]
     )
+
+
+def _sulcal_line(record: dict[str, Any]) -> str:
+    """How `ich convexity --reader sulcal` joined a second strip network's evidence."""
+    fused = _fused_text(record)
     return (
         f"- A second strip network (`ich convexity --reader sulcal`, from {record['from']})"
         f" reads {' and '.join(record['strip_classes'])} blood in the same strips, trained on"
@@ -487,11 +493,7 @@ def _sulcal_line(record: dict[str, Any]) -> str:
 
 def _convexity_line(record: dict[str, Any]) -> str:
     """How `ich convexity` joined the strip network's evidence to the ensemble's."""
-    fused = ", ".join(
-        f"{name} {r['ensemble_auc']:.3f} to {r['fused_auc_out_of_fold']:.3f}"
-        for name, r in record["classes"].items()
-        if name in record["fused"]
-    )
+    fused = _fused_text(record)
     read = record.get("strip_classes", ["subdural", "epidural"])
     what = " and ".join(read) if len(read) < 3 else f"{', '.join(read[:-1])} and {read[-1]}"
     return (

@@ -67,6 +67,9 @@ class Atlas:
         )
 
 
+READER_SLOTS = ("convexity", "sulcal")  # a package's strip readers, in the order they join
+
+
 @dataclass
 class ModelPackage:
     name: str
@@ -85,7 +88,7 @@ class ModelPackage:
 
     def readers(self) -> list[ConvexityReader]:
         """The strip readers in the order their evidence joins the study scores."""
-        return [r for r in (self.convexity, self.sulcal) if r is not None]
+        return [r for r in (getattr(self, slot) for slot in READER_SLOTS) if r is not None]
 
     @property
     def feature_dim(self) -> int:
@@ -131,8 +134,10 @@ class ModelPackage:
             "thresholds": torch.from_numpy(np.asarray(self.thresholds, dtype=np.float64)),
             "atlas": None if self.atlas is None else self.atlas.to_state(),
             "training": self.training,
-            "convexity": None if self.convexity is None else self.convexity.to_state(),
-            "sulcal": None if self.sulcal is None else self.sulcal.to_state(),
+            **{
+                slot: None if getattr(self, slot) is None else getattr(self, slot).to_state()
+                for slot in READER_SLOTS
+            },
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
@@ -166,12 +171,12 @@ class ModelPackage:
             thresholds=state["thresholds"].numpy(),
             atlas=None if state["atlas"] is None else Atlas.from_state(state["atlas"]),
             training=state["training"],
-            convexity=None
-            if state.get("convexity") is None
-            else ConvexityReader.from_state(state["convexity"], device),
-            sulcal=None
-            if state.get("sulcal") is None
-            else ConvexityReader.from_state(state["sulcal"], device),
+            **{
+                slot: None
+                if state.get(slot) is None
+                else ConvexityReader.from_state(state[slot], device)
+                for slot in READER_SLOTS
+            },
         )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from inference.constants import CLASS_LABELS, CLASSES
-from inference.convexity import StripConfig, series_strips
+from inference.convexity import readers_study_logits
 from inference.dicom_io import CTSeries, load_series
 from inference.gradcam import class_activation
 from inference.models import EfficientNetLite
@@ -183,15 +183,9 @@ class Predictor:
         study = self._calibrated_logits(logits, embeddings)
         clock.lap("aggregate")
         thresholds = None  # the package's operating points
-        unrolled: dict[StripConfig, Any] = {}  # readers with the same strips unroll them once
-        for reader in self.package.readers():
-            if series.pixel_spacing_mm is not None and reader.strips not in unrolled:
-                unrolled[reader.strips] = series_strips(
-                    series.hu, series.pixel_spacing_mm, reader.strips
-                )
-            strips = reader.study_logits(
-                series.hu, series.pixel_spacing_mm, unrolled.get(reader.strips)
-            )
+        readers = self.package.readers()
+        read = readers_study_logits(readers, series.hu, series.pixel_spacing_mm)
+        for reader, strips in zip(readers, read, strict=True):
             study = reader.fuse(study, strips)
             if strips is None:  # the scores before this reader: their own operating points
                 thresholds = reader.unread_thresholds(
