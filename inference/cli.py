@@ -367,7 +367,7 @@ def _convexity(args: argparse.Namespace) -> None:
     if fuse is None and args.reader == "sulcal":
         fuse = classes
     package = ModelPackage.load(args.model)
-    check_slot(package, args.reader, fuse)
+    check_slot(package, args.reader, fuse, classes)
     # The strip readers' studies may be used again (a reader the package has is replaced; a
     # sulcal reader fuses classes the first did not); those of the ensemble may not.
     seen = {

@@ -223,16 +223,18 @@ def fit_fusion(
 
 
 def fit_inputs(
-    predictor: Predictor, reader: ConvexityReader, items: Sequence[datasets.StudyItem]
+    predictor: Predictor,
+    reader: ConvexityReader,
+    items: Sequence[datasets.StudyItem],
+    earlier: Sequence[ConvexityReader] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scores the new reader's evidence joins (S, 6: the ensemble's calibrated logits, fused
-    by the readers the package already has), its strip study logits (S, C; NaN when
-    unreadable) and labels (S, 6) of the studies the fusion is fitted on."""
+    by the ``earlier`` readers, those whose evidence joins before it), its strip study logits
+    (S, C; NaN when unreadable) and labels (S, 6) of the studies the fusion is fitted on."""
     ensemble, strips = [], []
     for item in progress(items, desc="score fit studies", unit="study"):
         series = dicom_io.load_series(item.paths)
         base = predictor.ensemble_logits(series)
-        earlier = predictor.package.readers()
         *read, study = readers_study_logits([*earlier, reader], series.hu, series.pixel_spacing_mm)
         for r, logits in zip(earlier, read, strict=True):
             base = r.fuse(base, logits)
@@ -242,8 +244,15 @@ def fit_inputs(
     return np.stack(ensemble), np.stack(strips), labels
 
 
-def check_slot(package: ModelPackage, slot: str, fuse: Sequence[str] | None) -> None:
-    """Refuses, before any work, a reader that cannot join ``package`` as asked."""
+def check_slot(
+    package: ModelPackage,
+    slot: str,
+    fuse: Sequence[str] | None,
+    classes: Sequence[str] = EXTRA_AXIAL,
+) -> None:
+    """Refuses, before any work, a reader that cannot join ``package`` as asked. A reader may
+    fuse only classes that no other reader of the package fuses, so replacing one moves no
+    class of the other."""
     if slot not in SLOTS:
         raise ValueError(f"a strip reader goes in {' or '.join(SLOTS)}, not {slot!r}")
     if fuse is not None:
@@ -252,10 +261,14 @@ def check_slot(package: ModelPackage, slot: str, fuse: Sequence[str] | None) -> 
             raise ValueError(f"--fuse names classes of {', '.join(CLASSES)}; got {tuple(fuse)}")
     name = f"{package.name} {package.version}"
     if slot == "convexity" and package.sulcal is not None:
-        raise ValueError(
-            f"{name} has a sulcal reader fitted on its convexity reader's scores:"
-            " build from the package it was made from"
-        )
+        may = set(fuse) if fuse is not None else {"any", *classes}
+        later = {CLASSES[c] for c in package.sulcal.fused_classes()}
+        overlap = sorted(may & later)
+        if overlap:
+            raise ValueError(
+                f"{', '.join(overlap)} joins the sulcal reader's evidence in {name}, after the"
+                " convexity reader's: a convexity reader under it fuses other classes (--fuse)"
+            )
     if slot == "sulcal":
         if package.convexity is None:
             raise ValueError(f"{name} has no convexity reader: add one before a sulcal reader")
@@ -294,7 +307,7 @@ def add_convexity(
     package already has in that slot is replaced. Returns the record it adds to the package's
     training."""
     started = time.time()
-    check_slot(package, slot, fuse)
+    check_slot(package, slot, fuse, classes)
     old = getattr(package, slot)
     if old is not None:  # replaced: its classes start again from the flags they had before it
         if old.ensemble_thresholds is None:
@@ -315,8 +328,11 @@ def add_convexity(
     reader = ConvexityReader(
         net, cfg, np.full((len(CLASSES), 3), np.nan), ensemble_thresholds=package.thresholds.copy()
     )
+    position = SLOTS.index(slot)
+    earlier = [r for s in SLOTS[:position] if (r := getattr(package, s)) is not None]
+    later = [r for s in SLOTS[position + 1 :] if (r := getattr(package, s)) is not None]
     ensemble, strips, labels = fit_inputs(
-        Predictor(package, torch.device("cpu")), reader, fit_items
+        Predictor(package, torch.device("cpu")), reader, fit_items, earlier
     )
     fusion, out_of_fold, per_class = fit_fusion(
         ensemble, strips, labels, seed=seed, classes=classes, fuse=fuse
@@ -330,6 +346,12 @@ def add_convexity(
             labels[known, c] == 1, probabilities[known, c], target_sensitivity
         )
     fused_names = [CLASSES[c] for c in np.flatnonzero(fused)]
+    for r in later:  # their fallback: their own classes as before, the others as they are now
+        if r.ensemble_thresholds is not None:
+            own = r.fused_classes()
+            fallback = package.thresholds.copy()
+            fallback[own] = r.ensemble_thresholds[own]
+            r.ensemble_thresholds = fallback
     record: dict[str, Any] = {
         "from": f"{package.name} {package.version}",
         "data": data,

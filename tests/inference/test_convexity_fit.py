@@ -319,6 +319,13 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
         assert main([*args, "--fuse", "subarachnoid,any"]) == 2  # "any" is the first reader's
         assert "already joins the convexity reader's evidence" in capsys.readouterr().err
         assert not out.exists()
+    if shipped.sulcal is not None and shipped.sulcal.fused_classes().size:
+        # a first reader under the shipped sulcal one may not fuse subarachnoid too
+        first = ["convexity", str(default_model_path()), "--train", f"phantom:{train}"]
+        first += ["--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common]
+        assert main([*first, "--classes", "subdural,epidural,subarachnoid"]) == 2
+        assert "joins the sulcal reader's evidence" in capsys.readouterr().err
+        assert not out.exists()
     assert main(args) == 0
     package = ModelPackage.load(out / "model.pt")
     assert package.version == "9.9.9" and package.sulcal is not None
@@ -340,12 +347,29 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
 
     predictor = Predictor(package, torch.device("cpu"))
     assert _held_out(read_source(DataSource(kind="phantom", path=str(fit))), predictor) == []
-    # The first reader cannot be replaced under the second: its scores are what it joined.
+    # The first reader can be replaced under the second only by one that fuses other classes;
+    # then the second reader, its class and its fallback for that class stay as they were.
     again = ["convexity", str(out / "model.pt"), "--train", f"phantom:{train}"]
     again += ["--fit", f"phantom:{fit}", "--out", str(tmp_path / "x"), "--version", "1", *common]
-    assert main(again) == 2
-    assert "has a sulcal reader" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    assert main([*again, "--seed", "1"]) == 0
+    replaced = ModelPackage.load(tmp_path / "x" / "model.pt")
+    assert replaced.convexity is not None and replaced.sulcal is not None
+    assert replaced.training["convexity"]["net"]["seed"] == 1
+    np.testing.assert_array_equal(replaced.sulcal.fusion, package.sulcal.fusion)
+    theirs = package.sulcal.net.state_dict()
+    for key, mine in replaced.sulcal.net.state_dict().items():
+        torch.testing.assert_close(mine, theirs[key], rtol=0, atol=0)
+    sah = CLASSES.index("subarachnoid")
+    assert replaced.thresholds[sah] == package.thresholds[sah]
+    fallback = replaced.sulcal.ensemble_thresholds
+    assert fallback[sah] == package.sulcal.ensemble_thresholds[sah]
+    others = [c for c in range(len(CLASSES)) if c != sah]
+    np.testing.assert_array_equal(fallback[others], replaced.thresholds[others])
+    first = {CLASSES[c] for c in replaced.convexity.fused_classes()}
+    assert "subarachnoid" not in first
+    for c, name in enumerate(CLASSES):  # a class no reader fuses now has the ensemble's point
+        if name not in first | fused:
+            assert replaced.thresholds[c] == package.convexity.ensemble_thresholds[c], name
 
 
 def test_the_model_card_says_what_the_sulcal_reader_joined() -> None:
