@@ -146,7 +146,7 @@ def test_a_picture_without_bone_is_left_to_the_ensemble() -> None:
 
 def _first_reader_only(tmp_path: Path) -> Path:
     """The shipped package as it was before a sulcal reader joined it (if one has): a first
-    reader cannot be replaced under a second."""
+    reader that may fuse subarachnoid cannot be replaced under a sulcal reader that fuses it."""
     from inference.predictor import default_model_path
 
     package = ModelPackage.load(default_model_path())
