@@ -14,6 +14,7 @@ slice's score is the maximum over its sectors.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -381,6 +382,12 @@ def readers_study_logits(
             unrolled[reader.strips] = series_strips(hu, pixel_spacing_mm, reader.strips)
         out.append(reader.study_logits(hu, pixel_spacing_mm, unrolled.get(reader.strips)))
     return out
+
+
+def evidence_classes(classes: Sequence[str] = EXTRA_AXIAL) -> set[str]:
+    """The classes a reader of ``classes`` gives evidence for (the columns ``strip_features``
+    fills): its own and "any"."""
+    return {"any", *classes}
 
 
 def strip_features(strip_logits: np.ndarray, classes: tuple[str, ...] = EXTRA_AXIAL) -> np.ndarray:

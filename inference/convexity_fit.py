@@ -22,6 +22,7 @@ from inference.convexity import (
     StripConfig,
     check_classes,
     convexity_strips,
+    evidence_classes,
     neighbours,
     readers_study_logits,
     strip_channels,
@@ -261,7 +262,7 @@ def check_slot(
             raise ValueError(f"--fuse names classes of {', '.join(CLASSES)}; got {tuple(fuse)}")
     name = f"{package.name} {package.version}"
     if slot == "convexity" and package.sulcal is not None:
-        may = set(fuse) if fuse is not None else {"any", *classes}
+        may = set(fuse) if fuse is not None else evidence_classes(classes)
         later = {CLASSES[c] for c in package.sulcal.fused_classes()}
         overlap = sorted(may & later)
         if overlap:
@@ -348,10 +349,7 @@ def add_convexity(
     fused_names = [CLASSES[c] for c in np.flatnonzero(fused)]
     for r in later:  # their fallback: their own classes as before, the others as they are now
         if r.ensemble_thresholds is not None:
-            own = r.fused_classes()
-            fallback = package.thresholds.copy()
-            fallback[own] = r.ensemble_thresholds[own]
-            r.ensemble_thresholds = fallback
+            r.ensemble_thresholds = r.unread_thresholds(package.thresholds)
     record: dict[str, Any] = {
         "from": f"{package.name} {package.version}",
         "data": data,
