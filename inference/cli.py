@@ -164,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     convexity.add_argument(
         "--train",
         action="append",
-        required=True,
+        default=[],
         metavar="phantom:PATH",
-        help="studies with blood masks the strip network trains on; repeatable",
+        help="studies with blood masks the strip network trains on; repeatable (or --net-from)",
+    )
+    convexity.add_argument(
+        "--net-from",
+        metavar="PACKAGE:SLOT",
+        help="take the trained strip network of that package's reader (convexity, sulcal or"
+        " crescent) instead of training one: only its fusion and operating points are fitted",
     )
     convexity.add_argument(
         "--fit",
@@ -187,24 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     convexity.add_argument("--threads", type=int, default=0, help="0: every core")
     convexity.add_argument(
         "--classes",
-        default="subdural,epidural",
         metavar="CLASS,...",
         help="what the strips read: subdural, epidural and/or subarachnoid (sulcal blood near"
-        " the convexity); default subdural,epidural",
+        " the convexity); default subdural,epidural, or those of the --net-from network",
     )
     convexity.add_argument(
         "--reader",
-        choices=("convexity", "sulcal"),
+        choices=("convexity", "sulcal", "crescent"),
         default="convexity",
-        help="convexity (default): the package's first strip reader, joined to the ensemble's"
-        " scores; sulcal: a second strip network joined after the first, only for the classes"
-        " in --fuse, so the first reader's classes keep their scores and operating points",
+        help="convexity (default): the package's first strip reader; sulcal, crescent: another"
+        " strip network, fused only for the classes in --fuse. No two readers fuse the same"
+        " class, so the other readers' classes keep their scores and operating points",
     )
     convexity.add_argument(
         "--fuse",
         metavar="CLASS,...",
         help="the classes whose scores the new reader may join (default: for convexity every"
-        " class it has evidence for, any included; for sulcal the classes it reads)",
+        " class it has evidence for, any included; for the others the classes it reads)",
     )
     convexity.set_defaults(run=_convexity)
 
@@ -355,21 +360,33 @@ def _atlas_build(args: argparse.Namespace) -> None:
 def _convexity(args: argparse.Namespace) -> None:
     import torch
 
-    from inference.convexity import check_classes
+    from inference.convexity import EXTRA_AXIAL, check_classes
     from inference.convexity_fit import SLOTS, add_convexity, check_slot
+    from inference.datasets import item_key
     from inference.package import ModelPackage
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    check_classes(classes)
+    if bool(args.train) == bool(args.net_from):
+        raise ValueError("give the studies to train a strip network on (--train) or --net-from")
+    source = None if args.net_from is None else _net_source(args.net_from, SLOTS)
+    classes = tuple(c.strip() for c in (args.classes or "").split(",") if c.strip())
+    if source is not None:
+        if classes and classes != source.reader.net.classes:
+            raise ValueError(
+                f"--net-from {args.net_from} reads {','.join(source.reader.net.classes)},"
+                f" not {','.join(classes)}"
+            )
+        classes = source.reader.net.classes
+    check_classes(classes or EXTRA_AXIAL)
+    classes = classes or EXTRA_AXIAL
     fuse = None if args.fuse is None else tuple(c.strip() for c in args.fuse.split(","))
-    if fuse is None and args.reader == "sulcal":
+    if fuse is None and args.reader != SLOTS[0]:
         fuse = classes
     package = ModelPackage.load(args.model)
     check_slot(package, args.reader, fuse, classes)
     # The strip readers' studies may be used again (a reader the package has is replaced; a
-    # sulcal reader fuses classes the first did not); those of the ensemble may not.
+    # later reader fuses classes the others do not); those of the ensemble may not.
     seen = {
         k
         for part, keys in package.training.get("split", {}).items()
@@ -378,15 +395,28 @@ def _convexity(args: argparse.Namespace) -> None:
     }
     train_items = _fresh_studies(args.train, seen, args.model, kinds=("phantom",))
     fit_items = _fresh_studies(args.fit, seen, args.model, kinds=SERIES_KINDS)
-    shared = {s.study_id for s in train_items} & {s.study_id for s in fit_items}
+    trained = {item_key(i) for i in train_items} if source is None else source.train_keys
+    if source is not None and trained & seen:
+        raise ValueError(
+            f"the network of --net-from {args.net_from} trained on {len(trained & seen)}"
+            f" studies of {args.model}'s ensemble"
+        )
+    shared = trained & {item_key(i) for i in fit_items}
     if shared:
-        raise ValueError(f"{len(shared)} studies are in both --train and --fit")
+        raise ValueError(
+            f"{len(shared)} studies of --fit are studies the strip network trains on"
+            f" (first {sorted(shared)[0]})"
+        )
     record = add_convexity(
         package,
         train_items,
         fit_items,
         version=args.version,
-        data={"train": list(args.train), "fit": list(args.fit)},
+        data={
+            "train": list(args.train),
+            "fit": list(args.fit),
+            **({"net_from": args.net_from} if source else {}),
+        },
         workers=args.threads or os.cpu_count() or 1,
         seed=args.seed,
         epochs=args.epochs,
@@ -397,6 +427,7 @@ def _convexity(args: argparse.Namespace) -> None:
         classes=classes,
         slot=args.reader,
         fuse=fuse,
+        source=source,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     package.save(args.out / "model.pt")
@@ -407,6 +438,43 @@ def _convexity(args: argparse.Namespace) -> None:
             f"  {name}: out-of-fold study AUC {r['fused_auc_out_of_fold']:.4f} against the"
             f" ensemble's {r['ensemble_auc']:.4f}: {kept}"
         )
+
+
+def _net_source(spec: str, slots: tuple[str, ...]) -> Any:
+    """The trained strip network of PACKAGE:SLOT, with the studies it trained on, read again
+    from the sets its package's record names (so they can be checked against the fit studies)."""
+    from inference.convexity_fit import NetSource
+    from inference.data import DataSource, read_source
+    from inference.datasets import item_key
+    from inference.package import ModelPackage
+
+    path, _, slot = spec.rpartition(":")
+    if not path or slot not in slots:
+        raise ValueError(
+            f"--net-from {spec}: expected PACKAGE:SLOT, SLOT one of {', '.join(slots)}"
+        )
+    package = ModelPackage.load(Path(path))
+    reader, record = getattr(package, slot), package.training.get(slot)
+    if reader is None or not record:
+        raise ValueError(f"--net-from {spec}: {path} has no {slot} reader")
+    if "net_trained_on" in record:  # itself taken from another package
+        train_keys = set(record["net_trained_on"])
+    else:
+        train_keys = set()
+        for train in record["data"]["train"]:
+            kind, _, where = train.partition(":")
+            if not Path(where).is_dir():
+                raise ValueError(
+                    f"--net-from {spec}: its training studies {where} are not here, so the fit"
+                    " studies cannot be checked against them"
+                )
+            train_keys |= {item_key(i) for i in read_source(DataSource(kind=kind, path=where))}
+        if len(train_keys) != record["train_studies"]:
+            raise ValueError(
+                f"--net-from {spec}: {', '.join(record['data']['train'])} no longer hold the"
+                f" {record['train_studies']} studies its network trained on"
+            )
+    return NetSource(reader, record, f"{package.name} {package.version}, {slot} reader", train_keys)
 
 
 def _fresh_studies(

@@ -2,6 +2,7 @@
 then join its evidence to a model package's ensemble by a logistic regression per class, fitted
 on other studies that neither network trained on."""
 
+import copy
 import multiprocessing
 import time
 from collections.abc import Sequence
@@ -245,6 +246,16 @@ def fit_inputs(
     return np.stack(ensemble), np.stack(strips), labels
 
 
+@dataclass
+class NetSource:
+    """A trained strip network taken from a reader of another package (`--net-from`)."""
+
+    reader: ConvexityReader
+    record: dict[str, Any]  # that package's training record of the reader
+    name: str  # "PACKAGE VERSION, SLOT reader"
+    train_keys: set[str]  # the studies it trained on (datasets.item_key)
+
+
 def check_slot(
     package: ModelPackage,
     slot: str,
@@ -253,7 +264,7 @@ def check_slot(
 ) -> None:
     """Refuses, before any work, a reader that cannot join ``package`` as asked. A reader may
     fuse only classes that no other reader of the package fuses, so replacing one moves no
-    class of the other."""
+    class of the other, and the order the readers join in moves no score."""
     if slot not in SLOTS:
         raise ValueError(f"a strip reader goes in {' or '.join(SLOTS)}, not {slot!r}")
     if fuse is not None:
@@ -261,26 +272,21 @@ def check_slot(
         if unknown or not fuse:
             raise ValueError(f"--fuse names classes of {', '.join(CLASSES)}; got {tuple(fuse)}")
     name = f"{package.name} {package.version}"
-    if slot == "convexity" and package.sulcal is not None:
-        may = set(fuse) if fuse is not None else evidence_classes(classes)
-        later = {CLASSES[c] for c in package.sulcal.fused_classes()}
-        overlap = sorted(may & later)
-        if overlap:
-            raise ValueError(
-                f"{', '.join(overlap)} joins the sulcal reader's evidence in {name}, after the"
-                " convexity reader's: a convexity reader under it fuses other classes (--fuse)"
-            )
-    if slot == "sulcal":
+    if slot != SLOTS[0]:
         if package.convexity is None:
-            raise ValueError(f"{name} has no convexity reader: add one before a sulcal reader")
+            raise ValueError(f"{name} has no convexity reader: add one before a {slot} reader")
         if fuse is None:
-            raise ValueError("a sulcal reader fuses only the classes it is given (--fuse)")
-        first = {CLASSES[c] for c in package.convexity.fused_classes()}
-        overlap = sorted(first & set(fuse))
+            raise ValueError(f"a {slot} reader fuses only the classes it is given (--fuse)")
+    may = set(fuse) if fuse is not None else evidence_classes(classes)
+    for other in SLOTS:
+        reader = getattr(package, other)
+        if other == slot or reader is None:
+            continue
+        overlap = sorted(may & {CLASSES[c] for c in reader.fused_classes()})
         if overlap:
             raise ValueError(
-                f"{', '.join(overlap)} already joins the convexity reader's evidence in {name}:"
-                " a sulcal reader fuses other classes"
+                f"{', '.join(overlap)} already joins the {other} reader's evidence in {name}:"
+                f" a {slot} reader fuses other classes (--fuse)"
             )
 
 
@@ -297,10 +303,15 @@ def add_convexity(
     classes: tuple[str, ...] = EXTRA_AXIAL,
     slot: str = "convexity",
     fuse: tuple[str, ...] | None = None,
+    source: NetSource | None = None,
     **net_settings: Any,
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
     operating points (out of fold) on ``fit_items``, and writes all of it into ``package``.
+
+    ``source``: a trained network and its strip settings are taken from a reader of another
+    package instead of training one (``train_items`` then empty); the caller has checked that
+    ``fit_items`` are not studies it trained on.
 
     ``slot`` is "convexity" (the first reader, joined to the ensemble's scores) or "sulcal" (a
     second reader, joined to the scores after the first); ``fuse`` limits the classes its
@@ -318,14 +329,22 @@ def add_convexity(
             )
         package.thresholds = old.unread_thresholds(package.thresholds)
         setattr(package, slot, None)
-    cfg = StripConfig()
-    classes = check_classes(classes)
-    net, losses = train_net(
-        strip_store(train_items, cfg, workers=workers, classes=classes),
-        seed=seed,
-        classes=classes,
-        **net_settings,
-    )
+    if source is None:
+        cfg = StripConfig()
+        classes = check_classes(classes)
+        net, losses = train_net(
+            strip_store(train_items, cfg, workers=workers, classes=classes),
+            seed=seed,
+            classes=classes,
+            **net_settings,
+        )
+        net_record: dict[str, Any] = {**net_settings, "seed": seed, "loss_per_epoch": losses}
+        trained_on = len(train_items)
+    else:
+        cfg, classes = source.reader.strips, source.reader.net.classes
+        net = copy.deepcopy(source.reader.net)
+        net_record = {**source.record["net"], "taken_from": source.name}
+        trained_on = len(source.train_keys)
     reader = ConvexityReader(
         net, cfg, np.full((len(CLASSES), 3), np.nan), ensemble_thresholds=package.thresholds.copy()
     )
@@ -353,10 +372,11 @@ def add_convexity(
     record: dict[str, Any] = {
         "from": f"{package.name} {package.version}",
         "data": data,
-        "train_studies": len(train_items),
+        "train_studies": trained_on,
         "fit_studies": len(fit_items),
         "unreadable_fit_studies": int(np.isnan(strips).any(axis=1).sum()),
-        "net": {**net_settings, "seed": seed, "loss_per_epoch": losses},
+        "net": net_record,
+        **({"net_trained_on": sorted(source.train_keys)} if source is not None else {}),
         "strip_classes": list(classes),
         "fuse_only": None if fuse is None else list(fuse),
         "strips": vars(cfg).copy(),
@@ -370,7 +390,10 @@ def add_convexity(
         if name in fused_names and chosen_on:
             chosen_on[name] = r
     split = package.training.setdefault("split", {})
-    split[slot] = sorted(datasets.item_key(i) for i in [*train_items, *fit_items])
+    used = {datasets.item_key(i) for i in [*train_items, *fit_items]}
+    if source is not None:
+        used |= source.train_keys
+    split[slot] = sorted(used)
     package.training[slot] = record
     setattr(package, slot, reader)
     package.version = version

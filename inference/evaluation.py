@@ -463,8 +463,9 @@ def _training_stages(training: dict[str, Any]) -> list[str]:
         lines.append(_heads_line(heads))
     if training.get("convexity"):
         lines.append(_convexity_line(training["convexity"]))
-    if training.get("sulcal"):
-        lines.append(_sulcal_line(training["sulcal"]))
+    later = [slot for slot in READER_SLOTS[1:] if training.get(slot)]
+    for ordinal, slot in zip(("second", "third"), later, strict=False):
+        lines.append(_later_reader_line(slot, training[slot], ordinal))
     return lines
 
 
@@ -477,14 +478,16 @@ def _fused_text(record: dict[str, Any]) -> str:
     )
 
 
-def _sulcal_line(record: dict[str, Any]) -> str:
-    """How `ich convexity --reader sulcal` joined a second strip network's evidence."""
+def _later_reader_line(slot: str, record: dict[str, Any], ordinal: str = "second") -> str:
+    """How `ich convexity --reader SLOT` joined another strip network's evidence."""
     fused = _fused_text(record)
+    taken = record.get("net", {}).get("taken_from")
+    how = f"taken unchanged from {taken}" if taken else "trained"
     return (
-        f"- A second strip network (`ich convexity --reader sulcal`, from {record['from']})"
-        f" reads {' and '.join(record['strip_classes'])} blood in the same strips, trained on"
+        f"- A {ordinal} strip network (`ich convexity --reader {slot}`, from {record['from']})"
+        f" reads {' and '.join(record['strip_classes'])} blood in the same strips, {how} on"
         f" {record['train_studies']} phantom studies with masks; its evidence joins only"
-        f" {', '.join(record['fuse_only'] or [])}, after the first reader, by a logistic"
+        f" {', '.join(record['fuse_only'] or [])}, which no other reader joins, by a logistic"
         f" regression fitted on {record['fit_studies']} other studies, where it was kept only if"
         f" it raised the out-of-fold study AUC: {fused or 'no class'}. The other classes keep"
         " their scores and operating points."

@@ -67,7 +67,9 @@ class Atlas:
         )
 
 
-READER_SLOTS = ("convexity", "sulcal")  # a package's strip readers, in the order they join
+# A package's strip readers, in the order they join. Each fuses classes no other reader fuses
+# (inference/convexity_fit.py: check_slot), so the order moves no score.
+READER_SLOTS = ("convexity", "sulcal", "crescent")
 
 
 @dataclass
@@ -85,6 +87,9 @@ class ModelPackage:
     # a second strip network (`ich convexity --reader sulcal`), fused after the first and only
     # for the classes it was added for, so the first reader's classes cannot move
     sulcal: ConvexityReader | None = None
+    # a third (`ich convexity --reader crescent`): another network of extra-axial blood, fused
+    # for classes the first reader leaves to it
+    crescent: ConvexityReader | None = None
 
     def readers(self) -> list[ConvexityReader]:
         """The strip readers in the order their evidence joins the study scores."""

@@ -372,6 +372,111 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
             assert replaced.thresholds[c] == package.convexity.ensemble_thresholds[c], name
 
 
+def test_fusion_limited_to_some_classes_fits_them_as_the_full_fit_does() -> None:
+    """Each class's fusion is fitted on its own: limiting the classes (`--fuse`) leaves the
+    others' rows and out-of-fold scores exactly as a fit of every class gives them."""
+    ensemble, strips, labels = _fit_data()
+    full, full_oof, _ = fit_fusion(ensemble, strips, labels)
+    assert not np.isnan(full[SUBDURAL]).any()
+    for fuse in (("any", "epidural"), ("subdural",)):
+        part, oof, _ = fit_fusion(ensemble, strips, labels, fuse=fuse)
+        for c in (CLASSES.index(name) for name in fuse):
+            np.testing.assert_array_equal(part[c], full[c])
+            np.testing.assert_array_equal(oof[:, c], full_oof[:, c])
+
+
+def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--net-from`: a trained strip network is fused again without training. The first
+    reader refitted with its own network for "any" and epidural, and the same network added as
+    a crescent reader for subdural, score every study as the one reader did."""
+    from inference.cli import main
+    from inference.data import DataSource, read_source
+    from inference.dicom_io import load_series
+    from inference.phantom import write_dataset
+    from inference.predictor import default_model_path
+
+    train, fit = tmp_path / "train", tmp_path / "fit"
+    write_dataset(train, 3, seed=85, progress=False, favour=["subdural", "epidural"])
+    write_dataset(fit, 6, seed=86, progress=False, favour=["subdural", "epidural"])
+    common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
+    fits = ["--fit", f"phantom:{fit}", *common]
+    one = tmp_path / "one" / "model.pt"  # the shipped package, its first reader trained again
+    assert main(["convexity", str(default_model_path()), "--train", f"phantom:{train}", *fits,
+                 "--out", str(one.parent), "--version", "1"]) == 0  # fmt: skip
+    original = ModelPackage.load(one)
+    assert original.convexity is not None
+    fused = {CLASSES[c] for c in original.convexity.fused_classes()}
+    base = ["convexity", str(one), *fits, "--version", "2"]
+    bad = tmp_path / "bad"
+    for extra, error in (
+        (["--train", f"phantom:{train}", "--net-from", f"{one}:convexity"], "or --net-from"),
+        (["--net-from", f"{one}:sulcus"], "expected PACKAGE:SLOT"),
+        (["--net-from", f"{one}:crescent"], "has no crescent reader"),
+        (["--net-from", f"{one}:convexity", "--classes", "subdural"], "not subdural"),
+    ):
+        assert main([*base, *extra, "--out", str(bad)]) == 2, extra
+        assert error in capsys.readouterr().err
+    # its fit studies may not be studies the network trained on
+    assert main(["convexity", str(one), "--fit", f"phantom:{train}", *common, "--version", "2",
+                 "--net-from", f"{one}:convexity", "--out", str(bad)]) == 2  # fmt: skip
+    assert "studies of --fit are studies the strip network trains on" in capsys.readouterr().err
+    assert not bad.exists()
+
+    first = tmp_path / "first" / "model.pt"
+    keep = ["--net-from", f"{one}:convexity", "--fuse", "any,epidural", "--out", str(first.parent)]
+    assert main([*base, *keep]) == 0
+    refitted = ModelPackage.load(first)
+    assert refitted.convexity is not None
+    for key, mine in refitted.convexity.net.state_dict().items():
+        torch.testing.assert_close(mine, original.convexity.net.state_dict()[key], rtol=0, atol=0)
+    sdh = CLASSES.index("subdural")
+    kept = [c for c in range(len(CLASSES)) if c != sdh]
+    np.testing.assert_array_equal(refitted.convexity.fusion[kept], original.convexity.fusion[kept])
+    np.testing.assert_array_equal(refitted.thresholds[kept], original.thresholds[kept])
+    assert np.isnan(refitted.convexity.fusion[sdh]).all()
+    assert refitted.thresholds[sdh] == original.convexity.ensemble_thresholds[sdh]
+    record = refitted.training["convexity"]
+    assert (
+        record["train_studies"] == 3
+        and record["net"]["taken_from"] == "ich-demo 1, convexity reader"
+    )
+    assert len(record["net_trained_on"]) == 3
+
+    two = tmp_path / "two" / "model.pt"
+    crescent = ["convexity", str(first), *fits, "--version", "3", "--reader", "crescent"]
+    crescent += ["--net-from", f"{one}:convexity", "--out", str(two.parent)]
+    shipped = ModelPackage.load(default_model_path())
+    if shipped.convexity is not None and sdh in shipped.convexity.fused_classes():
+        # under a first reader that fuses subdural, a crescent reader may not fuse it too
+        taken = ["--net-from", f"{one}:convexity", "--fuse", "subdural", "--out", str(bad)]
+        assert main(["convexity", str(default_model_path()), *fits, "--version", "3",
+                     "--reader", "crescent", *taken]) == 2  # fmt: skip
+        assert "subdural already joins the convexity reader's evidence" in capsys.readouterr().err
+        assert not bad.exists()
+    assert main([*crescent, "--fuse", "subdural"]) == 0
+    split = ModelPackage.load(two)
+    assert split.crescent is not None and split.sulcal is not None
+    assert [r.net.classes for r in split.readers()][2] == ("subdural", "epidural")
+    np.testing.assert_array_equal(split.crescent.fusion[sdh], original.convexity.fusion[sdh])
+    np.testing.assert_array_equal(split.thresholds, original.thresholds)
+    assert {CLASSES[c] for c in split.crescent.fused_classes()} == fused & {"subdural"}
+    assert len(split.training["split"]["crescent"]) == 9
+    # the network of a reader that was itself taken knows what it trained on
+    assert main([*base, "--net-from", f"{two}:crescent", "--fuse", "any",
+                 "--fit", f"phantom:{train}", "--out", str(bad)]) == 2  # fmt: skip
+    assert "studies the strip network trains on" in capsys.readouterr().err
+
+    (item,) = read_source(DataSource(kind="phantom", path=str(fit)))[:1]
+    series = load_series(item.paths)
+    before = Predictor(original, torch.device("cpu")).predict(series, heatmaps=False, basis=False)
+    after = Predictor(split, torch.device("cpu")).predict(series, heatmaps=False, basis=False)
+    for name in CLASSES:
+        assert after.probabilities[name] == pytest.approx(before.probabilities[name]), name
+    assert after.flags == before.flags
+
+
 def test_the_model_card_says_what_the_sulcal_reader_joined() -> None:
     from inference.evaluation import _training_stages
 
@@ -386,3 +491,29 @@ def test_the_model_card_says_what_the_sulcal_reader_joined() -> None:
     }
     (line,) = _training_stages({"sulcal": record})
     assert "joins only subarachnoid" in line and "subarachnoid 0.930 to 0.960" in line
+
+
+def test_the_model_card_names_a_third_reader_and_where_its_network_came_from() -> None:
+    from inference.evaluation import _training_stages
+
+    def record(classes: list[str], fused: str, **net: str) -> dict:
+        return {
+            "from": "ich-demo 6.7.0",
+            "strip_classes": classes,
+            "fuse_only": [fused],
+            "train_studies": 900,
+            "fit_studies": 240,
+            "classes": {fused: {"ensemble_auc": 0.82, "fused_auc_out_of_fold": 0.97}},
+            "fused": [fused],
+            "net": net,
+        }
+
+    sulcal = record(["subarachnoid"], "subarachnoid")
+    crescent = record(["subdural", "epidural"], "subdural", taken_from="ich-demo 6.8.0, x reader")
+    second, third = _training_stages({"sulcal": sulcal, "crescent": crescent})
+    assert second.startswith("- A second strip network (`ich convexity --reader sulcal`")
+    assert third.startswith("- A third strip network (`ich convexity --reader crescent`")
+    assert "taken unchanged from ich-demo 6.8.0, x reader" in third
+    assert "joins only subdural" in third and "subdural 0.820 to 0.970" in third
+    (only,) = _training_stages({"crescent": crescent})
+    assert only.startswith("- A second strip network")
