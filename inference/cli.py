@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     convexity.add_argument("--out", type=Path, required=True, help="the model package to write")
     convexity.add_argument("--version", required=True, help="version of the new package")
-    convexity.add_argument("--epochs", type=int, default=6)
-    convexity.add_argument("--steps", type=int, default=150, help="batches per epoch")
-    convexity.add_argument("--batch", type=int, default=32)
-    convexity.add_argument("--lr", type=float, default=2e-3)
-    convexity.add_argument("--width", type=int, default=16, help="channels of the first stage")
+    convexity.add_argument("--epochs", type=int, help="default 6")
+    convexity.add_argument("--steps", type=int, help="batches per epoch (default 150)")
+    convexity.add_argument("--batch", type=int, help="default 32")
+    convexity.add_argument("--lr", type=float, help="default 2e-3")
+    convexity.add_argument("--width", type=int, help="channels of the first stage (default 16)")
     convexity.add_argument("--seed", type=int, default=0)
     convexity.add_argument("--threads", type=int, default=0, help="0: every core")
     convexity.add_argument(
@@ -369,10 +369,20 @@ def _convexity(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if bool(args.train) == bool(args.net_from):
         raise ValueError("give the studies to train a strip network on (--train) or --net-from")
+    # training settings not given keep train_net's defaults
+    settings = {
+        k: v
+        for k in ("epochs", "steps", "batch", "lr", "width")
+        if (v := getattr(args, k)) is not None
+    }
+    if args.net_from and settings:
+        raise ValueError(
+            f"--net-from takes a trained network: --{', --'.join(settings)} would train one"
+        )
     source = None if args.net_from is None else _net_source(args.net_from, SLOTS)
     classes = tuple(c.strip() for c in (args.classes or "").split(",") if c.strip())
     if source is not None:
-        if classes and classes != source.reader.net.classes:
+        if classes and set(classes) != set(source.reader.net.classes):
             raise ValueError(
                 f"--net-from {args.net_from} reads {','.join(source.reader.net.classes)},"
                 f" not {','.join(classes)}"
@@ -419,15 +429,11 @@ def _convexity(args: argparse.Namespace) -> None:
         },
         workers=args.threads or os.cpu_count() or 1,
         seed=args.seed,
-        epochs=args.epochs,
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        width=args.width,
         classes=classes,
         slot=args.reader,
         fuse=fuse,
         source=source,
+        **settings,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     package.save(args.out / "model.pt")
@@ -457,7 +463,7 @@ def _net_source(spec: str, slots: tuple[str, ...]) -> Any:
     reader, record = getattr(package, slot), package.training.get(slot)
     if reader is None or not record:
         raise ValueError(f"--net-from {spec}: {path} has no {slot} reader")
-    if "net_trained_on" in record:  # itself taken from another package
+    if "net_trained_on" in record:  # packages made since 6.9.0 name them
         train_keys = set(record["net_trained_on"])
     else:
         train_keys = set()
@@ -465,8 +471,9 @@ def _net_source(spec: str, slots: tuple[str, ...]) -> Any:
             kind, _, where = train.partition(":")
             if not Path(where).is_dir():
                 raise ValueError(
-                    f"--net-from {spec}: its training studies {where} are not here, so the fit"
-                    " studies cannot be checked against them"
+                    f"--net-from {spec}: its training studies {where} (relative to the"
+                    " directory the command runs in) are not here, so the fit studies cannot be"
+                    " checked against them"
                 )
             train_keys |= {item_key(i) for i in read_source(DataSource(kind=kind, path=where))}
         if len(train_keys) != record["train_studies"]:

@@ -3,6 +3,7 @@ then join its evidence to a model package's ensemble by a logistic regression pe
 on other studies that neither network trained on."""
 
 import copy
+import inspect
 import multiprocessing
 import time
 from collections.abc import Sequence
@@ -154,6 +155,13 @@ def train_net(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
     return net.eval(), losses
+
+
+TRAIN_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(train_net).parameters.items()
+    if k in ("epochs", "steps", "batch", "lr", "width")
+}
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
@@ -310,15 +318,17 @@ def add_convexity(
     operating points (out of fold) on ``fit_items``, and writes all of it into ``package``.
 
     ``source``: a trained network and its strip settings are taken from a reader of another
-    package instead of training one (``train_items`` then empty); the caller has checked that
-    ``fit_items`` are not studies it trained on.
+    package instead of training one (``train_items`` then empty, ``classes`` those it reads);
+    the caller has checked that ``fit_items`` are not studies it trained on.
 
-    ``slot`` is "convexity" (the first reader, joined to the ensemble's scores) or "sulcal" (a
-    second reader, joined to the scores after the first); ``fuse`` limits the classes its
-    evidence may join (None: every class it has evidence for, "any" included). A reader the
-    package already has in that slot is replaced. Returns the record it adds to the package's
-    training."""
+    ``slot`` is one of SLOTS: "convexity" (the first reader), "sulcal" or "crescent" (readers
+    fused only for the classes in ``fuse``); ``fuse`` limits the classes its evidence may join
+    (None: every class it has evidence for, "any" included). No two readers fuse one class
+    (`check_slot`). A reader the package already has in that slot is replaced. Returns the
+    record it adds to the package's training."""
     started = time.time()
+    if source is not None:
+        classes = source.reader.net.classes
     check_slot(package, slot, fuse, classes)
     old = getattr(package, slot)
     if old is not None:  # replaced: its classes start again from the flags they had before it
@@ -328,6 +338,13 @@ def add_convexity(
                 " operating points from before it: build from the package it was made from"
             )
         package.thresholds = old.unread_thresholds(package.thresholds)
+        # what those restored points did on validation, where the old reader kept it
+        before = package.training.get(slot, {}).get("operating_points_before", {})
+        chosen = package.training.get("operating_points_on_validation", {})
+        for c in old.fused_classes():
+            chosen.pop(CLASSES[c], None)
+            if CLASSES[c] in before:
+                chosen[CLASSES[c]] = before[CLASSES[c]]
         setattr(package, slot, None)
     if source is None:
         cfg = StripConfig()
@@ -338,13 +355,15 @@ def add_convexity(
             classes=classes,
             **net_settings,
         )
-        net_record: dict[str, Any] = {**net_settings, "seed": seed, "loss_per_epoch": losses}
-        trained_on = len(train_items)
+        given = {**TRAIN_DEFAULTS, **net_settings}
+        net_record: dict[str, Any] = {**given, "seed": seed, "loss_per_epoch": losses}
+        train_keys = {datasets.item_key(i) for i in train_items}
     else:
         cfg, classes = source.reader.strips, source.reader.net.classes
         net = copy.deepcopy(source.reader.net)
-        net_record = {**source.record["net"], "taken_from": source.name}
-        trained_on = len(source.train_keys)
+        # taken_from: the package the network was trained in, however often it was taken since
+        net_record = {"taken_from": source.name, **source.record["net"]}
+        train_keys = source.train_keys
     reader = ConvexityReader(
         net, cfg, np.full((len(CLASSES), 3), np.nan), ensemble_thresholds=package.thresholds.copy()
     )
@@ -372,11 +391,12 @@ def add_convexity(
     record: dict[str, Any] = {
         "from": f"{package.name} {package.version}",
         "data": data,
-        "train_studies": trained_on,
+        "train_studies": len(train_keys),
         "fit_studies": len(fit_items),
         "unreadable_fit_studies": int(np.isnan(strips).any(axis=1).sum()),
         "net": net_record,
-        **({"net_trained_on": sorted(source.train_keys)} if source is not None else {}),
+        "net_trained_on": sorted(train_keys),
+        "fit_seed": seed,
         "strip_classes": list(classes),
         "fuse_only": None if fuse is None else list(fuse),
         "strips": vars(cfg).copy(),
@@ -384,16 +404,15 @@ def add_convexity(
         "fused": fused_names,
         "seconds": round(time.time() - started),
     }
-    # The fused flags' thresholds and what they do, out of fold, on the fit studies.
+    # The fused flags' thresholds and what they do, out of fold, on the fit studies (and what
+    # the points they replace did, for when this reader is replaced in turn).
     chosen_on = package.training.setdefault("operating_points_on_validation", {})
+    record["operating_points_before"] = {n: chosen_on[n] for n in fused_names if n in chosen_on}
     for name, r in operating_point_record(probabilities, labels, package.thresholds).items():
         if name in fused_names and chosen_on:
             chosen_on[name] = r
     split = package.training.setdefault("split", {})
-    used = {datasets.item_key(i) for i in [*train_items, *fit_items]}
-    if source is not None:
-        used |= source.train_keys
-    split[slot] = sorted(used)
+    split[slot] = sorted(train_keys | {datasets.item_key(i) for i in fit_items})
     package.training[slot] = record
     setattr(package, slot, reader)
     package.version = version

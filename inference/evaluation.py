@@ -437,7 +437,10 @@ def _operating_point_table(
         return ["| class | threshold |", "| --- | --- |", *rows]
     rows = []
     for i, c in enumerate(CLASSES):
-        r = on_validation[c]
+        r = on_validation.get(c)
+        if r is None:  # a point restored when the reader that chose it was replaced
+            rows.append(f"| {CLASS_LABELS[c]} | {thresholds[i]:.3f} | not recorded | |")
+            continue
         rows.append(
             f"| {CLASS_LABELS[c]} | {thresholds[i]:.3f} | {r['sensitivity']:.2f}"
             f" ({r['positives']} positive) | {r['specificity']:.2f} ({r['negatives']} negative) |"
@@ -478,15 +481,20 @@ def _fused_text(record: dict[str, Any]) -> str:
     )
 
 
+def _taken_text(record: dict[str, Any]) -> str:
+    """Where a reader's network was trained, when `--net-from` took it from another package."""
+    taken = record.get("net", {}).get("taken_from")
+    return f" (the network taken unchanged from {taken})" if taken else ""
+
+
 def _later_reader_line(slot: str, record: dict[str, Any], ordinal: str = "second") -> str:
     """How `ich convexity --reader SLOT` joined another strip network's evidence."""
     fused = _fused_text(record)
-    taken = record.get("net", {}).get("taken_from")
-    how = f"taken unchanged from {taken}" if taken else "trained"
     return (
         f"- A {ordinal} strip network (`ich convexity --reader {slot}`, from {record['from']})"
-        f" reads {' and '.join(record['strip_classes'])} blood in the same strips, {how} on"
-        f" {record['train_studies']} phantom studies with masks; its evidence joins only"
+        f" reads {' and '.join(record['strip_classes'])} blood in the same strips, trained on"
+        f" {record['train_studies']} phantom studies with masks{_taken_text(record)}; its"
+        " evidence joins only"
         f" {', '.join(record['fuse_only'] or [])}, which no other reader joins, by a logistic"
         f" regression fitted on {record['fit_studies']} other studies, where it was kept only if"
         f" it raised the out-of-fold study AUC: {fused or 'no class'}. The other classes keep"
@@ -502,7 +510,8 @@ def _convexity_line(record: dict[str, Any]) -> str:
     return (
         f"- {what.capitalize()} blood also read along the inner table (`ich convexity`, from"
         f" {record['from']}): each slice unrolled into a strip at the scan's own pixel size and"
-        f" read by a small CNN trained on {record['train_studies']} phantom studies with masks;"
+        f" read by a small CNN trained on {record['train_studies']} phantom studies with masks"
+        f"{_taken_text(record)};"
         " its study evidence is joined to the ensemble's by a logistic regression per class,"
         f" fitted on {record['fit_studies']} other studies. Fused where it raised the"
         f" out-of-fold study AUC there: {fused or 'no class'}. Heatmaps and the prediction"

@@ -390,7 +390,9 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
 ) -> None:
     """`--net-from`: a trained strip network is fused again without training. The first
     reader refitted with its own network for "any" and epidural, and the same network added as
-    a crescent reader for subdural, score every study as the one reader did."""
+    a crescent reader for subdural, score every study as the one reader did. (Whether the tiny
+    network here earns a fusion on six studies is up to the data; that each class's fusion is
+    fitted alone is `test_fusion_limited_to_some_classes_fits_them_as_the_full_fit_does`.)"""
     from inference.cli import main
     from inference.data import DataSource, read_source
     from inference.dicom_io import load_series
@@ -400,29 +402,55 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     train, fit = tmp_path / "train", tmp_path / "fit"
     write_dataset(train, 3, seed=85, progress=False, favour=["subdural", "epidural"])
     write_dataset(fit, 6, seed=86, progress=False, favour=["subdural", "epidural"])
-    common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
-    fits = ["--fit", f"phantom:{fit}", *common]
+    training = ["--epochs", "1", "--steps", "2", "--batch", "4"]
+    fits = ["--fit", f"phantom:{fit}", "--threads", "1"]
     one = tmp_path / "one" / "model.pt"  # the shipped package, its first reader trained again
     assert main(["convexity", str(default_model_path()), "--train", f"phantom:{train}", *fits,
-                 "--out", str(one.parent), "--version", "1"]) == 0  # fmt: skip
+                 *training, "--out", str(one.parent), "--version", "1"]) == 0  # fmt: skip
     original = ModelPackage.load(one)
     assert original.convexity is not None
+    assert original.training["convexity"]["net"]["epochs"] == 1  # given
+    assert original.training["convexity"]["net"]["width"] == 16  # train_net's default
     fused = {CLASSES[c] for c in original.convexity.fused_classes()}
     base = ["convexity", str(one), *fits, "--version", "2"]
     bad = tmp_path / "bad"
+    # a package whose reader trained on a study of the ensemble, one whose training sets are
+    # gone, and one whose training set no longer holds what it trained on
+    shipped_split = ModelPackage.load(default_model_path()).training["split"]["train"]
+    tampered = {}
+    trained_on = original.training["convexity"]["net_trained_on"]
+    for name, change in (
+        ("ensemble", {"net_trained_on": [*trained_on, shipped_split[0]]}),
+        ("gone", {"data": {"train": [f"phantom:{tmp_path / 'nowhere'}"]}}),
+        ("changed", {"data": {"train": [f"phantom:{fit}"]}}),
+    ):
+        package = ModelPackage.load(one)
+        package.training["convexity"] = {**package.training["convexity"], **change}
+        if name != "ensemble":
+            del package.training["convexity"]["net_trained_on"]  # as before 6.9.0
+        package.save(tmp_path / f"{name}.pt")
+        tampered[name] = f"{tmp_path / name}.pt:convexity"
     for extra, error in (
         (["--train", f"phantom:{train}", "--net-from", f"{one}:convexity"], "or --net-from"),
         (["--net-from", f"{one}:sulcus"], "expected PACKAGE:SLOT"),
         (["--net-from", f"{one}:crescent"], "has no crescent reader"),
         (["--net-from", f"{one}:convexity", "--classes", "subdural"], "not subdural"),
+        (["--net-from", f"{one}:convexity", "--epochs", "2"], "--epochs would train one"),
+        (["--net-from", tampered["ensemble"]], "trained on 1 studies of"),
+        (["--net-from", tampered["gone"]], "are not here"),
+        (["--net-from", tampered["changed"]], "no longer hold the 3 studies"),
+        # its fit studies may not be studies the network trained on
+        (
+            ["--net-from", f"{one}:convexity", "--fit", f"phantom:{train}"],
+            "the strip network trains",
+        ),
     ):
         assert main([*base, *extra, "--out", str(bad)]) == 2, extra
-        assert error in capsys.readouterr().err
-    # its fit studies may not be studies the network trained on
-    assert main(["convexity", str(one), "--fit", f"phantom:{train}", *common, "--version", "2",
-                 "--net-from", f"{one}:convexity", "--out", str(bad)]) == 2  # fmt: skip
-    assert "studies of --fit are studies the strip network trains on" in capsys.readouterr().err
+        assert error in capsys.readouterr().err, extra
     assert not bad.exists()
+    # the same network, whichever order its classes are named in
+    swapped = ["--net-from", f"{one}:convexity", "--classes", "epidural,subdural", "--fuse", "any"]
+    assert main([*base, *swapped, "--out", str(tmp_path / "swapped")]) == 0
 
     first = tmp_path / "first" / "model.pt"
     keep = ["--net-from", f"{one}:convexity", "--fuse", "any,epidural", "--out", str(first.parent)]
@@ -438,11 +466,17 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     assert np.isnan(refitted.convexity.fusion[sdh]).all()
     assert refitted.thresholds[sdh] == original.convexity.ensemble_thresholds[sdh]
     record = refitted.training["convexity"]
+    assert record["train_studies"] == 3 and record["fit_seed"] == 0
+    assert record["net"]["taken_from"] == "ich-demo 1, convexity reader"
     assert (
-        record["train_studies"] == 3
-        and record["net"]["taken_from"] == "ich-demo 1, convexity reader"
+        record["net"]["loss_per_epoch"] == original.training["convexity"]["net"]["loss_per_epoch"]
     )
     assert len(record["net_trained_on"]) == 3
+    # subdural's restored point: what it did on validation is what it did before `one` fused it
+    before = original.training["convexity"]["operating_points_before"]
+    chosen = refitted.training["operating_points_on_validation"]
+    if "subdural" in fused:
+        assert chosen.get("subdural") == before.get("subdural")
 
     two = tmp_path / "two" / "model.pt"
     crescent = ["convexity", str(first), *fits, "--version", "3", "--reader", "crescent"]
@@ -463,18 +497,21 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     np.testing.assert_array_equal(split.thresholds, original.thresholds)
     assert {CLASSES[c] for c in split.crescent.fused_classes()} == fused & {"subdural"}
     assert len(split.training["split"]["crescent"]) == 9
+    assert split.training["crescent"]["net"]["taken_from"] == "ich-demo 1, convexity reader"
     # the network of a reader that was itself taken knows what it trained on
-    assert main([*base, "--net-from", f"{two}:crescent", "--fuse", "any",
-                 "--fit", f"phantom:{train}", "--out", str(bad)]) == 2  # fmt: skip
+    chained = ["--net-from", f"{two}:crescent", "--fuse", "any", "--fit", f"phantom:{train}"]
+    assert main([*base, *chained, "--out", str(bad)]) == 2
     assert "studies the strip network trains on" in capsys.readouterr().err
 
     (item,) = read_source(DataSource(kind="phantom", path=str(fit)))[:1]
     series = load_series(item.paths)
-    before = Predictor(original, torch.device("cpu")).predict(series, heatmaps=False, basis=False)
-    after = Predictor(split, torch.device("cpu")).predict(series, heatmaps=False, basis=False)
-    for name in CLASSES:
-        assert after.probabilities[name] == pytest.approx(before.probabilities[name]), name
-    assert after.flags == before.flags
+    picture = dataclasses.replace(series, pixel_spacing_mm=None)  # no reader reads it
+    for seen in (series, picture):
+        before = Predictor(original, torch.device("cpu")).predict(seen, heatmaps=False, basis=False)
+        after = Predictor(split, torch.device("cpu")).predict(seen, heatmaps=False, basis=False)
+        for name in CLASSES:
+            assert after.probabilities[name] == pytest.approx(before.probabilities[name]), name
+        assert after.flags == before.flags
 
 
 def test_the_model_card_says_what_the_sulcal_reader_joined() -> None:
