@@ -16,10 +16,14 @@ SERVICES := $(CURDIR)/scripts/services.sh
 REAL_DATA ?= $(abspath $(CURDIR)/../shared/data)
 DEMO_RUN := $(ICH_VAR_DIR)/runs/ich-demo
 DEMO_EVAL := $(ICH_VAR_DIR)/eval/ich-demo
-# The shipped package: the trained ensemble with the convexity strip reader joined to it, and
-# the sulcal strip reader joined after it for subarachnoid only.
+# The shipped package: the trained ensemble with three strip readers, each fused for classes
+# no other reader fuses: the convexity reader ("any", epidural), the sulcal reader
+# (subarachnoid) and the crescent reader (subdural; its network is 6.8.0's, trained longer).
 DEMO_CX_RUN := $(DEMO_RUN)-cx
-DEMO_MODEL_RUN := $(DEMO_RUN)-sulcal
+DEMO_SULCAL_RUN := $(DEMO_RUN)-sulcal
+DEMO_CX3_RUN := $(DEMO_RUN)-cx3
+DEMO_MODEL_RUN := $(DEMO_RUN)-69
+CX_FIT := --fit phantom:$(ICH_VAR_DIR)/data/cx-val --fit phantom:$(ICH_VAR_DIR)/data/cx-fit-typical
 
 help:
 	@echo "make run    install, start Postgres + Redis, migrate, seed demo users, start the app"
@@ -122,7 +126,17 @@ demo-model: setup
 	$(BIN)/ich convexity $(DEMO_CX_RUN)/model.pt --train phantom:$(ICH_VAR_DIR)/data/cx-train-classic \
 	  --train phantom:$(ICH_VAR_DIR)/data/cx-train-typical --train phantom:$(ICH_VAR_DIR)/data/sah-train \
 	  --fit phantom:$(ICH_VAR_DIR)/data/cx-val --fit phantom:$(ICH_VAR_DIR)/data/cx-fit-typical \
-	  --reader sulcal --classes subarachnoid --out $(DEMO_MODEL_RUN) --version 6.7.0
+	  --reader sulcal --classes subarachnoid --out $(DEMO_SULCAL_RUN) --version 6.7.0
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/cx-train-typical2 --studies 300 --seed 66 \
+	  --favour subdural,epidural --extra-axial typical
+	$(BIN)/ich convexity $(DEMO_SULCAL_RUN)/model.pt --train phantom:$(ICH_VAR_DIR)/data/cx-train-classic \
+	  --train phantom:$(ICH_VAR_DIR)/data/cx-train-typical --train phantom:$(ICH_VAR_DIR)/data/cx-train-typical2 \
+	  $(CX_FIT) --steps 300 --out $(DEMO_CX3_RUN) --version 6.8.0
+	$(BIN)/ich convexity $(DEMO_SULCAL_RUN)/model.pt --net-from $(DEMO_SULCAL_RUN)/model.pt:convexity \
+	  --fuse any,epidural $(CX_FIT) --out $(DEMO_RUN)-69a --version 6.9.0-a
+	$(BIN)/ich convexity $(DEMO_RUN)-69a/model.pt --reader crescent \
+	  --net-from $(DEMO_CX3_RUN)/model.pt:convexity --fuse subdural $(CX_FIT) \
+	  --out $(DEMO_MODEL_RUN) --version 6.9.0
 	$(MAKE) demo-model-measure
 
 # Measures the trained run on the held-out data and copies it, its reports and card to models/.
