@@ -144,20 +144,29 @@ def test_a_picture_without_bone_is_left_to_the_ensemble() -> None:
     np.testing.assert_array_equal(reader.fuse(calibrated, None), calibrated)
 
 
-def _first_reader_only(tmp_path: Path) -> Path:
-    """The shipped package as it was before a sulcal reader joined it (if one has): a first
-    reader that may fuse subarachnoid cannot be replaced under a sulcal reader that fuses it."""
+def _shipped_without(tmp_path: Path, *slots: str) -> Path:
+    """The shipped package as it was before its later readers joined it (those in ``slots``
+    it has, peeled from the last): a first reader that fuses a class may not be replaced under a
+    later reader that fuses it too. Each peeled reader's classes get back the operating points
+    they had before it."""
+    from inference.package import READER_SLOTS
     from inference.predictor import default_model_path
 
     package = ModelPackage.load(default_model_path())
-    if package.sulcal is None:
+    peeled = [s for s in reversed(READER_SLOTS) if s in slots and getattr(package, s) is not None]
+    if not peeled:
         return default_model_path()
-    package.thresholds = package.sulcal.unread_thresholds(package.thresholds)
-    package.sulcal = None
-    package.training.pop("sulcal", None)
-    package.training.get("split", {}).pop("sulcal", None)
-    package.save(tmp_path / "first.pt")
-    return tmp_path / "first.pt"
+    for slot in peeled:
+        package.thresholds = getattr(package, slot).unread_thresholds(package.thresholds)
+        setattr(package, slot, None)
+        package.training.pop(slot, None)
+        package.training.get("split", {}).pop(slot, None)
+    package.save(tmp_path / "peeled.pt")
+    return tmp_path / "peeled.pt"
+
+
+def _first_reader_only(tmp_path: Path) -> Path:
+    return _shipped_without(tmp_path, "sulcal", "crescent")
 
 
 def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
@@ -182,7 +191,10 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     package = ModelPackage.load(out / "model.pt")
     assert package.version == "9.9.9" and package.convexity is not None
     shipped = ModelPackage.load(base)
-    own = shipped.thresholds if shipped.convexity is None else shipped.convexity.ensemble_thresholds
+    # the ensemble's own points: the replaced reader's classes get back those from before it
+    own = shipped.thresholds
+    if shipped.convexity is not None:
+        own = shipped.convexity.unread_thresholds(shipped.thresholds)
     np.testing.assert_array_equal(package.convexity.ensemble_thresholds, own)
     for c in np.flatnonzero(np.isnan(package.convexity.fusion).any(axis=1)):
         assert package.thresholds[c] == own[c], CLASSES[c]  # a class left to the ensemble
@@ -338,8 +350,14 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
             assert package.thresholds[c] == shipped.thresholds[c], name
     fused = {CLASSES[c] for c in package.sulcal.fused_classes()}
     assert fused <= {"subarachnoid"}
+    # its fallback: subarachnoid's point from before any sulcal reader, the others' as they are
     before = shipped.thresholds if shipped.sulcal is None else shipped.sulcal.ensemble_thresholds
-    np.testing.assert_array_equal(package.sulcal.ensemble_thresholds, before)
+    sah = CLASSES.index("subarachnoid")
+    others = [c for c in range(len(CLASSES)) if c != sah]
+    assert package.sulcal.ensemble_thresholds[sah] == before[sah]
+    np.testing.assert_array_equal(
+        package.sulcal.ensemble_thresholds[others], package.thresholds[others]
+    )
     record = package.training["sulcal"]
     assert record["fuse_only"] == ["subarachnoid"] and record["strip_classes"] == ["subarachnoid"]
     assert len(package.training["split"]["sulcal"]) == 13
@@ -351,6 +369,12 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
     # then the second reader, its class and its fallback for that class stay as they were.
     again = ["convexity", str(out / "model.pt"), "--train", f"phantom:{train}"]
     again += ["--fit", f"phantom:{fit}", "--out", str(tmp_path / "x"), "--version", "1", *common]
+    # a shipped crescent reader keeps subdural, so the first reader may not fuse it
+    crescent = set() if shipped.crescent is None else set(shipped.crescent.fused_classes())
+    if CLASSES.index("subdural") in crescent:
+        assert main([*again, "--seed", "1"]) == 2
+        assert "subdural already joins the crescent reader's evidence" in capsys.readouterr().err
+        again += ["--fuse", "any,epidural"]
     assert main([*again, "--seed", "1"]) == 0
     replaced = ModelPackage.load(tmp_path / "x" / "model.pt")
     assert replaced.convexity is not None and replaced.sulcal is not None
@@ -359,17 +383,20 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
     theirs = package.sulcal.net.state_dict()
     for key, mine in replaced.sulcal.net.state_dict().items():
         torch.testing.assert_close(mine, theirs[key], rtol=0, atol=0)
-    sah = CLASSES.index("subarachnoid")
     assert replaced.thresholds[sah] == package.thresholds[sah]
     fallback = replaced.sulcal.ensemble_thresholds
     assert fallback[sah] == package.sulcal.ensemble_thresholds[sah]
-    others = [c for c in range(len(CLASSES)) if c != sah]
     np.testing.assert_array_equal(fallback[others], replaced.thresholds[others])
     first = {CLASSES[c] for c in replaced.convexity.fused_classes()}
     assert "subarachnoid" not in first
-    for c, name in enumerate(CLASSES):  # a class no reader fuses now has the ensemble's point
-        if name not in first | fused:
-            assert replaced.thresholds[c] == package.convexity.ensemble_thresholds[c], name
+    third = {CLASSES[c] for c in crescent}
+    for c in crescent:  # the crescent reader's class keeps its point
+        assert replaced.thresholds[c] == package.thresholds[c], CLASSES[c]
+    # a class no reader fuses now has the point it had before the replaced first reader fused it
+    restored = package.convexity.unread_thresholds(package.thresholds)
+    for c, name in enumerate(CLASSES):
+        if name not in first | fused | third:
+            assert replaced.thresholds[c] == restored[c], name
 
 
 def test_fusion_limited_to_some_classes_fits_them_as_the_full_fit_does() -> None:
@@ -404,8 +431,10 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     write_dataset(fit, 6, seed=86, progress=False, favour=["subdural", "epidural"])
     training = ["--epochs", "1", "--steps", "2", "--batch", "4"]
     fits = ["--fit", f"phantom:{fit}", "--threads", "1"]
-    one = tmp_path / "one" / "model.pt"  # the shipped package, its first reader trained again
-    assert main(["convexity", str(default_model_path()), "--train", f"phantom:{train}", *fits,
+    # the shipped package before any crescent reader, its first reader trained again
+    one = tmp_path / "one" / "model.pt"
+    shipped_base = _shipped_without(tmp_path, "crescent")
+    assert main(["convexity", str(shipped_base), "--train", f"phantom:{train}", *fits,
                  *training, "--out", str(one.parent), "--version", "1"]) == 0  # fmt: skip
     original = ModelPackage.load(one)
     assert original.convexity is not None
@@ -481,11 +510,11 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     two = tmp_path / "two" / "model.pt"
     crescent = ["convexity", str(first), *fits, "--version", "3", "--reader", "crescent"]
     crescent += ["--net-from", f"{one}:convexity", "--out", str(two.parent)]
-    shipped = ModelPackage.load(default_model_path())
+    shipped = ModelPackage.load(shipped_base)
     if shipped.convexity is not None and sdh in shipped.convexity.fused_classes():
         # under a first reader that fuses subdural, a crescent reader may not fuse it too
         taken = ["--net-from", f"{one}:convexity", "--fuse", "subdural", "--out", str(bad)]
-        assert main(["convexity", str(default_model_path()), *fits, "--version", "3",
+        assert main(["convexity", str(shipped_base), *fits, "--version", "3",
                      "--reader", "crescent", *taken]) == 2  # fmt: skip
         assert "subdural already joins the convexity reader's evidence" in capsys.readouterr().err
         assert not bad.exists()
