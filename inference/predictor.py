@@ -15,7 +15,7 @@ from inference.constants import CLASS_LABELS, CLASSES
 from inference.convexity import readers_study_logits
 from inference.dicom_io import CTSeries, load_series
 from inference.gradcam import class_activation
-from inference.models import EfficientNetLite
+from inference.models import EfficientNetLite, folded_for_inference
 from inference.package import (
     ModelPackage,
     aggregator_features,
@@ -100,6 +100,15 @@ class Predictor:
     def __init__(self, package: ModelPackage, device: torch.device) -> None:
         self.package = package
         self.device = device
+        self._networks: list[EfficientNetLite] | None = None
+
+    def networks(self) -> list[EfficientNetLite]:
+        """The package's members with their batch norms folded (``folded_for_inference``),
+        made at the first prediction: what the predictor runs. A package's members changed
+        after that need a new Predictor."""
+        if self._networks is None:
+            self._networks = [folded_for_inference(m) for m in self.package.members]
+        return self._networks
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str | None = None) -> "Predictor":
@@ -159,7 +168,7 @@ class Predictor:
         del grid
         clock.lap("preprocess")
         predictors = [self, *others]
-        outputs = self._run_members(x, batch_size, [p.package.members for p in predictors])
+        outputs = self._run_members(x, batch_size, [p.package.members for p in others])
         del x  # the heatmaps that follow need the class maps only: peak memory on long series
         clock.lap("networks")
         return [
@@ -226,11 +235,13 @@ class Predictor:
 
     @torch.no_grad()
     def _run_members(
-        self, x: torch.Tensor, batch_size: int, heads: list[list[EfficientNetLite]]
+        self, x: torch.Tensor, batch_size: int, others: list[list[EfficientNetLite]]
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per entry of ``heads`` (member lists with these networks): slice logits (M, N, 6),
-        embeddings (M, N, E) and class evidence maps (M, N, 6, h, w). One pass of the networks
-        gives the scores and everything Grad-CAM needs, for every set of heads."""
+        """For this predictor's members and then per entry of ``others`` (member lists with
+        these networks and other heads): slice logits (M, N, 6), embeddings (M, N, E) and class
+        evidence maps (M, N, 6, h, w). One pass of the networks gives the scores and everything
+        Grad-CAM needs, for every set of heads."""
+        heads = [self.networks(), *others]
         parts: list[list[dict[str, torch.Tensor]]] = [[] for _ in heads]
         with self._autocast():
             for chunk in torch.split(x, batch_size):
@@ -252,7 +263,7 @@ class Predictor:
         batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
         grid, _ = resample_inplane(series.hu, series.pixel_spacing_mm, self.package.preprocess)
         x = model_input(grid, series.positions_mm, self.package.preprocess)  # (N, 3, S, S)
-        logits, embeddings, _ = self._run_members(x, batch_size, [self.package.members])[0]
+        logits, embeddings, _ = self._run_members(x, batch_size, [])[0]
         return self._calibrated_logits(logits, embeddings)
 
     def _calibrated_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:

@@ -1,11 +1,13 @@
 import torch
 
+from inference.convexity import ConvexityNet, folded_strip_net
 from inference.gradcam import class_activation, grad_cam
 from inference.models import (
     AggregatorConfig,
     EfficientNetLite,
     StudyAggregator,
     build_slice_model,
+    folded_for_inference,
     imagenet_weights_path,
 )
 
@@ -85,3 +87,48 @@ def test_the_dense_last_stage_is_the_same_stage_sampled_more_finely() -> None:
     assert dense.shape[-1] == 2 * coarse.shape[-1]
     # away from the zero-padded border the "a trous" computation reproduces every coarse value
     assert torch.allclose(dense[..., 2:-2:2, 2:-2:2], coarse[..., 1:-1, 1:-1], atol=1e-5)
+
+
+def _random_statistics(model: torch.nn.Module) -> None:
+    """Batch norms as after training: running statistics and affine weights away from 0 and 1."""
+    generator = torch.Generator().manual_seed(3)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            shape = layer.running_mean.shape
+            layer.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
+            layer.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+            layer.weight.data.copy_(0.5 + torch.rand(shape, generator=generator))
+            layer.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
+
+
+def test_folded_networks_compute_what_the_trained_ones_do_and_leave_them_as_they_are() -> None:
+    """The predictor runs copies with each batch norm folded into its convolution (faster on
+    CPU): the same features, dense stage and class maps within float rounding, and the trained
+    network (what a package saves) keeps its batch norms."""
+    x = torch.rand(3, 3, 96, 96)
+    for stride in (32, 16):
+        model = EfficientNetLite("efficientnet_lite0", output_stride=stride).eval()
+        _random_statistics(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        folded = folded_for_inference(model)
+        with torch.no_grad():
+            want = model.forward_features(x)
+            got = folded.forward_features(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(folded.forward_maps(got), model.forward_maps(want))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 10
+        assert model.state_dict().keys() == before.keys()
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_a_folded_strip_network_gives_the_trained_ones_logits() -> None:
+    net = ConvexityNet(width=8).eval()
+    _random_statistics(net)
+    strips = torch.rand(2, 4, 64, 360)
+    with torch.no_grad():
+        want = net(strips)
+        got = folded_strip_net(net)(strips)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
