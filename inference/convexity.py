@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.constants import CLASSES, SUBTYPES
-from inference.models import fold_batch_norm
+from inference.models import fold_batch_norms
 
 EXTRA_AXIAL = ("subdural", "epidural")  # the classes a reader reads unless told otherwise
 STRIP_CLASSES = ("subdural", "epidural", "subarachnoid")  # those the strip can hold
@@ -239,15 +239,12 @@ class ConvexityNet(nn.Module):
 
 
 def folded_strip_net(net: ConvexityNet) -> ConvexityNet:
-    """A copy of ``net`` for inference only: each batch norm folded into its convolution (its
-    running statistics, as in eval mode), the weights in channels-last memory."""
-    folded = copy.deepcopy(net).eval()
-    for layer in folded.modules():
-        if isinstance(layer, _CircularConv):
-            fold_batch_norm(layer.conv, layer.norm)
-            layer.norm = nn.Identity()
+    """A copy of ``net`` for inference only: its batch norms folded (``fold_batch_norms``),
+    the weights in channels-last memory."""
+    folded = copy.deepcopy(net)
+    layers = [m for m in folded.modules() if isinstance(m, _CircularConv)]
+    fold_batch_norms(folded, [(layer, "conv", "norm") for layer in layers])
     for parameter in folded.parameters():
-        parameter.requires_grad_(False)
         if parameter.dim() == 4:
             parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
     return folded
