@@ -348,7 +348,9 @@ def _atlas_build(args: argparse.Namespace) -> None:
         kind, _, path = spec.partition(":")
         source = DataSource(kind=kind, path=path)
         volumes += prepare(read_source(source), package.preprocess, kind)
-    features = extract(package.members, volumes, package.preprocess, device=_cpu())
+    cache = _feature_cache()
+    features = extract(package.members, volumes, package.preprocess, device=_cpu(), cache=cache)
+    _report_cache(cache)
     package.atlas = build_atlas(package, volumes, features, per_class=args.per_class)
     if package.atlas is None:
         raise ValueError("the model gets no positive training slice right: no atlas to build")
@@ -417,6 +419,7 @@ def _convexity(args: argparse.Namespace) -> None:
             f"{len(shared)} studies of --fit are studies the strip network trains on"
             f" (first {sorted(shared)[0]})"
         )
+    cache = _feature_cache()
     record = add_convexity(
         package,
         train_items,
@@ -433,8 +436,10 @@ def _convexity(args: argparse.Namespace) -> None:
         slot=args.reader,
         fuse=fuse,
         source=source,
+        cache=cache,
         **settings,
     )
+    _report_cache(cache)
     args.out.mkdir(parents=True, exist_ok=True)
     package.save(args.out / "model.pt")
     print(f"{args.out / 'model.pt'}: {package.name} {package.version}")
@@ -536,7 +541,9 @@ def _refit_heads(args: argparse.Namespace) -> None:
         attention_weights=tuple(args.attention_weight) if args.attention_weight else (0.0,),
         max_attention_drop=args.max_attention_drop,
         attention_per_class=args.attention_slices,
+        cache=(cache := _feature_cache()),
     )
+    _report_cache(cache)
     args.out.mkdir(parents=True, exist_ok=True)
     package.save(args.out / "model.pt")
     chosen = report["cross_validated_study_auc"][f"{report['l2_chosen']:g}"]["mean"]
@@ -547,6 +554,22 @@ def _refit_heads(args: argparse.Namespace) -> None:
         f"out-of-fold mean study AUC {chosen:.4f} "
         f"(the members' own heads: {before:.4f})"
     )
+
+
+def _feature_cache() -> Any:
+    """The network-embedding cache ICH_FEATURE_CACHE names (``feature_cache``), None if off."""
+    from inference.feature_cache import FeatureCache
+
+    return FeatureCache.from_env()
+
+
+def _report_cache(cache: Any) -> None:
+    if cache is not None and cache.hits + cache.misses:
+        print(
+            f"feature cache {cache.root}: {cache.hits} of {cache.hits + cache.misses} studies'"
+            " embeddings read, the others computed (ICH_FEATURE_CACHE=off: no cache)",
+            file=sys.stderr,
+        )
 
 
 def _cpu() -> Any:

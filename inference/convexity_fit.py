@@ -31,6 +31,7 @@ from inference.convexity import (
     strip_features,
 )
 from inference.data import _masks_in_series_order
+from inference.feature_cache import FeatureCache
 from inference.metrics import roc_auc, threshold_for_sensitivity
 from inference.package import READER_SLOTS as SLOTS
 from inference.package import ModelPackage
@@ -237,6 +238,7 @@ def fit_inputs(
     reader: ConvexityReader,
     items: Sequence[datasets.StudyItem],
     earlier: Sequence[ConvexityReader] = (),
+    cache: FeatureCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scores the new reader's evidence joins (S, 6: the ensemble's calibrated logits, fused
     by the ``earlier`` readers, those whose evidence joins before it), its strip study logits
@@ -244,7 +246,7 @@ def fit_inputs(
     ensemble, strips = [], []
     for item in progress(items, desc="score fit studies", unit="study"):
         series = dicom_io.load_series(item.paths)
-        base = predictor.ensemble_logits(series)
+        base = predictor.ensemble_logits(series, cache=cache)
         *read, study = readers_study_logits([*earlier, reader], series.hu, series.pixel_spacing_mm)
         for r, logits in zip(earlier, read, strict=True):
             base = r.fuse(base, logits)
@@ -312,6 +314,7 @@ def add_convexity(
     slot: str = "convexity",
     fuse: tuple[str, ...] | None = None,
     source: NetSource | None = None,
+    cache: FeatureCache | None = None,
     **net_settings: Any,
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
@@ -324,8 +327,9 @@ def add_convexity(
     ``slot`` is one of SLOTS: "convexity" (the first reader), "sulcal" or "crescent" (readers
     fused only for the classes in ``fuse``); ``fuse`` limits the classes its evidence may join
     (None: every class it has evidence for, "any" included). No two readers fuse one class
-    (`check_slot`). A reader the package already has in that slot is replaced. Returns the
-    record it adds to the package's training."""
+    (`check_slot`). A reader the package already has in that slot is replaced. ``cache``: the
+    ensemble's embeddings of fit studies seen before are read from there. Returns the record
+    it adds to the package's training."""
     started = time.time()
     if source is not None:
         classes = source.reader.net.classes
@@ -371,7 +375,7 @@ def add_convexity(
     earlier = [r for s in SLOTS[:position] if (r := getattr(package, s)) is not None]
     later = [r for s in SLOTS[position + 1 :] if (r := getattr(package, s)) is not None]
     ensemble, strips, labels = fit_inputs(
-        Predictor(package, torch.device("cpu")), reader, fit_items, earlier
+        Predictor(package, torch.device("cpu")), reader, fit_items, earlier, cache
     )
     fusion, out_of_fold, per_class = fit_fusion(
         ensemble, strips, labels, seed=seed, classes=classes, fuse=fuse

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from inference.constants import CLASSES
 from inference.data import Volume, slice_input
+from inference.feature_cache import FeatureCache
 from inference.package import ModelPackage, platt
 from inference.progress import progress
 from inference.training import (
@@ -357,6 +358,7 @@ def refit_heads(
     attention_weights: tuple[float, ...] = (0.0,),
     attention_per_class: int = DEFAULT_ATTENTION_SLICES,
     max_attention_drop: float = DEFAULT_MAX_ATTENTION_DROP,
+    cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
     """Fits the ensemble head on `volumes` (studies the networks never trained on, with slice
     labels), chooses its L2 weight by patient-grouped cross-validation (mean out-of-fold study
@@ -380,7 +382,7 @@ def refit_heads(
     if unlabelled:
         raise ValueError(f"studies without slice labels: {', '.join(unlabelled[:5])}")
     started = time.time()
-    features = extract(package.members, volumes, package.preprocess, torch.device("cpu"))
+    features = extract(package.members, volumes, package.preprocess, torch.device("cpu"), cache)
     labels = np.stack([v.study_labels for v in volumes])
     assignment = patient_folds(volumes, folds, seed)
     before = np.stack([f.logits.mean(0).amax(0).numpy() for f in features])

@@ -3,7 +3,6 @@
 import os
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from inference.constants import CLASS_LABELS, CLASSES
 from inference.convexity import readers_study_logits
 from inference.dicom_io import CTSeries, load_series
+from inference.feature_cache import FeatureCache, autocast, member_outputs, networks_fingerprint
 from inference.gradcam import class_activation
 from inference.models import EfficientNetLite, folded_for_inference
 from inference.package import (
@@ -101,6 +101,7 @@ class Predictor:
         self.package = package
         self.device = device
         self._networks: list[EfficientNetLite] | None = None
+        self._fingerprint: str | None = None  # of the networks, for a FeatureCache
 
     def networks(self) -> list[EfficientNetLite]:
         """The package's members with their batch norms folded (``folded_for_inference``),
@@ -228,11 +229,6 @@ class Predictor:
         timings["total"] = sum(timings.values())
         return prediction
 
-    def _autocast(self) -> Any:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     @torch.no_grad()
     def _run_members(
         self, x: torch.Tensor, batch_size: int, others: list[list[EfficientNetLite]]
@@ -243,7 +239,7 @@ class Predictor:
         Grad-CAM needs, for every set of heads."""
         heads = [self.networks(), *others]
         parts: list[list[dict[str, torch.Tensor]]] = [[] for _ in heads]
-        with self._autocast():
+        with autocast(self.device):
             for chunk in torch.split(x, batch_size):
                 outs = shared_slice_outputs(heads, chunk.to(self.device))
                 for part, out in zip(parts, outs, strict=True):
@@ -257,13 +253,28 @@ class Predictor:
             for part in parts
         ]
 
-    def ensemble_logits(self, series: CTSeries, batch_size: int | None = None) -> np.ndarray:
+    def ensemble_logits(
+        self,
+        series: CTSeries,
+        batch_size: int | None = None,
+        cache: FeatureCache | None = None,
+    ) -> np.ndarray:
         """The ensemble's calibrated study logits (6,), before any strip evidence joins them:
-        what ``ich convexity`` fits its fusion on."""
+        what ``ich convexity`` fits its fusion on. With ``cache``, the networks' embeddings of
+        a study it has seen come from there (``feature_cache``)."""
         batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
         grid, _ = resample_inplane(series.hu, series.pixel_spacing_mm, self.package.preprocess)
         x = model_input(grid, series.positions_mm, self.package.preprocess)  # (N, 3, S, S)
-        logits, embeddings, _ = self._run_members(x, batch_size, [])[0]
+        if cache is not None and self._fingerprint is None:
+            self._fingerprint = networks_fingerprint(self.package.members, self.device)
+        logits, embeddings = member_outputs(
+            self.networks(),
+            x,
+            self.device,
+            batch_size=batch_size,
+            cache=cache,
+            fingerprint=self._fingerprint,
+        )
         return self._calibrated_logits(logits, embeddings)
 
     def _calibrated_logits(self, logits: torch.Tensor, embeddings: torch.Tensor) -> np.ndarray:

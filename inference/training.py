@@ -30,9 +30,16 @@ from inference.data import (
     read_source,
     slice_input,
 )
+from inference.feature_cache import FeatureCache, member_outputs, networks_fingerprint
 from inference.metrics import roc_auc, threshold_for_sensitivity
-from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator, build_slice_model
-from inference.package import ModelPackage, aggregator_features, platt, slice_outputs
+from inference.models import (
+    AggregatorConfig,
+    EfficientNetLite,
+    StudyAggregator,
+    build_slice_model,
+    folded_for_inference,
+)
+from inference.package import ModelPackage, aggregator_features, platt
 from inference.preprocess import PreprocessConfig, Window
 from inference.progress import progress as progress_bar
 
@@ -555,17 +562,24 @@ def extract(
     volumes: list[Volume],
     config: PreprocessConfig,
     device: torch.device,
+    cache: FeatureCache | None = None,
 ) -> list[VolumeFeatures]:
+    """Every member's slice logits and embeddings per volume, from copies of the members with
+    their batch norms folded (what the predictor runs). With ``cache``, a volume it has seen
+    through the same networks is read from there instead (``feature_cache``)."""
+    networks = [folded_for_inference(m) for m in members]
+    fingerprint = networks_fingerprint(members, device) if cache is not None else None
     out = []
     for volume in progress_bar(volumes, desc="slice features", unit="study"):
-        x = volume_inputs(volume, config)
-        parts = [slice_outputs(members, chunk.to(device)) for chunk in torch.split(x, 64)]
-        out.append(
-            VolumeFeatures(
-                logits=torch.cat([p["logits"].float().cpu() for p in parts], dim=1),
-                embeddings=torch.cat([p["embeddings"].float().cpu() for p in parts], dim=1),
-            )
+        logits, embeddings = member_outputs(
+            networks,
+            volume_inputs(volume, config),
+            device,
+            batch_size=64,
+            cache=cache,
+            fingerprint=fingerprint,
         )
+        out.append(VolumeFeatures(logits=logits, embeddings=embeddings))
     return out
 
 

@@ -16,6 +16,20 @@ from worklist.roles import ADMIN, ED_PHYSICIAN, RADIOLOGIST
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The network-embedding cache of `ich convexity`, `refit-heads` and `atlas build`
+    (inference.feature_cache) in a folder of this run: every run starts without one, and the
+    tests that refit on the same studies with the same networks share it."""
+    before = os.environ.get("ICH_FEATURE_CACHE")
+    os.environ["ICH_FEATURE_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if before is None:
+        os.environ.pop("ICH_FEATURE_CACHE", None)
+    else:
+        os.environ["ICH_FEATURE_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _test_settings(tmp_path: Path, settings) -> None:  # type: ignore[no-untyped-def]
     settings.MEDIA_ROOT = tmp_path / "media"

@@ -148,38 +148,58 @@ def _shipped_without(tmp_path: Path, *slots: str) -> Path:
     """The shipped package as it was before its later readers joined it (those in ``slots``
     it has, peeled from the last): a first reader that fuses a class may not be replaced under a
     later reader that fuses it too. Each peeled reader's classes get back the operating points
-    they had before it."""
+    they had before it.
+
+    Its ensemble reads the studies at half the resolution (128 px of 1.875 mm instead of 256 px
+    of 0.9375 mm): the same networks, readers, splits and points, a quarter of the pixels for
+    the networks to read. These tests are about what `ich convexity` writes and refuses, not
+    about how well the ensemble reads; the strip readers read the series as before."""
     from inference.package import READER_SLOTS
     from inference.predictor import default_model_path
 
     package = ModelPackage.load(default_model_path())
-    peeled = [s for s in reversed(READER_SLOTS) if s in slots and getattr(package, s) is not None]
-    if not peeled:
-        return default_model_path()
-    for slot in peeled:
+    for slot in [s for s in reversed(READER_SLOTS) if s in slots]:
+        if getattr(package, slot) is None:
+            continue
         package.thresholds = getattr(package, slot).unread_thresholds(package.thresholds)
         setattr(package, slot, None)
         package.training.pop(slot, None)
         package.training.get("split", {}).pop(slot, None)
-    package.save(tmp_path / "peeled.pt")
-    return tmp_path / "peeled.pt"
+    package.preprocess = dataclasses.replace(
+        package.preprocess,
+        image_size=package.preprocess.image_size // 2,
+        spacing_mm=package.preprocess.spacing_mm * 2,
+    )
+    path = tmp_path / f"shipped-without-{'-'.join(slots) or 'none'}.pt"
+    package.save(path)
+    return path
 
 
 def _first_reader_only(tmp_path: Path) -> Path:
     return _shipped_without(tmp_path, "sulcal", "crescent")
 
 
+@pytest.fixture(scope="module")
+def extra_axial_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Three phantom studies to train a strip network on and ten to fit its fusion on, most
+    with subdural or epidural blood; the tests below only read them."""
+    from inference.phantom import write_dataset
+
+    root = tmp_path_factory.mktemp("extra-axial")
+    write_dataset(root / "train", 3, seed=81, progress=False, favour=["subdural", "epidural"])
+    write_dataset(root / "fit", 10, seed=82, progress=False, favour=["subdural", "epidural"])
+    return root / "train", root / "fit"
+
+
 def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra_axial_sets: tuple[Path, Path]
 ) -> None:
     from inference.cli import main
     from inference.evaluation import _held_out, model_card
     from inference.phantom import write_dataset
 
     base = _first_reader_only(tmp_path)
-    train, fit = tmp_path / "train", tmp_path / "fit"
-    write_dataset(train, 3, seed=81, progress=False, favour=["subdural", "epidural"])
-    write_dataset(fit, 10, seed=82, progress=False, favour=["subdural", "epidural"])
+    train, fit = extra_axial_sets
     out = tmp_path / "out"
     common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
     args = ["convexity", str(base), "--train", f"phantom:{train}"]
@@ -316,15 +336,15 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
     from inference.cli import main
     from inference.evaluation import _held_out
     from inference.phantom import write_dataset
-    from inference.predictor import default_model_path
 
-    shipped = ModelPackage.load(default_model_path())
+    base = _shipped_without(tmp_path)  # every reader it has
+    shipped = ModelPackage.load(base)
     train, fit = tmp_path / "train", tmp_path / "fit"
     write_dataset(train, 3, seed=83, progress=False, favour=["subarachnoid"])
     write_dataset(fit, 10, seed=84, progress=False, favour=["subarachnoid"])
     out = tmp_path / "out"
     common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
-    args = ["convexity", str(default_model_path()), "--train", f"phantom:{train}"]
+    args = ["convexity", str(base), "--train", f"phantom:{train}"]
     args += ["--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common]
     args += ["--reader", "sulcal", "--classes", "subarachnoid"]
     if shipped.convexity is not None and shipped.convexity.fused_classes().size:
@@ -333,7 +353,7 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
         assert not out.exists()
     if shipped.sulcal is not None and shipped.sulcal.fused_classes().size:
         # a first reader under the shipped sulcal one may not fuse subarachnoid too
-        first = ["convexity", str(default_model_path()), "--train", f"phantom:{train}"]
+        first = ["convexity", str(base), "--train", f"phantom:{train}"]
         first += ["--fit", f"phantom:{fit}", "--out", str(out), "--version", "9.9.9", *common]
         assert main([*first, "--classes", "subdural,epidural,subarachnoid"]) == 2
         assert "joins the sulcal reader's evidence" in capsys.readouterr().err
@@ -413,22 +433,19 @@ def test_fusion_limited_to_some_classes_fits_them_as_the_full_fit_does() -> None
 
 
 def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra_axial_sets: tuple[Path, Path]
 ) -> None:
     """`--net-from`: a trained strip network is fused again without training. The first
     reader refitted with its own network for "any" and epidural, and the same network added as
     a crescent reader for subdural, score every study as the one reader did. (Whether the tiny
-    network here earns a fusion on six studies is up to the data; that each class's fusion is
+    network here earns a fusion on ten studies is up to the data; that each class's fusion is
     fitted alone is `test_fusion_limited_to_some_classes_fits_them_as_the_full_fit_does`.)"""
     from inference.cli import main
     from inference.data import DataSource, read_source
     from inference.dicom_io import load_series
-    from inference.phantom import write_dataset
     from inference.predictor import default_model_path
 
-    train, fit = tmp_path / "train", tmp_path / "fit"
-    write_dataset(train, 3, seed=85, progress=False, favour=["subdural", "epidural"])
-    write_dataset(fit, 6, seed=86, progress=False, favour=["subdural", "epidural"])
+    train, fit = extra_axial_sets  # their ensemble embeddings are cached by the test above
     training = ["--epochs", "1", "--steps", "2", "--batch", "4"]
     fits = ["--fit", f"phantom:{fit}", "--threads", "1"]
     # the shipped package before any crescent reader, its first reader trained again
@@ -525,7 +542,7 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     np.testing.assert_array_equal(split.crescent.fusion[sdh], original.convexity.fusion[sdh])
     np.testing.assert_array_equal(split.thresholds, original.thresholds)
     assert {CLASSES[c] for c in split.crescent.fused_classes()} == fused & {"subdural"}
-    assert len(split.training["split"]["crescent"]) == 9
+    assert len(split.training["split"]["crescent"]) == 13
     assert split.training["crescent"]["net"]["taken_from"] == "ich-demo 1, convexity reader"
     # the network of a reader that was itself taken knows what it trained on
     chained = ["--net-from", f"{two}:crescent", "--fuse", "any", "--fit", f"phantom:{train}"]

@@ -163,10 +163,29 @@ def test_principal_basis_keeps_the_maps_energy() -> None:
 SHIPPED = default_model_path()
 
 
+@pytest.fixture(scope="module")
+def small_shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped package with its ensemble reading studies at half the resolution (128 px of
+    1.875 mm, not 256 px of 0.9375 mm): the same networks, heads, splits and points, a quarter
+    of the pixels to read. The tests that use it are about what the commands write, refuse and
+    share, not about how well the ensemble reads."""
+    import dataclasses
+
+    package = ModelPackage.load(SHIPPED)
+    package.preprocess = dataclasses.replace(
+        package.preprocess,
+        image_size=package.preprocess.image_size // 2,
+        spacing_mm=package.preprocess.spacing_mm * 2,
+    )
+    path = tmp_path_factory.mktemp("small-shipped") / "model.pt"
+    package.save(path)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.is_file(), reason=f"no model package at {SHIPPED}")
 def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], small_shipped: Path
 ) -> None:
     from inference.cli import main
     from inference.phantom import write_dataset
@@ -179,7 +198,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
         main(
             [
                 "refit-heads",
-                str(SHIPPED),
+                str(small_shipped),
                 "--data",
                 f"phantom:{fresh}",
                 "--out",
@@ -196,6 +215,10 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
                 "0.5",
                 "--attention-slices",
                 "4",
+                "--l2",  # two of the default three: a fit fewer per fold and weight
+                "0.01",
+                "--l2",
+                "0.1",
             ]
         )
         == 0
@@ -203,8 +226,8 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     package = ModelPackage.load(out / "model.pt")
     record = package.training["heads_refit"]
     assert package.version == "9.9.9" and record["studies"] == 10
-    assert record["from"].endswith(ModelPackage.load(SHIPPED).version)
-    assert set(record["cross_validated_study_auc"]) == {"0.001", "0.01", "0.1"}
+    assert record["from"].endswith(ModelPackage.load(small_shipped).version)
+    assert set(record["cross_validated_study_auc"]) == {"0.01", "0.1"}
     # the attention term's slices and the out-of-fold share of Grad-CAM peaks near the bleed
     assert 4 <= record["attention_slices"]["slices"] <= 4 * len(CLASSES)
     rates = record["cross_validated_study_auc"]["0.01"]["attention_near_bleed"]
@@ -213,7 +236,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     # AUC among those whose peaks stay within 0.05 of the members' own heads (or of all of them)
     sweep = record["attention_weight_sweep"]
     assert sorted((e["attention_weight"], e["l2"]) for e in sweep) == [
-        (w, l2) for w in (0.0, 0.5) for l2 in (0.001, 0.01, 0.1)
+        (w, l2) for w in (0.0, 0.5) for l2 in (0.01, 0.1)
     ]
     own = record["attention_slices"]["members_own_heads_near_bleed"]
     for e in sweep:
@@ -248,7 +271,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
         main(
             [
                 "refit-heads",
-                str(SHIPPED),
+                str(small_shipped),
                 "--data",
                 f"phantom:{seen}",
                 "--out",
@@ -311,7 +334,7 @@ def test_the_model_card_says_how_the_head_was_fitted() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.is_file(), reason=f"no model package at {SHIPPED}")
 def test_evaluate_also_scores_a_refitted_package_from_the_same_network_pass(
-    tmp_path: Path,
+    tmp_path: Path, small_shipped: Path
 ) -> None:
     """`ich evaluate MODEL DATA --also REFIT:OUT` writes for REFIT the report its own
     evaluation writes, and refuses a package whose networks differ."""
@@ -324,8 +347,8 @@ def test_evaluate_also_scores_a_refitted_package_from_the_same_network_pass(
 
     data = tmp_path / "data"
     write_dataset(data, 3, seed=78, progress=False)
-    shipped = ModelPackage.load(SHIPPED)
-    refit = ModelPackage.load(SHIPPED)
+    shipped = ModelPackage.load(small_shipped)
+    refit = ModelPackage.load(small_shipped)
     dim = sum(m.embedding_dim for m in refit.members)
     generator = torch.Generator().manual_seed(5)
     fold_into_members(
@@ -341,10 +364,10 @@ def test_evaluate_also_scores_a_refitted_package_from_the_same_network_pass(
     refit.version = "9.9.8"
     refit.save(tmp_path / "refit.pt")
     source = DataSource(kind="phantom", path=str(data))
-    evaluate(SHIPPED, source, tmp_path / "a", bootstrap_rounds=20)
+    evaluate(small_shipped, source, tmp_path / "a", bootstrap_rounds=20)
     evaluate(tmp_path / "refit.pt", source, tmp_path / "b", bootstrap_rounds=20)
     evaluate(
-        SHIPPED,
+        small_shipped,
         source,
         tmp_path / "a2",
         bootstrap_rounds=20,
@@ -361,7 +384,7 @@ def test_evaluate_also_scores_a_refitted_package_from_the_same_network_pass(
         s["probabilities"] for s in b["per_item"]
     ]
 
-    other = ModelPackage.load(SHIPPED)
+    other = ModelPackage.load(small_shipped)
     with torch.no_grad():
         other.members[1].conv_stem.weight.add_(0.01)
     with pytest.raises(ValueError, match="conv_stem"):
