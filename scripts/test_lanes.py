@@ -6,7 +6,10 @@ the other core runs everything else.
     .venv/bin/python scripts/test_lanes.py [PYTEST ARGS...]
 
 Lane "training" runs SLOW_MODULES; its output goes to var/logs/test-training.log and is printed
-after the other lane's. Lane "main" runs the rest with its output live. The exit status is the
+after the other lane's. Lane "main" runs the rest with its output live, on one thread per process
+(OMP_NUM_THREADS=1, the Celery workers it starts included): with the training lane busy on the
+other core, a second compute thread would only wait for a core, or spin on one the training lane
+needs. The exit status is the
 first non-zero one of the two. With fewer than two cores, or ICH_TEST_LANES=1, it runs one
 pytest over everything. Extra arguments go to both lanes (for example -x or --durations=20);
 to run a few tests, call pytest directly.
@@ -42,7 +45,10 @@ def main() -> int:
         )
         print(f"[lanes] training lane: {' '.join(SLOW_MODULES)} (output: {log})", flush=True)
         try:
-            main_status = subprocess.call([*pytest, *ignored, *extra], cwd=ROOT)  # noqa: S603
+            one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            main_status = subprocess.call(  # noqa: S603 - pytest itself
+                [*pytest, *ignored, *extra], cwd=ROOT, env=one_thread
+            )
             if training.poll() is None:
                 print("[lanes] main lane done; waiting for the training lane", flush=True)
             training_status = training.wait()
