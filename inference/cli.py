@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         help="smallest bleed size a positive study may have; a smaller draw becomes this size "
         "(default tiny: every size, from under 5 mL)",
     )
+    phantom.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="studies generated at once, one process each (default: every core); the files are"
+        " the same whatever the number",
+    )
     phantom.set_defaults(run=_phantom)
 
     train = commands.add_parser("train", help="train a model package from a TOML config")
@@ -247,6 +254,7 @@ def _phantom(args: argparse.Namespace) -> None:
         favour=favour,
         extra_axial=args.extra_axial,
         min_size=args.min_size,
+        workers=args.workers,
     )
     print(f"wrote {args.studies} phantom studies to {args.out}")
 

@@ -32,7 +32,9 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -1774,6 +1776,38 @@ def sop_instance_uids(study: PhantomStudy) -> list[str]:
     ]
 
 
+def _write_one(
+    seed: int, *, out: Path, favour: Sequence[str], extra_axial: str, min_size: str
+) -> tuple[PhantomSummary, list, list[list]]:
+    """Generates and writes one study of ``write_dataset``: its summary, labels.csv row and
+    slice_labels.csv rows."""
+    study = generate_study(seed, favour=favour, extra_axial=extra_axial, min_size=min_size)
+    sdir = out / study.study_id
+    write_study(study, sdir)
+    uids = sop_instance_uids(study)
+    np.savez_compressed(
+        sdir / "masks.npz",
+        masks=study.masks,
+        sop_instance_uids=np.array(uids),
+        positions_mm=study.positions_mm,
+    )
+    summary = PhantomSummary(
+        study_id=study.study_id,
+        directory=sdir,
+        labels=dict(study.labels),
+        volumes_ml=dict(study.volumes_ml),
+        n_slices=study.n_slices,
+        mimics=list(study.mimics),
+        size=study.size,
+        sop_instance_uids=uids,
+    )
+    row = [study.study_id, *(study.labels[c] for c in CLASSES)]
+    slice_rows = [
+        [study.study_id, uid, j, *study.slice_labels[j].tolist()] for j, uid in enumerate(uids)
+    ]
+    return summary, row, slice_rows
+
+
 def write_dataset(
     out: Path,
     n_studies: int,
@@ -1783,55 +1817,49 @@ def write_dataset(
     favour: Sequence[str] = (),
     extra_axial: str = "classic",
     min_size: str = "tiny",
+    workers: int = 1,
 ) -> list[PhantomSummary]:
     """Write n_studies random studies under out/<study_id>/ with masks.npz, plus
     out/labels.csv and out/slice_labels.csv. Study i uses seed seed * 100000 + i; favour and
     extra_axial as in generate_study, and min_size ("tiny", the default, keeps every draw;
-    "small" leaves out bleeds under 5 mL, for a run too small to learn them)."""
+    "small" leaves out bleeds under 5 mL, for a run too small to learn them). ``workers`` > 1
+    generates that many studies at once in separate processes: the same files, in the same
+    order in the CSVs."""
     _check_size(min_size)
     _check_favour(favour)
     _check_extra_axial(extra_axial)
+    if workers < 1:
+        raise ValueError(f"workers is at least 1, not {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(seed) * 100000 + i for i in range(n_studies)]
+    one = partial(
+        _write_one, out=out, favour=tuple(favour), extra_axial=extra_axial, min_size=min_size
+    )
     summaries: list[PhantomSummary] = []
     t0 = time.monotonic()
-    with (
-        open(out / "labels.csv", "w", newline="") as lf,
-        open(out / "slice_labels.csv", "w", newline="") as sf,
-    ):
+    with ExitStack() as stack:
+        lf = stack.enter_context(open(out / "labels.csv", "w", newline=""))
+        sf = stack.enter_context(open(out / "slice_labels.csv", "w", newline=""))
         lw, sw = csv.writer(lf), csv.writer(sf)
         lw.writerow(["study", *CLASSES])
         sw.writerow(["study", "sop_instance_uid", "slice_index", *CLASSES])
-        for i in range(n_studies):
-            study = generate_study(
-                int(seed) * 100000 + i, favour=favour, extra_axial=extra_axial, min_size=min_size
+        workers = min(workers, max(n_studies, 1))
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             )
-            sdir = out / study.study_id
-            write_study(study, sdir)
-            uids = sop_instance_uids(study)
-            np.savez_compressed(
-                sdir / "masks.npz",
-                masks=study.masks,
-                sop_instance_uids=np.array(uids),
-                positions_mm=study.positions_mm,
-            )
-            lw.writerow([study.study_id, *(study.labels[c] for c in CLASSES)])
-            for j, uid in enumerate(uids):
-                sw.writerow([study.study_id, uid, j, *study.slice_labels[j].tolist()])
-            summaries.append(
-                PhantomSummary(
-                    study_id=study.study_id,
-                    directory=sdir,
-                    labels=dict(study.labels),
-                    volumes_ml=dict(study.volumes_ml),
-                    n_slices=study.n_slices,
-                    mimics=list(study.mimics),
-                    size=study.size,
-                    sop_instance_uids=uids,
-                )
-            )
+            done_studies = pool.map(one, seeds)
+        else:
+            done_studies = map(one, seeds)
+        for done, (summary, row, slice_rows) in enumerate(done_studies, start=1):
+            lw.writerow(row)
+            sw.writerows(slice_rows)
+            summaries.append(summary)
             if progress:
-                done = i + 1
                 eta = (time.monotonic() - t0) / done * (n_studies - done)
                 print(f"phantom {done}/{n_studies} ETA {eta:.0f}s", file=sys.stderr, flush=True)
     return summaries

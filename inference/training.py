@@ -533,6 +533,7 @@ def validate_slices(
     model: EfficientNetLite, volumes: list[Volume], config: PreprocessConfig, device: torch.device
 ) -> dict[str, Any]:
     model.eval()
+    net = folded_for_inference(model)  # what the predictor runs, and about 1.2 times faster
     logits, labels = [], []
     for volume in volumes:
         known = ~np.isnan(volume.slice_labels[:, 0])
@@ -540,7 +541,7 @@ def validate_slices(
             continue
         x = volume_inputs(volume, config)[torch.from_numpy(known)]
         for chunk in torch.split(x, 64):
-            logits.append(model(chunk.to(device)).float().cpu())
+            logits.append(net(chunk.to(device)).float().cpu())
         labels.append(torch.from_numpy(volume.slice_labels[known]))
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
     auc = {}

@@ -310,3 +310,17 @@ def test_write_dataset_labels_slice_labels_and_masks_agree(
                 expected = (counts >= MIN_PIXELS).astype(int).tolist()
             assert column == expected
             assert int(row[name]) == max(column) == summary.labels[name]
+
+
+def test_write_dataset_with_two_workers_writes_what_one_writes(tmp_path: Path) -> None:
+    one = write_dataset(tmp_path / "one", 3, seed=31, progress=False)
+    two = write_dataset(tmp_path / "two", 3, seed=31, progress=False, workers=2)
+    assert [s.study_id for s in two] == [s.study_id for s in one]
+    for name in ("labels.csv", "slice_labels.csv"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.*"))
+    for rel in files:
+        assert (tmp_path / "two" / rel).read_bytes() == (tmp_path / "one" / rel).read_bytes(), rel
+    with pytest.raises(ValueError, match="workers is at least 1"):
+        write_dataset(tmp_path / "x", 1, seed=0, workers=0)

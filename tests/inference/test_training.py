@@ -1,7 +1,5 @@
 """A tiny training run on a few phantom studies that must really learn, and what it produces."""
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +36,11 @@ TINY_SETS = {"train": (80, 11), "test": (48, 22)}  # studies, phantom seed
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    # 80 training studies (a validation share of 30% among them) and 48 held-out ones, written
-    # in two processes at once.
+    # 80 training studies (a validation share of 30% among them) and 48 held-out ones, each set
+    # written by two processes at once.
     root = tmp_path_factory.mktemp("phantoms")
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [
-            pool.submit(write_dataset, root / name, n, seed, progress=False, min_size=TINY_MIN_SIZE)
-            for name, (n, seed) in TINY_SETS.items()
-        ]
-        for job in jobs:
-            job.result()
+    for name, (n, seed) in TINY_SETS.items():
+        write_dataset(root / name, n, seed, progress=False, min_size=TINY_MIN_SIZE, workers=2)
     return {name: root / name for name in TINY_SETS}
 
 
