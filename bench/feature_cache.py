@@ -42,8 +42,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_dataset(root / "data", args.studies, seed=args.seed, progress=False)
-        series = [load_series(sorted(d.glob("*.dcm"))) for d in sorted((root / "data").iterdir())]
-        series = [s for s in series if len(s.hu)]
+        folders = sorted(d for d in (root / "data").iterdir() if d.is_dir())
+        series = [load_series(sorted(d.glob("*.dcm"))) for d in folders]
         predictor = Predictor.load(args.model, device="cpu")
         predictor.ensemble_logits(series[0])  # folds the networks, warms the allocator
         cache = FeatureCache(root / "cache")
@@ -61,9 +61,7 @@ def main() -> None:
             for a, b in zip(scores["no cache"], scores["full cache"], strict=True)
         )
     slices = statistics.mean(len(s.hu) for s in series)
-    print(
-        f"{len(series)} phantom studies of {slices:.0f} slices on average, {platform.processor()}"
-    )
+    print(f"{len(series)} phantom studies of {slices:.0f} slices on average ({platform.machine()})")
     print(f"torch threads {torch.get_num_threads()}; seconds per study (median):")
     for name, values in seconds.items():
         print(f"  {name:12s} {statistics.median(values):7.3f}")
