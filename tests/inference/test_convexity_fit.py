@@ -181,13 +181,13 @@ def _first_reader_only(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def extra_axial_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Three phantom studies to train a strip network on and ten to fit its fusion on, most
+    """Three phantom studies to train a strip network on and six to fit its fusion on, most
     with subdural or epidural blood; the tests below only read them."""
     from inference.phantom import write_dataset
 
     root = tmp_path_factory.mktemp("extra-axial")
     write_dataset(root / "train", 3, seed=81, progress=False, favour=["subdural", "epidural"])
-    write_dataset(root / "fit", 10, seed=82, progress=False, favour=["subdural", "epidural"])
+    write_dataset(root / "fit", 6, seed=82, progress=False, favour=["subdural", "epidural"])
     return root / "train", root / "fit"
 
 
@@ -219,11 +219,11 @@ def test_ich_convexity_writes_a_package_that_evaluation_keeps_off_its_studies(
     for c in np.flatnonzero(np.isnan(package.convexity.fusion).any(axis=1)):
         assert package.thresholds[c] == own[c], CLASSES[c]  # a class left to the ensemble
     record = package.training["convexity"]
-    assert record["train_studies"] == 3 and record["fit_studies"] == 10
+    assert record["train_studies"] == 3 and record["fit_studies"] == 6
     assert record["strip_classes"] == ["subdural", "epidural", "subarachnoid"]
     assert package.convexity.net.classes == ("subdural", "epidural", "subarachnoid")
     assert {"any", "subdural", "epidural"} <= set(record["classes"])
-    assert len(package.training["split"]["convexity"]) == 13
+    assert len(package.training["split"]["convexity"]) == 9
     from inference.data import DataSource, read_source
 
     items = read_source(DataSource(kind="phantom", path=str(fit)))
@@ -341,7 +341,7 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
     shipped = ModelPackage.load(base)
     train, fit = tmp_path / "train", tmp_path / "fit"
     write_dataset(train, 3, seed=83, progress=False, favour=["subarachnoid"])
-    write_dataset(fit, 10, seed=84, progress=False, favour=["subarachnoid"])
+    write_dataset(fit, 6, seed=84, progress=False, favour=["subarachnoid"])
     out = tmp_path / "out"
     common = ["--epochs", "1", "--steps", "2", "--batch", "4", "--threads", "1"]
     args = ["convexity", str(base), "--train", f"phantom:{train}"]
@@ -380,7 +380,7 @@ def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_firs
     )
     record = package.training["sulcal"]
     assert record["fuse_only"] == ["subarachnoid"] and record["strip_classes"] == ["subarachnoid"]
-    assert len(package.training["split"]["sulcal"]) == 13
+    assert len(package.training["split"]["sulcal"]) == 9
     from inference.data import DataSource, read_source
 
     predictor = Predictor(package, torch.device("cpu"))
@@ -438,7 +438,7 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     """`--net-from`: a trained strip network is fused again without training. The first
     reader refitted with its own network for "any" and epidural, and the same network added as
     a crescent reader for subdural, score every study as the one reader did. (Whether the tiny
-    network here earns a fusion on ten studies is up to the data; that each class's fusion is
+    network here earns a fusion on six studies is up to the data; that each class's fusion is
     fitted alone is `test_fusion_limited_to_some_classes_fits_them_as_the_full_fit_does`.)"""
     from inference.cli import main
     from inference.data import DataSource, read_source
@@ -542,7 +542,7 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     np.testing.assert_array_equal(split.crescent.fusion[sdh], original.convexity.fusion[sdh])
     np.testing.assert_array_equal(split.thresholds, original.thresholds)
     assert {CLASSES[c] for c in split.crescent.fused_classes()} == fused & {"subdural"}
-    assert len(split.training["split"]["crescent"]) == 13
+    assert len(split.training["split"]["crescent"]) == 9
     assert split.training["crescent"]["net"]["taken_from"] == "ich-demo 1, convexity reader"
     # the network of a reader that was itself taken knows what it trained on
     chained = ["--net-from", f"{two}:crescent", "--fuse", "any", "--fit", f"phantom:{train}"]
