@@ -192,7 +192,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     from inference.predictor import Predictor
 
     fresh = tmp_path / "fresh"
-    write_dataset(fresh, 10, seed=77, progress=False, favour=["subdural"])
+    write_dataset(fresh, 6, seed=77, progress=False, favour=["subdural"])
     out = tmp_path / "out"
     assert (
         main(
@@ -225,7 +225,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     )
     package = ModelPackage.load(out / "model.pt")
     record = package.training["heads_refit"]
-    assert package.version == "9.9.9" and record["studies"] == 10
+    assert package.version == "9.9.9" and record["studies"] == 6
     assert record["from"].endswith(ModelPackage.load(small_shipped).version)
     assert set(record["cross_validated_study_auc"]) == {"0.01", "0.1"}
     # the attention term's slices and the out-of-fold share of Grad-CAM peaks near the bleed
@@ -255,7 +255,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
         for e in sweep
         if e["l2"] == 0.01 and e["attention_weight"] == best["attention_weight"]
     )
-    assert package.training["split"]["heads"] == [f"phantom-{77 * 100000 + i}" for i in range(10)]
+    assert package.training["split"]["heads"] == [f"phantom-{77 * 100000 + i}" for i in range(6)]
     assert set(package.training["operating_points_on_validation"]) == set(CLASSES)
     # the new package reads a study, and its slice scores are the refitted head's
     prediction = Predictor(package, torch.device("cpu")).predict(
