@@ -120,10 +120,7 @@ class ModelPackage:
                     "variant": m.variant,
                     "output_stride": m.output_stride,
                     "state": {
-                        # float16 halves the file; the linear head stays float32, since a
-                        # head refitted on fresh studies (inference/heads.py) folds a large
-                        # standardising offset into its bias
-                        k: v.half() if v.is_floating_point() and not k.startswith("fc.") else v
+                        k: v.half() if _stored_in_half(k, v) else v
                         for k, v in m.state_dict().items()
                     },
                 }
@@ -183,6 +180,23 @@ class ModelPackage:
                 for slot in READER_SLOTS
             },
         )
+
+
+def _stored_in_half(name: str, value: torch.Tensor) -> bool:
+    """float16 halves a package's file; the linear head stays float32, since a head refitted on
+    fresh studies (inference/heads.py) folds a large standardising offset into its bias."""
+    return value.is_floating_point() and not name.startswith("fc.")
+
+
+@torch.no_grad()
+def round_as_saved(model: EfficientNetLite) -> EfficientNetLite:
+    """Rounds ``model``'s weights in place as ``ModelPackage.save`` stores them, so that what is
+    fitted on its outputs (study level, calibration, operating points) is fitted on the networks
+    the package will hold."""
+    for name, value in model.state_dict().items():
+        if _stored_in_half(name, value):
+            value.copy_(value.half())
+    return model
 
 
 def slice_outputs(

@@ -39,7 +39,7 @@ from inference.models import (
     build_slice_model,
     folded_for_inference,
 )
-from inference.package import ModelPackage, aggregator_features, platt
+from inference.package import ModelPackage, aggregator_features, platt, round_as_saved
 from inference.preprocess import PreprocessConfig, Window
 from inference.progress import progress as progress_bar
 
@@ -160,6 +160,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         )
         for arch in config.architectures
     ]
+    # what follows is fitted on the networks as the package stores them
+    members = [round_as_saved(m) for m in members]
     package = finish_package(config, splits, members, run, device)
     package.training["initialised_from"] = started_from
     return _save(package, run)
@@ -168,8 +170,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
 def refit_study_level(config: TrainConfig, members_from: Path) -> Path:
     """Keeps the slice networks of ``members_from`` as they are and fits everything after them
     again on the config's data and split: study aggregation, calibration, operating points, atlas.
-    What ``train`` would give with those networks, without training them again (up to the
-    float16 rounding of the saved weights, which moves the fitted calibration a little)."""
+    What ``train`` would give with those networks, without training them again: ``train`` fits
+    all of it on the networks rounded as the package stores them, and their embeddings of the
+    same studies come from the feature cache when it still holds them."""
     source = ModelPackage.load(members_from)
     found = [m.variant for m in source.members]
     if found != list(config.architectures):
@@ -220,8 +223,9 @@ def finish_package(
 ) -> ModelPackage:
     """Everything after the slice networks: study aggregation, calibration, operating points,
     atlas and the training record."""
+    cache = FeatureCache.from_env()  # `--refit-study-level` reads them again
     features = {
-        part: extract(members, volumes, config.preprocess, device)
+        part: extract(members, volumes, config.preprocess, device, cache)
         for part, volumes in splits.items()
     }
     aggregator, aggregator_report = fit_aggregator(features, splits, config, run, device)

@@ -80,3 +80,22 @@ def test_a_subtype_is_flagged_only_together_with_any() -> None:
         [False, False, False, False, False, False],
         [True, True, False, True, False, False],
     ]
+
+
+def test_round_as_saved_gives_the_weights_a_saved_package_loads(tmp_path: Path) -> None:
+    from inference.models import EfficientNetLite
+    from inference.package import ModelPackage, round_as_saved
+    from inference.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    model = EfficientNetLite("efficientnet_lite0").eval()
+    with torch.no_grad():
+        model.fc.weight.add_(1e-4 * torch.randn_like(model.fc.weight))  # not float16-exact
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ModelPackage("t", "1", PreprocessConfig(image_size=64), [model], None).save(tmp_path / "m.pt")
+    loaded = ModelPackage.load(tmp_path / "m.pt").members[0].state_dict()
+    rounded = round_as_saved(model).state_dict()
+    assert not torch.equal(before["conv_stem.weight"], rounded["conv_stem.weight"])
+    for key, value in rounded.items():
+        assert torch.equal(value, loaded[key]), key
+    assert torch.equal(rounded["fc.weight"], before["fc.weight"])  # the head stays float32
