@@ -7,8 +7,9 @@ study takes seconds on a 2-core CPU), and a second run on the same studies, with
 The key is what decides the embeddings: the networks' weights except the linear heads (a head
 is applied to the cached embeddings afresh, so a refitted package reads the same entries), their
 output stride, the device kind (CUDA runs under autocast), the schema of this computation, and
-the bytes of the study's model input. Nothing of a patient is stored: an entry is a float32
-array (members, slices, 1280) named by that hash.
+the bytes of the study's model input. An entry is a float32 array (members, slices, 1280) named
+by that hash: no identifier, but derived from the study's pixels, so the folder belongs where
+the studies themselves may be kept.
 
 ``ICH_FEATURE_CACHE`` names the folder (default ``~/.cache/ich/features``), or ``off``;
 ``ICH_FEATURE_CACHE_MB`` bounds it (default 2048: about 6000 studies of 40 slices and two
