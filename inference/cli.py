@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     phantom.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
+        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
         help="studies generated at once, one process each (default: every core); the files are"
         " the same whatever the number",
     )

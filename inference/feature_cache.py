@@ -19,8 +19,10 @@ members), the least recently used entries going first. A damaged entry is comput
 import hashlib
 import os
 import tempfile
+import time
+import warnings
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,7 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self._warned = False
 
     @classmethod
     def from_env(cls) -> "FeatureCache | None":
@@ -83,53 +86,84 @@ class FeatureCache:
         return self.root / key[:2] / f"{key}.npy"
 
     def load(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """The entry under ``key`` if it is there and whole (of ``shape``), else None."""
+        """The entry under ``key`` if it is there and whole (of ``shape``), else None. The cache
+        is best-effort: an entry it cannot read is computed again."""
         path = self._path(key)
         try:
             array = np.load(path, allow_pickle=False)
         except FileNotFoundError:
+            array = None
+        except (OSError, ValueError, EOFError):  # empty, truncated or not an array
+            array = None
+            self._remove(path)
+        if array is not None and (array.shape != shape or array.dtype != np.float32):
+            array = None
+            self._remove(path)
+        if array is None:
             self.misses += 1
             return None
-        except (OSError, ValueError):  # truncated or not an array: computed again
-            path.unlink(missing_ok=True)
-            self.misses += 1
-            return None
-        if array.shape != shape or array.dtype != np.float32:
-            path.unlink(missing_ok=True)
-            self.misses += 1
-            return None
-        os.utime(path)  # recently used
+        with suppress(OSError):  # pruned meanwhile by another process, or not ours
+            os.utime(path)  # recently used
         self.hits += 1
         return torch.from_numpy(array)
 
     def store(self, key: str, embeddings: torch.Tensor) -> None:
-        """Writes the entry whole or not at all, then trims the cache to its bound."""
+        """Writes the entry whole or not at all, then trims the cache to its bound. A cache
+        that cannot be written (a read-only home, a full disk) is warned about, not fatal."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        except OSError as error:
+            self._warn(error)
+            return
         try:
             with os.fdopen(handle, "wb") as out:
                 np.save(out, embeddings.detach().cpu().float().contiguous().numpy())
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(temporary, path)
+        except OSError as error:
+            self._remove(Path(temporary))
+            self._warn(error)
+            return
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            self._remove(Path(temporary))
             raise
         self.prune()
 
     def prune(self) -> None:
+        stale = time.time() - 3600
+        for path in self.root.glob("*/*.tmp"):  # left by a process that died writing
+            with suppress(OSError):
+                if path.stat().st_mtime < stale:
+                    path.unlink()
         entries = []
         for path in self.root.glob("*/*.npy"):
             try:
                 stat = path.stat()
-            except FileNotFoundError:  # removed by another process
+            except OSError:  # removed by another process
                 continue
             entries.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
-            path.unlink(missing_ok=True)
+            self._remove(path)
             total -= size
+
+    def _remove(self, path: Path) -> None:
+        with suppress(OSError):  # another user's entry: left as it is
+            path.unlink(missing_ok=True)
+
+    def _warn(self, error: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"feature cache {self.root} cannot be written ({error}): going on without it"
+                f" (set {ENV_DIR} to another folder, or to off)",
+                stacklevel=3,
+            )
 
 
 @torch.no_grad()
@@ -142,23 +176,28 @@ def member_outputs(
     cache: FeatureCache | None = None,
     fingerprint: str | None = None,
     heads: Sequence[EfficientNetLite] | None = None,
+    mixed_precision: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice logits (M, N, 6) and pooled embeddings (M, N, E) of one study's model input x
     (N, 3, S, S): ``networks`` run on it (or the embeddings come from ``cache``, under
     ``fingerprint``, which must be ``networks_fingerprint`` of them), and each member's linear
-    head, that of ``heads`` if given, reads its embeddings, as ``forward_head`` does."""
+    head, that of ``heads`` if given, reads its embeddings, as ``forward_head`` does.
+
+    ``mixed_precision``: on CUDA, networks and heads run under bfloat16 autocast, as the
+    predictor runs them (off: float32, what training fits the study level on)."""
     heads = list(heads or networks)
+    half = mixed_precision and device.type == "cuda"
     key = None
     embeddings = None
     if cache is not None:
         if fingerprint is None:
             raise ValueError("a cached pass needs the networks' fingerprint")
-        key = cache.key(fingerprint, x)
+        key = cache.key(f"{fingerprint}|autocast={half}", x)
         shape = (len(networks), len(x), networks[0].embedding_dim)
         embeddings = cache.load(key, shape)
     if embeddings is None:
         parts = []
-        with autocast(device):
+        with autocast(device) if half else nullcontext():
             for chunk in torch.split(x, batch_size):
                 chunk = chunk.to(device)
                 parts.append(
@@ -167,9 +206,13 @@ def member_outputs(
         embeddings = torch.cat(parts, dim=1)
         if cache is not None and key is not None:
             cache.store(key, embeddings)
-    logits = torch.stack(
-        [m.fc(e.to(m.fc.weight.device)).cpu() for m, e in zip(heads, embeddings, strict=True)]
-    )
+    with autocast(device) if half else nullcontext():
+        logits = torch.stack(
+            [
+                m.fc(e.to(m.fc.weight.device)).float().cpu()
+                for m, e in zip(heads, embeddings, strict=True)
+            ]
+        )
     return logits, embeddings
 
 

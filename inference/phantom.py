@@ -1849,9 +1849,14 @@ def write_dataset(
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            pool = stack.enter_context(
-                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            )
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+            def close(error_type: object, *_: object) -> bool:
+                # after a failure, the studies not yet started are not generated for nothing
+                pool.shutdown(wait=True, cancel_futures=error_type is not None)
+                return False
+
+            stack.push(close)
             done_studies = pool.map(one, seeds)
         else:
             done_studies = map(one, seeds)

@@ -583,6 +583,7 @@ def extract(
             batch_size=64,
             cache=cache,
             fingerprint=fingerprint,
+            mixed_precision=False,  # the study level is fitted on float32 embeddings
         )
         out.append(VolumeFeatures(logits=logits, embeddings=embeddings))
     return out

@@ -15,7 +15,7 @@ from inference.models import EfficientNetLite, folded_for_inference
 from inference.package import ModelPackage, slice_outputs
 from inference.phantom import generate_study, write_study
 from inference.predictor import Predictor
-from inference.preprocess import PreprocessConfig
+from inference.preprocess import PreprocessConfig, model_input, resample_inplane
 
 CPU = torch.device("cpu")
 
@@ -104,8 +104,8 @@ def test_the_cache_keeps_to_its_bound_dropping_the_least_recently_used(tmp_path:
     cache = FeatureCache(tmp_path, max_bytes=2 * entry_bytes)
     args = {"batch_size": 4, "cache": cache, "fingerprint": fingerprint}
     member_outputs(members, inputs[0], CPU, **args)
+    (first,) = _files(tmp_path)
     member_outputs(members, inputs[1], CPU, **args)
-    first = cache._path(cache.key(fingerprint, inputs[0]))
     os.utime(first, (1, 1))  # long unused
     member_outputs(members, inputs[2], CPU, **args)
     assert len(_files(tmp_path)) == 2 and not first.exists()
@@ -129,7 +129,14 @@ def test_the_environment_names_the_folder_or_turns_it_off(
 def test_the_predictors_ensemble_scores_are_the_same_read_from_the_cache(tmp_path: Path) -> None:
     package = ModelPackage("t", "1", PreprocessConfig(image_size=64), _members(), None)
     series = load_series(write_study(generate_study(5, subtypes=["subdural"]), tmp_path / "s"))
-    plain = Predictor(package, CPU).ensemble_logits(series)
+    predictor = Predictor(package, CPU)
+    # what predict() scores the study with: the shared pass that also makes the class maps
+    grid, _ = resample_inplane(series.hu, series.pixel_spacing_mm, package.preprocess)
+    x = model_input(grid, series.positions_mm, package.preprocess)
+    logits, embeddings, _ = predictor._run_members(x, 8, [])[0]
+    expected = predictor._calibrated_logits(logits, embeddings)
+    plain = predictor.ensemble_logits(series)
+    np.testing.assert_allclose(plain, expected, rtol=0, atol=1e-6)
     cache = FeatureCache(tmp_path / "cache")
     first = Predictor(package, CPU).ensemble_logits(series, cache=cache)
     second = Predictor(package, CPU).ensemble_logits(series, cache=cache)
@@ -137,3 +144,26 @@ def test_the_predictors_ensemble_scores_are_the_same_read_from_the_cache(tmp_pat
     np.testing.assert_allclose(first, plain, rtol=0, atol=0)
     np.testing.assert_allclose(second, plain, rtol=0, atol=0)
     assert plain.shape == (len(CLASSES),)
+
+
+def test_an_empty_entry_or_a_cache_that_cannot_be_written_is_no_failure(tmp_path: Path) -> None:
+    members = [folded_for_inference(m) for m in _members()]
+    x = torch.rand(2, 3, 32, 32)
+    fingerprint = networks_fingerprint(members, CPU)
+    cache = FeatureCache(tmp_path / "c")
+    _, embeddings = member_outputs(
+        members, x, CPU, batch_size=4, cache=cache, fingerprint=fingerprint
+    )
+    (entry,) = _files(tmp_path / "c")
+    entry.write_bytes(b"")  # as a crash between create and write could leave it
+    _, again = member_outputs(members, x, CPU, batch_size=4, cache=cache, fingerprint=fingerprint)
+    torch.testing.assert_close(again, embeddings, rtol=0, atol=0)
+    assert cache.misses == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    unwritable = FeatureCache(blocked / "cache")
+    with pytest.warns(UserWarning, match="cannot be written"):
+        _, computed = member_outputs(
+            members, x, CPU, batch_size=4, cache=unwritable, fingerprint=fingerprint
+        )
+    torch.testing.assert_close(computed, embeddings, rtol=0, atol=0)
