@@ -538,6 +538,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
         bar = progress(desc=f"prepare {kind}", unit="study", total=len(items))
         volumes += prepare(items, package.preprocess, kind, progress=bar)
         bar.close()
+    cache = _feature_cache()
     report = refit_heads(
         package,
         volumes,
@@ -549,7 +550,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
         attention_weights=tuple(args.attention_weight) if args.attention_weight else (0.0,),
         max_attention_drop=args.max_attention_drop,
         attention_per_class=args.attention_slices,
-        cache=(cache := _feature_cache()),
+        cache=cache,
     )
     _report_cache(cache)
     args.out.mkdir(parents=True, exist_ok=True)

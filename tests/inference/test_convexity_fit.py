@@ -16,6 +16,7 @@ from inference.models import EfficientNetLite
 from inference.package import ModelPackage
 from inference.predictor import Predictor
 from inference.preprocess import PreprocessConfig
+from tests.inference.shipped import at_half_resolution
 
 SUBDURAL, EPIDURAL = CLASSES.index("subdural"), CLASSES.index("epidural")
 DEPTH, ANGLES = 32, 96
@@ -148,12 +149,7 @@ def _shipped_without(tmp_path: Path, *slots: str) -> Path:
     """The shipped package as it was before its later readers joined it (those in ``slots``
     it has, peeled from the last): a first reader that fuses a class may not be replaced under a
     later reader that fuses it too. Each peeled reader's classes get back the operating points
-    they had before it.
-
-    Its ensemble reads the studies at half the resolution (128 px of 1.875 mm instead of 256 px
-    of 0.9375 mm): the same networks, readers, splits and points, a quarter of the pixels for
-    the networks to read. These tests are about what `ich convexity` writes and refuses, not
-    about how well the ensemble reads; the strip readers read the series as before."""
+    they had before it. Its ensemble reads at half the resolution (``at_half_resolution``)."""
     from inference.package import READER_SLOTS
     from inference.predictor import default_model_path
 
@@ -165,11 +161,7 @@ def _shipped_without(tmp_path: Path, *slots: str) -> Path:
         setattr(package, slot, None)
         package.training.pop(slot, None)
         package.training.get("split", {}).pop(slot, None)
-    package.preprocess = dataclasses.replace(
-        package.preprocess,
-        image_size=package.preprocess.image_size // 2,
-        spacing_mm=package.preprocess.spacing_mm * 2,
-    )
+    at_half_resolution(package)
     path = tmp_path / f"shipped-without-{'-'.join(slots) or 'none'}.pt"
     package.save(path)
     return path

@@ -25,6 +25,7 @@ from inference.models import EfficientNetLite
 from inference.package import ModelPackage, slice_outputs
 from inference.predictor import default_model_path
 from inference.preprocess import PreprocessConfig
+from tests.inference.shipped import at_half_resolution
 
 
 def _package(n_members: int = 2) -> ModelPackage:
@@ -165,18 +166,8 @@ SHIPPED = default_model_path()
 
 @pytest.fixture(scope="module")
 def small_shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped package with its ensemble reading studies at half the resolution (128 px of
-    1.875 mm, not 256 px of 0.9375 mm): the same networks, heads, splits and points, a quarter
-    of the pixels to read. The tests that use it are about what the commands write, refuse and
-    share, not about how well the ensemble reads."""
-    import dataclasses
-
-    package = ModelPackage.load(SHIPPED)
-    package.preprocess = dataclasses.replace(
-        package.preprocess,
-        image_size=package.preprocess.image_size // 2,
-        spacing_mm=package.preprocess.spacing_mm * 2,
-    )
+    """The shipped package, its ensemble reading at half the resolution (``at_half_resolution``)."""
+    package = at_half_resolution(ModelPackage.load(SHIPPED))
     path = tmp_path_factory.mktemp("small-shipped") / "model.pt"
     package.save(path)
     return path
