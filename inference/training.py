@@ -613,13 +613,33 @@ def fit_aggregator(
     run: Run,
     device: torch.device,
 ) -> tuple[StudyAggregator | None, dict[str, Any]]:
-    """Trains the sequence model and keeps it only if it beats max-pooling on validation."""
+    """Trains the sequence model and keeps it only if it beats max-pooling on validation
+    (aggregator "auto"), or as asked ("gru"). With "max" no sequence model is trained: the
+    report then holds max-pooling's validation AUC alone."""
     seed_everything(config.seed)
     train_f, val_f = features["train"], features["val"]
+    val_labels = np.stack([v.study_labels for v in splits["val"]])
+    # Compared on the validation studies of more than one slice: a single windowed picture is
+    # no series to aggregate, and its score would decide between two study-level methods.
+    series = [i for i, f in enumerate(val_f) if f.logits.shape[1] > 1] or list(range(len(val_f)))
+    compared = [val_f[i] for i in series]
+    max_auc = _mean_auc(max_study_logits(compared), val_labels[series])
+    if config.aggregator == "max":
+        report = {
+            "val_mean_study_auc": {"max": max_auc},
+            "compared_on": len(series),
+            "chosen": "max",
+            "epochs": 0,
+        }
+        run.log({"aggregator": report})
+        tqdm.write(
+            f"study aggregation: max-pooling as configured (validation mean AUC "
+            f"{max_auc:.3f}); no sequence model trained"
+        )
+        return None, report
     dim = aggregator_features(train_f[0].logits, train_f[0].embeddings).shape[-1]
     aggregator = StudyAggregator(AggregatorConfig(input_dim=dim))
     optimiser = torch.optim.AdamW(aggregator.parameters(), lr=2e-3, weight_decay=1e-3)
-    val_labels = np.stack([v.study_labels for v in splits["val"]])
     best, best_loss, stale = None, math.inf, 0
     for epoch in range(config.aggregator_epochs):
         aggregator.train()
@@ -645,15 +665,10 @@ def fit_aggregator(
     if best is not None:
         aggregator.load_state_dict(best)
     aggregator.eval()
-    # Compared on the validation studies of more than one slice: a single windowed picture is
-    # no series to aggregate, and its score would decide between two study-level methods.
-    series = [i for i, f in enumerate(val_f) if f.logits.shape[1] > 1] or list(range(len(val_f)))
-    compared = [val_f[i] for i in series]
     gru_auc = _mean_auc(
         np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in compared]),
         val_labels[series],
     )
-    max_auc = _mean_auc(max_study_logits(compared), val_labels[series])
     choice = (
         config.aggregator
         if config.aggregator != "auto"
