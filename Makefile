@@ -81,12 +81,13 @@ test-tools:
 # Tests use Redis database 1 so a running `make run` (database 0) never takes their tasks.
 # scripts/test_lanes.py runs the one-thread tiny training module beside the rest (two pytest
 # processes); ICH_TEST_LANES=1 runs one pytest over everything.
-test: setup lint test-tools
+# Lint and the test tools' install run in the main lane while the training lane starts.
+test: setup
 	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-test.started
 	@trap '$(SERVICES) stop $(ICH_VAR_DIR)/run/make-test.started' EXIT; \
 	  export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:$${ICH_REDIS_PORT:-6390}/1}; \
-	  $(BIN)/python manage.py collectstatic --noinput --verbosity 0 && \
-	  $(BIN)/python scripts/test_lanes.py
+	  $(BIN)/python scripts/test_lanes.py --first '$(MAKE) --no-print-directory lint test-tools' \
+	    --first '$(BIN)/python manage.py collectstatic --noinput --verbosity 0'
 
 # The shipped demonstration model, trained and measured by one command (about 6 hours on 2 CPU
 # cores, 16 GB of memory), in five stages (configs/demo-stage1.toml .. demo-stage4.toml: growing

@@ -3,19 +3,23 @@ cores of a 2-core machine: the tiny training run trains on one thread by design 
 numbers on every run of a machine kind, tests/inference/test_training.py), and while it does,
 the other core runs everything else.
 
-    .venv/bin/python scripts/test_lanes.py [PYTEST ARGS...]
+    .venv/bin/python scripts/test_lanes.py [--first COMMAND]... [PYTEST ARGS...]
 
 Lane "training" runs SLOW_MODULES; its output goes to var/logs/test-training.log and is printed
-after the other lane's. Lane "main" runs the rest with its output live, on one thread per process
-(OMP_NUM_THREADS=1, the Celery workers it starts included): with the training lane busy on the
-other core, a second compute thread would only wait for a core, or spin on one the training lane
-needs. The exit status is the
-first non-zero one of the two. With fewer than two cores, or ICH_TEST_LANES=1, it runs one
-pytest over everything. Extra arguments go to both lanes (for example -x or --durations=20);
-to run a few tests, call pytest directly.
+after the other lane's. It starts at once. Lane "main" first runs each --first command in turn
+(`make test` passes lint and the test tools' install this way, so that they use the core the
+training lane leaves; a failing one fails the run and stops the training lane), then the rest
+of the tests with their output live. Both lanes run one thread per process (OMP_NUM_THREADS=1,
+the Celery workers and phantom writers they start included): with the other lane busy on the
+other core, a second compute thread would only wait for a core, or spin on one the other lane
+needs (the phantom writers' matrix products took a fifth longer so). The exit status is
+the first non-zero one of the two. With fewer than two cores, or ICH_TEST_LANES=1, it runs the
+--first commands and then one pytest over everything. Extra arguments go to both lanes (for
+example -x or --durations=20); to run a few tests, call pytest directly.
 """
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,29 +27,73 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SLOW_MODULES = ["tests/inference/test_training.py"]
+# The tiny training module, and after it modules that balance the two lanes (on the 2-core AMD
+# VM the main lane's lint and the rest of its tests took about as long as these two).
+SLOW_MODULES = ["tests/inference/test_training.py", "tests/inference/test_shipped_model.py"]
+
+
+def split_arguments(argv: list[str]) -> tuple[list[list[str]], list[str]]:
+    """The --first commands (each split as a shell would) and the pytest arguments."""
+    first: list[list[str]] = []
+    rest: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item == "--first":
+            command = next(items, None)
+            if not command:
+                raise SystemExit("test_lanes.py: --first needs a command")
+            first.append(shlex.split(command))
+        elif item.startswith("--first="):
+            first.append(shlex.split(item.removeprefix("--first=")))
+        else:
+            rest.append(item)
+    return first, rest
+
+
+def run_first(commands: list[list[str]]) -> int:
+    for command in commands:
+        print(f"[lanes] {shlex.join(command)}", flush=True)
+        status = subprocess.call(command, cwd=ROOT)  # noqa: S603 - the Makefile's own commands
+        if status:
+            print(f"[lanes] failed ({status}): {shlex.join(command)}", flush=True)
+            return status
+    return 0
+
+
+def stop(lane: subprocess.Popen[bytes]) -> None:
+    lane.send_signal(signal.SIGINT)  # pytest's own interrupt: it cleans up and exits
+    try:
+        lane.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        lane.kill()
+        lane.wait()
 
 
 def main() -> int:
-    extra = sys.argv[1:]
+    first, extra = split_arguments(sys.argv[1:])
     pytest = [sys.executable, "-m", "pytest"]
     if (os.cpu_count() or 1) < 2 or os.environ.get("ICH_TEST_LANES") == "1":
-        return subprocess.call([*pytest, *extra], cwd=ROOT)  # noqa: S603 - pytest itself
+        return run_first(first) or subprocess.call([*pytest, *extra], cwd=ROOT)  # noqa: S603
     log = Path(os.environ.get("ICH_VAR_DIR", ROOT / "var")) / "logs" / "test-training.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     ignored = [f"--ignore={module}" for module in SLOW_MODULES]
     started = time.monotonic()
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as out:
         # no cache plugin in this lane: the main lane's last-failed record stays its own
         training = subprocess.Popen(  # noqa: S603 - pytest itself
             [*pytest, "-p", "no:cacheprovider", *SLOW_MODULES, *extra],
             cwd=ROOT,
+            env=one_thread,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
         print(f"[lanes] training lane: {' '.join(SLOW_MODULES)} (output: {log})", flush=True)
         try:
-            one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            main_status = run_first(first)
+            if main_status:
+                stop(training)
+                return main_status
             main_status = subprocess.call(  # noqa: S603 - pytest itself
                 [*pytest, *ignored, *extra], cwd=ROOT, env=one_thread
             )
@@ -53,8 +101,7 @@ def main() -> int:
                 print("[lanes] main lane done; waiting for the training lane", flush=True)
             training_status = training.wait()
         except KeyboardInterrupt:
-            training.send_signal(signal.SIGINT)
-            training.wait()
+            stop(training)
             raise
     print(f"\n[lanes] ===== training lane ({log}) =====", flush=True)
     sys.stdout.write(log.read_text())
