@@ -9,6 +9,7 @@ import math
 import random
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,7 @@ def train_member(
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     best, best_score, stale = None, -math.inf, 0
+    val_inputs = kept_validation_inputs(val_volumes, config.preprocess)
     for epoch in range(1, config.epochs + 1):
         started = time.monotonic()
         picks = sampler.sample(steps_per_epoch * config.batch_size, rng)
@@ -397,7 +399,7 @@ def train_member(
             schedule.step()
             losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        val = validate_slices(model, val_volumes, config.preprocess, device)
+        val = validate_slices(model, val_volumes, config.preprocess, device, val_inputs)
         score = float(np.nanmean(list(val["auc"].values())))
         record = {
             "member": arch,
@@ -532,21 +534,51 @@ def volume_inputs(volume: Volume, config: PreprocessConfig) -> torch.Tensor:
     return torch.stack([slice_input(volume, i, config, None)[0] for i in range(len(volume.hu))])
 
 
+# The validation slices' inputs are kept between epochs when they take no more than this.
+VALIDATION_INPUTS_MAX_BYTES = 1 << 30
+
+
+@torch.no_grad()
+def validation_inputs(
+    volumes: list[Volume], config: PreprocessConfig
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Each validation volume's labelled slices as network input (no augmentation) with their
+    labels."""
+    for volume in volumes:
+        known = ~np.isnan(volume.slice_labels[:, 0])
+        if known.any():
+            yield volume_inputs(volume, config)[torch.from_numpy(known)], volume.slice_labels[known]
+
+
+def kept_validation_inputs(
+    volumes: list[Volume], config: PreprocessConfig
+) -> list[tuple[torch.Tensor, np.ndarray]] | None:
+    """The validation inputs computed once for every epoch, or None where they would take more
+    than VALIDATION_INPUTS_MAX_BYTES (then each epoch computes them again)."""
+    size = config.image_size**2 * 3 * 4  # float32 bytes per slice
+    labelled = sum(int((~np.isnan(v.slice_labels[:, 0])).sum()) for v in volumes)
+    if labelled * size > VALIDATION_INPUTS_MAX_BYTES:
+        return None
+    return list(validation_inputs(volumes, config))
+
+
 @torch.no_grad()
 def validate_slices(
-    model: EfficientNetLite, volumes: list[Volume], config: PreprocessConfig, device: torch.device
+    model: EfficientNetLite,
+    volumes: list[Volume],
+    config: PreprocessConfig,
+    device: torch.device,
+    inputs: list[tuple[torch.Tensor, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
+    """Slice-level validation loss and AUC per class; ``inputs`` from kept_validation_inputs
+    saves computing them again."""
     model.eval()
     net = folded_for_inference(model)  # what the predictor runs, and about 1.2 times faster
     logits, labels = [], []
-    for volume in volumes:
-        known = ~np.isnan(volume.slice_labels[:, 0])
-        if not known.any():
-            continue
-        x = volume_inputs(volume, config)[torch.from_numpy(known)]
+    for x, known_labels in inputs if inputs is not None else validation_inputs(volumes, config):
         for chunk in torch.split(x, 64):
             logits.append(net(chunk.to(device)).float().cpu())
-        labels.append(torch.from_numpy(volume.slice_labels[known]))
+        labels.append(torch.from_numpy(known_labels))
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
     auc = {}
     for i, name in enumerate(CLASSES):

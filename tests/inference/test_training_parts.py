@@ -1,14 +1,19 @@
-"""The study-level sequence model (`fit_aggregator`) on slice features made up for the test:
-the tiny training run uses max-pooling and trains none, so its fit is exercised here."""
+"""Parts of `ich train` on made-up inputs, quicker than the tiny training run: the study-level
+sequence model (`fit_aggregator`; the tiny run uses max-pooling and trains none) and the
+per-epoch slice validation."""
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+import inference.training as training
 from inference.constants import CLASSES
 from inference.data import Volume
+from inference.models import build_slice_model
+from inference.preprocess import PreprocessConfig
 from inference.training import Run, TrainConfig, VolumeFeatures, fit_aggregator
 
 N_SLICES, EMBEDDING = 10, 8
@@ -85,3 +90,47 @@ def test_gru_keeps_the_sequence_model_even_where_max_pooling_would_do(tmp_path: 
     model, report, _ = _fit("gru", tmp_path, epochs=1)
     assert model is not None and report["chosen"] == "gru"
     assert set(report["val_mean_study_auc"]) == {"gru", "max"}
+
+
+def _grid_volumes(size: int) -> list[Volume]:
+    """Three volumes of random Hounsfield units on the model grid; the second has no labelled
+    slice, and a few slices of the others are unlabelled."""
+    rng = np.random.default_rng(7)
+    volumes = []
+    for i, n in enumerate((5, 4, 6)):
+        labels = rng.integers(0, 2, (n, len(CLASSES))).astype(np.float32)
+        labels[0] = np.nan
+        if i == 1:
+            labels[:] = np.nan
+        volumes.append(
+            Volume(
+                key=f"v{i}",
+                patient_id=f"p{i}",
+                hu=torch.from_numpy(rng.uniform(-100, 120, (n, size, size))).half(),
+                positions_mm=np.arange(n, dtype=float) * 5.0,
+                slice_labels=labels,
+                study_labels=np.nanmax(labels, 0) if i != 1 else np.full(6, np.nan, np.float32),
+                masks=None,
+                windowed_source=False,
+                source="made-up",
+            )
+        )
+    return volumes
+
+
+def test_validation_inputs_kept_between_epochs_score_as_computed_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = PreprocessConfig(image_size=64, spacing_mm=4.0)
+    volumes = _grid_volumes(64)
+    kept = training.kept_validation_inputs(volumes, config)
+    assert kept is not None and [len(x) for x, _ in kept] == [4, 5]  # labelled slices only
+    torch.manual_seed(0)
+    model = build_slice_model("efficientnet_lite0", pretrained=False)
+    cpu = torch.device("cpu")
+    computed = training.validate_slices(model, volumes, config, cpu)
+    again = training.validate_slices(model, volumes, config, cpu, kept)
+    assert json.dumps(again, sort_keys=True) == json.dumps(computed, sort_keys=True)  # NaN too
+
+    monkeypatch.setattr(training, "VALIDATION_INPUTS_MAX_BYTES", 8 * 64 * 64 * 3 * 4)
+    assert training.kept_validation_inputs(volumes, config) is None  # 9 slices: over the limit
