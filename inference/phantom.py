@@ -1691,75 +1691,76 @@ def write_study(
     pid = patient_id or f"PH{sid.rsplit('-', 1)[-1]}"
     paths: list[Path] = []
     age_years = 20 + key % 70
+    # Every slice's file holds the same elements; only the instance, its position and its
+    # pixels change from one to the next, so one dataset is filled once and updated per slice.
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationVersionName = "ICHTRIAGE_PH1"
+    ds = _Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = date.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = tm
+    ds.AccessionNumber = f"PHA{key % 10**9:09d}"
+    ds.Modality = "CT"
+    ds.Manufacturer = "ICH-TRIAGE PHANTOM"
+    ds.ManufacturerModelName = "Synthetic head CT"
+    ds.InstitutionName = "Synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT HEAD WO CONTRAST"
+    ds.SeriesDescription = f"AXIAL BRAIN {study.slice_thickness_mm:g}mm"
+    ds.PatientName = patient_name
+    ds.PatientID = pid
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.PatientAge = f"{age_years:03d}Y"
+    ds.BodyPartExamined = "HEAD"
+    ds.SliceThickness = f"{study.slice_thickness_mm:g}"
+    ds.SpacingBetweenSlices = f"{study.slice_thickness_mm:g}"
+    ds.KVP = "120"
+    ds.ConvolutionKernel = "H30s"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = f"{key % 100000}"
+    ds.SeriesNumber = 2
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = SIZE
+    ds.Columns = SIZE
+    ds.PixelSpacing = [f"{px:.4f}", f"{px:.4f}"]
+    ds.BitsAllocated = 16
+    if padded:
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.add_new(0x00280120, "SS", PADDING_HU + 1024)  # PixelPaddingValue
+    else:
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "80"
     for i in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
         meta.MediaStorageSOPInstanceUID = UID(uids[i])
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationVersionName = "ICHTRIAGE_PH1"
-        ds = _Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CT_IMAGE_STORAGE
         ds.SOPInstanceUID = uids[i]
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = date.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = tm
-        ds.AccessionNumber = f"PHA{key % 10**9:09d}"
-        ds.Modality = "CT"
-        ds.Manufacturer = "ICH-TRIAGE PHANTOM"
-        ds.ManufacturerModelName = "Synthetic head CT"
-        ds.InstitutionName = "Synthetic"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "CT HEAD WO CONTRAST"
-        ds.SeriesDescription = f"AXIAL BRAIN {study.slice_thickness_mm:g}mm"
-        ds.PatientName = patient_name
-        ds.PatientID = pid
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.PatientAge = f"{age_years:03d}Y"
-        ds.BodyPartExamined = "HEAD"
-        ds.SliceThickness = f"{study.slice_thickness_mm:g}"
-        ds.SpacingBetweenSlices = f"{study.slice_thickness_mm:g}"
-        ds.KVP = "120"
-        ds.ConvolutionKernel = "H30s"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = f"{key % 100000}"
-        ds.SeriesNumber = 2
-        ds.AcquisitionNumber = 1
         ds.InstanceNumber = i + 1
         z = float(study.positions_mm[i])
         ds.ImagePositionPatient = [f"{x0:.4f}", f"{x0:.4f}", f"{z:.3f}"]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
         ds.SliceLocation = f"{z:.3f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = SIZE
-        ds.Columns = SIZE
-        ds.PixelSpacing = [f"{px:.4f}", f"{px:.4f}"]
-        ds.BitsAllocated = 16
         stored = study.hu[i].astype(np.int32) + 1024
-        if padded:
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 1
-            ds.add_new(0x00280120, "SS", PADDING_HU + 1024)  # PixelPaddingValue
-            arr = stored.astype(np.int16)
-        else:
-            ds.BitsStored = 12
-            ds.HighBit = 11
-            ds.PixelRepresentation = 0
-            arr = np.clip(stored, 0, 4095).astype(np.uint16)
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "80"
-        ds.PixelData = arr.tobytes()
+        pixels = stored.astype(np.int16) if padded else np.clip(stored, 0, 4095).astype(np.uint16)
+        ds.PixelData = pixels.tobytes()
         path = out_dir / f"IM{int(order[i]) + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
