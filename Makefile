@@ -79,14 +79,16 @@ test-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; }
 
 # Tests use Redis database 1 so a running `make run` (database 0) never takes their tasks.
-# scripts/test_lanes.py runs the one-thread tiny training module beside the rest (two pytest
-# processes); ICH_TEST_LANES=1 runs one pytest over everything.
-# Lint and the test tools' install run in the main lane while the training lane starts.
+# scripts/test_lanes.py runs two pytest processes, one thread each: the training lane (the tiny
+# training module, then the shipped model's) starts at once, and the main lane runs lint, the
+# test tools' install and collectstatic meanwhile, then every other test. ICH_TEST_LANES=1 runs
+# those first and then one pytest over everything. (A plain `make`, not $(MAKE): a line naming
+# $(MAKE) would run even under `make -n`.)
 test: setup
 	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-test.started
 	@trap '$(SERVICES) stop $(ICH_VAR_DIR)/run/make-test.started' EXIT; \
 	  export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:$${ICH_REDIS_PORT:-6390}/1}; \
-	  $(BIN)/python scripts/test_lanes.py --first '$(MAKE) --no-print-directory lint test-tools' \
+	  $(BIN)/python scripts/test_lanes.py --first 'make --no-print-directory lint test-tools' \
 	    --first '$(BIN)/python manage.py collectstatic --noinput --verbosity 0'
 
 # The shipped demonstration model, trained and measured by one command (about 6 hours on 2 CPU

@@ -555,7 +555,7 @@ def kept_validation_inputs(
 ) -> list[tuple[torch.Tensor, np.ndarray]] | None:
     """The validation inputs computed once for every epoch, or None where they would take more
     than VALIDATION_INPUTS_MAX_BYTES (then each epoch computes them again)."""
-    size = config.image_size**2 * 3 * 4  # float32 bytes per slice
+    size = config.image_size**2 * len(config.windows) * 4  # float32 bytes per slice
     labelled = sum(int((~np.isnan(v.slice_labels[:, 0])).sum()) for v in volumes)
     if labelled * size > VALIDATION_INPUTS_MAX_BYTES:
         return None

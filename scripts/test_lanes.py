@@ -18,6 +18,7 @@ the first non-zero one of the two. With fewer than two cores, or ICH_TEST_LANES=
 example -x or --durations=20); to run a few tests, call pytest directly.
 """
 
+import contextlib
 import os
 import shlex
 import signal
@@ -61,15 +62,28 @@ def run_first(commands: list[list[str]]) -> int:
 
 
 def stop(lane: subprocess.Popen[bytes]) -> None:
-    lane.send_signal(signal.SIGINT)  # pytest's own interrupt: it cleans up and exits
-    try:
-        lane.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        lane.kill()
-        lane.wait()
+    """Interrupts the lane's whole process group (pytest and the phantom writers it may have
+    started clean up and exit), then kills what is left of it after a minute."""
+    for signum, wait in ((signal.SIGINT, 60), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(lane.pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            lane.wait(timeout=wait)
+            return
+
+
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main() -> int:
+    # The training lane has a session of its own: a TERM or HUP that ends this process (a CI
+    # timeout, a closed terminal) stops it as Ctrl-C does. Ctrl-C itself is handled here even
+    # where this process was started with SIGINT ignored (in the background of a shell without
+    # job control), so that the lanes, which would inherit the ignoring, answer it too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
     first, extra = split_arguments(sys.argv[1:])
     pytest = [sys.executable, "-m", "pytest"]
     if (os.cpu_count() or 1) < 2 or os.environ.get("ICH_TEST_LANES") == "1":
@@ -87,6 +101,7 @@ def main() -> int:
             env=one_thread,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, which stop() can end as one
         )
         print(f"[lanes] training lane: {' '.join(SLOW_MODULES)} (output: {log})", flush=True)
         try:
@@ -115,4 +130,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stopped:
+        print(f"[lanes] interrupted ({stopped or 'SIGINT'}); both lanes stopped", flush=True)
+        sys.exit(130)
