@@ -2,6 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -99,3 +100,36 @@ def test_round_as_saved_gives_the_weights_a_saved_package_loads(tmp_path: Path) 
     for key, value in rounded.items():
         assert torch.equal(value, loaded[key]), key
     assert torch.equal(rounded["fc.weight"], before["fc.weight"])  # the head stays float32
+
+
+def test_a_package_keeps_its_sequence_model_and_the_predictor_reads_studies_through_it(
+    tmp_path: Path,
+) -> None:
+    """The shipped and tiny models pool by maximum; a package whose study level is the GRU
+    (`aggregator = "gru"` or a winning "auto") saves it, loads it, and the predictor and the
+    training code score a study with it alike."""
+    from inference.constants import CLASSES
+    from inference.models import AggregatorConfig, EfficientNetLite, StudyAggregator
+    from inference.package import ModelPackage, aggregator_features
+    from inference.predictor import Predictor
+    from inference.preprocess import PreprocessConfig
+    from inference.training import VolumeFeatures, max_study_logits, study_logits
+
+    torch.manual_seed(0)
+    member = EfficientNetLite("efficientnet_lite0").eval()
+    dim = member.embedding_dim + len(CLASSES)
+    aggregator = StudyAggregator(AggregatorConfig(input_dim=dim)).eval()
+    ModelPackage("t", "1", PreprocessConfig(image_size=64), [member], aggregator).save(
+        tmp_path / "m.pt"
+    )
+    predictor = Predictor.load(tmp_path / "m.pt", device="cpu")
+    assert predictor.package.aggregator is not None
+
+    features = VolumeFeatures(torch.randn(1, 7, len(CLASSES)), torch.randn(1, 7, dim - 6))
+    x = aggregator_features(features.logits, features.embeddings)[None]
+    with torch.no_grad():
+        expected = aggregator(x, torch.ones(1, 7, dtype=torch.bool))[0][0].numpy()
+    read = predictor._study_logits(features.logits, features.embeddings)
+    assert np.allclose(read, expected, atol=1e-6)
+    assert np.allclose(study_logits(predictor.package, [features])[0], expected, atol=1e-6)
+    assert not np.allclose(read, max_study_logits([features])[0], atol=1e-3)
