@@ -9,7 +9,7 @@ import math
 import random
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,9 @@ from inference.progress import progress as progress_bar
 CLASS_WEIGHTS = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # "any" counts double, as in RSNA 2019
 
 
+AGGREGATORS = ("auto", "gru", "max")  # the study level: chosen on validation, or as named
+
+
 @dataclass
 class TrainConfig:
     name: str = "ich-model"
@@ -77,7 +80,7 @@ class TrainConfig:
     # Dataset kinds whose validation studies choose the operating points (empty: every kind).
     operating_point_sources: tuple[str, ...] = ()
     augment: Augment = field(default_factory=Augment)
-    aggregator: str = "auto"  # gru | max | auto: the better on validation
+    aggregator: str = "auto"  # one of AGGREGATORS; auto: the better on validation
     aggregator_epochs: int = 80
     target_sensitivity: float = 0.95
     atlas_per_class: int = 12
@@ -97,6 +100,10 @@ class TrainConfig:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        if raw.get("aggregator", "auto") not in AGGREGATORS:
+            raise ValueError(
+                f"aggregator is one of {', '.join(AGGREGATORS)}, not {raw['aggregator']!r}"
+            )
         sources = [DataSource(**s) for s in raw.pop("sources", [])]
         for source in sources:
             source.path = (
@@ -399,7 +406,8 @@ def train_member(
             schedule.step()
             losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        val = validate_slices(model, val_volumes, config.preprocess, device, val_inputs)
+        inputs = val_inputs or validation_inputs(val_volumes, config.preprocess)
+        val = validate_slices(model, inputs, device)
         score = float(np.nanmean(list(val["auc"].values())))
         record = {
             "member": arch,
@@ -565,17 +573,15 @@ def kept_validation_inputs(
 @torch.no_grad()
 def validate_slices(
     model: EfficientNetLite,
-    volumes: list[Volume],
-    config: PreprocessConfig,
+    inputs: Iterable[tuple[torch.Tensor, np.ndarray]],
     device: torch.device,
-    inputs: list[tuple[torch.Tensor, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Slice-level validation loss and AUC per class; ``inputs`` from kept_validation_inputs
-    saves computing them again."""
+    """Slice-level validation loss and AUC per class over ``inputs`` (``validation_inputs``, or
+    those ``kept_validation_inputs`` keeps for every epoch)."""
     model.eval()
     net = folded_for_inference(model)  # what the predictor runs, and about 1.2 times faster
     logits, labels = [], []
-    for x, known_labels in inputs if inputs is not None else validation_inputs(volumes, config):
+    for x, known_labels in inputs:
         for chunk in torch.split(x, 64):
             logits.append(net(chunk.to(device)).float().cpu())
         labels.append(torch.from_numpy(known_labels))
@@ -649,26 +655,46 @@ def fit_aggregator(
     (aggregator "auto"), or as asked ("gru"). With "max" no sequence model is trained: the
     report then holds max-pooling's validation AUC alone."""
     seed_everything(config.seed)
-    train_f, val_f = features["train"], features["val"]
+    val_f = features["val"]
     val_labels = np.stack([v.study_labels for v in splits["val"]])
     # Compared on the validation studies of more than one slice: a single windowed picture is
     # no series to aggregate, and its score would decide between two study-level methods.
     series = [i for i, f in enumerate(val_f) if f.logits.shape[1] > 1] or list(range(len(val_f)))
     compared = [val_f[i] for i in series]
-    max_auc = _mean_auc(max_study_logits(compared), val_labels[series])
-    if config.aggregator == "max":
-        report = {
-            "val_mean_study_auc": {"max": max_auc},
-            "compared_on": len(series),
-            "chosen": "max",
-            "epochs": 0,
+    aucs = {"max": _mean_auc(max_study_logits(compared), val_labels[series])}
+    aggregator, epochs, choice = None, 0, "max"
+    if config.aggregator != "max":
+        aggregator, epochs = _train_sequence_model(features, splits, config, val_labels)
+        aucs = {
+            "gru": _mean_auc(
+                np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in compared]),
+                val_labels[series],
+            ),
+            **aucs,
         }
-        run.log({"aggregator": report})
-        tqdm.write(
-            f"study aggregation: max-pooling as configured (validation mean AUC "
-            f"{max_auc:.3f}); no sequence model trained"
-        )
-        return None, report
+        choice = "gru" if config.aggregator == "gru" or aucs["gru"] >= aucs["max"] else "max"
+    report = {
+        "val_mean_study_auc": aucs,
+        "compared_on": len(series),
+        "chosen": choice,
+        "epochs": epochs,
+    }
+    run.log({"aggregator": report})
+    compared_text = ", ".join(f"{name} {auc:.3f}" for name, auc in aucs.items())
+    tqdm.write(f"study aggregation, mean validation AUC: {compared_text} -> {choice}")
+    del device
+    return (aggregator if choice == "gru" else None), report
+
+
+def _train_sequence_model(
+    features: dict[str, list[VolumeFeatures]],
+    splits: dict[str, list[Volume]],
+    config: TrainConfig,
+    val_labels: np.ndarray,
+) -> tuple[StudyAggregator, int]:
+    """The GRU over slice features, trained with early stopping on the validation loss; and
+    the number of epochs it ran."""
+    train_f, val_f = features["train"], features["val"]
     dim = aggregator_features(train_f[0].logits, train_f[0].embeddings).shape[-1]
     aggregator = StudyAggregator(AggregatorConfig(input_dim=dim))
     optimiser = torch.optim.AdamW(aggregator.parameters(), lr=2e-3, weight_decay=1e-3)
@@ -696,29 +722,7 @@ def fit_aggregator(
                 break
     if best is not None:
         aggregator.load_state_dict(best)
-    aggregator.eval()
-    gru_auc = _mean_auc(
-        np.stack([_aggregate(aggregator, f)[0][0].detach().numpy() for f in compared]),
-        val_labels[series],
-    )
-    choice = (
-        config.aggregator
-        if config.aggregator != "auto"
-        else ("gru" if gru_auc >= max_auc else "max")
-    )
-    report = {
-        "val_mean_study_auc": {"gru": gru_auc, "max": max_auc},
-        "compared_on": len(series),
-        "chosen": choice,
-        "epochs": epoch + 1,
-    }
-    run.log({"aggregator": report})
-    tqdm.write(
-        f"study aggregation on validation: GRU mean AUC {gru_auc:.3f}, "
-        f"max-pooling {max_auc:.3f} -> {choice}"
-    )
-    del device
-    return (aggregator if choice == "gru" else None), report
+    return aggregator.eval(), epoch + 1
 
 
 def _aggregate(aggregator: StudyAggregator, f: VolumeFeatures) -> tuple[torch.Tensor, torch.Tensor]:

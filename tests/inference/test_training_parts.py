@@ -128,9 +128,14 @@ def test_validation_inputs_kept_between_epochs_score_as_computed_ones(
     torch.manual_seed(0)
     model = build_slice_model("efficientnet_lite0", pretrained=False)
     cpu = torch.device("cpu")
-    computed = training.validate_slices(model, volumes, config, cpu)
-    again = training.validate_slices(model, volumes, config, cpu, kept)
+    computed = training.validate_slices(model, training.validation_inputs(volumes, config), cpu)
+    again = training.validate_slices(model, kept, cpu)
     assert json.dumps(again, sort_keys=True) == json.dumps(computed, sort_keys=True)  # NaN too
 
     monkeypatch.setattr(training, "VALIDATION_INPUTS_MAX_BYTES", 8 * 64 * 64 * 3 * 4)
     assert training.kept_validation_inputs(volumes, config) is None  # 9 slices: over the limit
+
+
+def test_an_unknown_study_level_is_refused_when_the_config_is_read() -> None:
+    with pytest.raises(ValueError, match="aggregator is one of auto, gru, max, not 'mean'"):
+        TrainConfig.from_dict({"aggregator": "mean"})
