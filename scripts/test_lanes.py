@@ -106,15 +106,18 @@ def main() -> int:
         print(f"[lanes] training lane: {' '.join(SLOW_MODULES)} (output: {log})", flush=True)
         try:
             main_status = run_first(first)
+            first_done = time.monotonic()
             if main_status:
                 stop(training)
                 return main_status
             main_status = subprocess.call(  # noqa: S603 - pytest itself
                 [*pytest, *ignored, *extra], cwd=ROOT, env=one_thread
             )
+            main_done = time.monotonic()
             if training.poll() is None:
                 print("[lanes] main lane done; waiting for the training lane", flush=True)
             training_status = training.wait()
+            training_done = time.monotonic()
         except KeyboardInterrupt:
             stop(training)
             raise
@@ -123,7 +126,9 @@ def main() -> int:
     minutes = (time.monotonic() - started) / 60
     print(
         f"[lanes] main lane exit {main_status}, training lane exit {training_status}, "
-        f"{minutes:.1f} min in all",
+        f"{minutes:.1f} min in all (main lane: --first commands "
+        f"{(first_done - started) / 60:.1f} min, then its tests {(main_done - first_done) / 60:.1f}"
+        f" min; training lane {(training_done - started) / 60:.1f} min)",
         flush=True,
     )
     return main_status or training_status

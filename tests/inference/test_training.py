@@ -48,7 +48,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 TINY_RECIPE = {
     "name": "tiny",
     "architectures": ["efficientnet_lite0"],
-    "epochs": 12,
+    "epochs": 8,  # 12 scored 0.94-0.99 over six draws, 8 scored 0.94-0.97 in 2.4 min less
     "samples_per_epoch": 512,
     "batch_size": 16,
     "lr": 1e-3,
