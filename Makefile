@@ -80,9 +80,9 @@ test-tools:
 
 # Tests use Redis database 1 so a running `make run` (database 0) never takes their tasks.
 # scripts/test_lanes.py runs two pytest processes, one thread each: the training lane (the tiny
-# training module, then the shipped-model and phantom modules) starts at once, and the main lane runs lint, the
-# test tools' install and collectstatic meanwhile, then every other test. ICH_TEST_LANES=1 runs
-# those first and then one pytest over everything. (A plain `make`, not $(MAKE): a line naming
+# training module, then the shipped-model and phantom modules) starts at once, and the main
+# lane runs lint, the test tools' install and collectstatic meanwhile, then every other test.
+# ICH_TEST_LANES=1 runs those first and then one pytest over everything. (A plain `make`, not $(MAKE): a line naming
 # $(MAKE) would run even under `make -n`.)
 test: setup
 	@$(SERVICES) start $(ICH_VAR_DIR)/run/make-test.started
