@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.constants import CLASSES, SUBTYPES
-from inference.models import fold_batch_norms
+from inference.models import fold_batch_norms, fused_conv, fused_convolutions_available
 
 EXTRA_AXIAL = ("subdural", "epidural")  # the classes a reader reads unless told otherwise
 STRIP_CLASSES = ("subdural", "epidural", "subarachnoid")  # those the strip can hold
@@ -188,9 +188,12 @@ class _CircularConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, bias=False)
         self.norm: nn.Module = nn.BatchNorm2d(c_out)
+        self.fused = False  # set by ``folded_strip_net`` where fused convolutions run (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (1, 1, 0, 0), mode="circular")
+        if self.fused and x.device.type == "cpu":  # zero depth padding and ReLU in the call
+            return fused_conv(x, self.conv, act="relu", padding=(1, 0))
         x = F.pad(x, (0, 0, 1, 1))
         return F.relu(self.norm(self.conv(x)))
 
@@ -247,6 +250,9 @@ def folded_strip_net(net: ConvexityNet) -> ConvexityNet:
     for parameter in folded.parameters():
         if parameter.dim() == 4:
             parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    if fused_convolutions_available() and next(folded.parameters()).device.type == "cpu":
+        for layer in layers:
+            layer.fused = True
     return folded
 
 

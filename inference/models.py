@@ -127,6 +127,8 @@ class EfficientNetLite(nn.Module):
         # Channels-last (NHWC) memory lets oneDNN run the depthwise convolutions about 1.3 times
         # faster on CPU, in inference and training (bench/train_step.py, docs/benchmarks.md).
         self.channels_last = True
+        # Set by ``folded_for_inference`` where oneDNN's fused convolutions run (CPU).
+        self.fused = False
 
     def forward_features(self, x: torch.Tensor, output_stride: int | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1280, H/s, W/s): the last convolutional stage.
@@ -139,16 +141,43 @@ class EfficientNetLite(nn.Module):
         x = (x - 0.5) / 0.5  # the Lite weights expect inputs in [-1, 1]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.fused and self.channels_last and x.device.type == "cpu":
+            return self._fused_features(x, output_stride)
         x = self.act(self.bn0(self.conv_stem(x)))
+        for block, dense, dilation in self._schedule(output_stride):
+            x = block(x, dense=dense, dilation=dilation)
+        return self.act(self.bn1(self.conv_head(x)))
+
+    def _schedule(self, output_stride: int) -> list[tuple[MBConv, bool, int]]:
+        """Each block with whether it runs dense (a stride-2 block keeping the resolution) and
+        its depthwise dilation, for the last stage at ``output_stride``."""
+        schedule = []
         stride, dilation = 2, 1
         for block in cast(list[MBConv], list(self.blocks)):
             if block.stride == 2 and stride * 2 > output_stride:
-                x = block(x, dense=True, dilation=dilation)
+                schedule.append((block, True, dilation))
                 dilation *= 2
             else:
                 stride *= block.stride
-                x = block(x, dilation=dilation)
-        return self.act(self.bn1(self.conv_head(x)))
+                schedule.append((block, False, dilation))
+        return schedule
+
+    def _fused_features(self, x: torch.Tensor, output_stride: int) -> torch.Tensor:
+        """``forward_features`` of a folded network (``folded_for_inference``) with each
+        convolution and the ReLU6 or residual sum after it in one oneDNN call: the same
+        function, one pass over the activations fewer per convolution."""
+        x = fused_conv(x, self.conv_stem, act="relu6")
+        for block, dense, dilation in self._schedule(output_stride):
+            out = x
+            if block.expand_conv is not None:
+                out = fused_conv(out, block.expand_conv, act="relu6")
+            stride = 1 if dense else block.stride
+            out = fused_conv(
+                out, block.depthwise_conv, act="relu6", stride=stride, dilation=dilation
+            )
+            residual = x if block.residual else None
+            x = fused_conv(out, block.project_conv, residual=residual)
+        return fused_conv(x, self.conv_head, act="relu6")
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean(dim=(2, 3))  # (B, 1280)
@@ -199,6 +228,45 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(bn.bias.detach() - bn.running_mean * scale)
 
 
+def fused_convolutions_available() -> bool:
+    """Whether this torch has oneDNN's fused convolution (a convolution with a clamp or a sum
+    in the same call): the operator torch.compile's CPU backend emits for the same pattern."""
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
+
+
+ACTIVATIONS = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
+
+
+def fused_conv(
+    x: torch.Tensor,
+    module: nn.Module,
+    *,
+    act: str = "none",
+    stride: int | None = None,
+    dilation: int = 1,
+    padding: tuple[int, int] | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(conv(x)), or conv(x) + ``residual``, in one oneDNN call (``act``: none, relu or
+    relu6). Stride and padding are the convolution's own unless given (padding: ``dilation``
+    times half the kernel). Only where ``fused_convolutions_available``, for inference."""
+    conv = cast(nn.Conv2d, module)
+    kernel, groups = int(conv.kernel_size[0]), conv.groups
+    pads = list(padding) if padding is not None else [dilation * (kernel // 2)] * 2
+    strides = [int(conv.stride[0]) if stride is None else stride] * 2
+    dilations = [dilation] * 2
+    op = torch.ops.mkldnn._convolution_pointwise
+    if residual is not None:
+        return op.binary(
+            x, residual, conv.weight, conv.bias, pads, strides, dilations, groups,
+            "add", None, None, [], None,
+        )  # fmt: skip
+    attr, scalars = ACTIVATIONS[act]
+    return op(x, conv.weight, conv.bias, pads, strides, dilations, groups, attr, scalars, "")
+
+
 def fold_batch_norms(model: M, pairs: list[tuple[nn.Module, str, str]]) -> M:
     """``model`` for inference only: for each (owner, conv, norm) attribute names in ``pairs``,
     the batch norm folded into its convolution (its running statistics, as in eval mode) and
@@ -223,7 +291,13 @@ def folded_for_inference(model: EfficientNetLite) -> EfficientNetLite:
             pairs.append((block, "expand_conv", "bn0"))
         pairs += [(block, "depthwise_conv", "bn1"), (block, "project_conv", "bn2")]
     pairs.append((folded, "conv_head", "bn1"))
-    return fold_batch_norms(folded, pairs)
+    folded = fold_batch_norms(folded, pairs)
+    if fused_convolutions_available() and folded.conv_stem.weight.device.type == "cpu":
+        for parameter in folded.parameters():
+            if parameter.dim() == 4:
+                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+        folded.fused = True
+    return folded
 
 
 def build_slice_model(

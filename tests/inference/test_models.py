@@ -1,6 +1,6 @@
 import torch
 
-from inference.convexity import ConvexityNet, folded_strip_net
+from inference.convexity import ConvexityNet, _CircularConv, folded_strip_net
 from inference.gradcam import class_activation, grad_cam
 from inference.models import (
     AggregatorConfig,
@@ -8,6 +8,7 @@ from inference.models import (
     StudyAggregator,
     build_slice_model,
     folded_for_inference,
+    fused_convolutions_available,
     imagenet_weights_path,
 )
 
@@ -102,15 +103,18 @@ def _random_statistics(model: torch.nn.Module) -> None:
 
 
 def test_folded_networks_compute_what_the_trained_ones_do_and_leave_them_as_they_are() -> None:
-    """The predictor runs copies with each batch norm folded into its convolution (faster on
-    CPU): the same features, dense stage and class maps within float rounding, and the trained
-    network (what a package saves) keeps its batch norms."""
+    """The predictor runs copies with each batch norm folded into its convolution and each
+    convolution fused with its ReLU6 or residual sum (faster on CPU): the same features, dense
+    stage and class maps within float rounding, and the trained network (what a package saves)
+    keeps its batch norms."""
     x = torch.rand(3, 3, 96, 96)
+    assert fused_convolutions_available()  # this torch's CPU build: the fused path is tested
     for stride in (32, 16):
         model = EfficientNetLite("efficientnet_lite0", output_stride=stride).eval()
         _random_statistics(model)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         folded = folded_for_inference(model)
+        assert folded.fused and not model.fused
         with torch.no_grad():
             want = model.forward_features(x)
             got = folded.forward_features(x)
@@ -127,8 +131,11 @@ def test_a_folded_strip_network_gives_the_trained_ones_logits() -> None:
     net = ConvexityNet(width=8).eval()
     _random_statistics(net)
     strips = torch.rand(2, 4, 64, 360)
+    folded = folded_strip_net(net)
     with torch.no_grad():
         want = net(strips)
-        got = folded_strip_net(net)(strips)
+        got = folded(strips)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(layer.fused for layer in folded.modules() if isinstance(layer, _CircularConv))
+    assert not any(getattr(layer, "fused", False) for layer in net.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
