@@ -3,6 +3,7 @@
     .venv/bin/python bench/inference.py                 # 40 and 500 slices, shipped model, CPU
     .venv/bin/python bench/inference.py --device cuda   # on a GPU machine
     .venv/bin/python bench/inference.py --nchw          # without channels-last memory (A/B)
+    .venv/bin/python bench/inference.py --unfused       # without fused convolutions (A/B)
     .venv/bin/python bench/inference.py --grid 384,0.625  # the same weights on another grid
 
 Each study size runs in its own process so its peak memory (max RSS) is its own: what a worker
@@ -57,6 +58,13 @@ def child(args: argparse.Namespace) -> None:
     predictor = Predictor.load(args.model, device=args.device)
     for member in predictor.package.members:
         member.channels_last = not args.nchw
+    if args.unfused:  # the folded networks, each convolution's activation a separate call
+        for network in predictor.networks():
+            network.fused = False
+        for reader in predictor.package.readers():
+            for layer in reader.inference_net().modules():
+                if hasattr(layer, "fused"):
+                    layer.fused = False
     if args.grid:  # what a model trained on that grid would cost: same networks, more pixels
         size, spacing = args.grid.split(",")
         predictor.package.preprocess.image_size = int(size)
@@ -76,6 +84,7 @@ def child(args: argparse.Namespace) -> None:
         "device": args.device,
         "grid": f"{predictor.package.preprocess.image_size} px",
         "channels_last": not args.nchw,
+        "fused": not args.unfused,
         "threads": torch.get_num_threads(),
         "read_dicom_s": round(read_s, 3),
         "predict_s_median": round(total, 3),
@@ -117,6 +126,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--nchw", action="store_true", help="turn channels-last memory off")
+    parser.add_argument("--unfused", action="store_true", help="turn fused convolutions off")
     parser.add_argument("--grid", help="SIZE,MM: run the model's networks on another grid")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--write", help=argparse.SUPPRESS)
@@ -142,6 +152,8 @@ def main() -> None:
             command += ["--batch", str(args.batch)]
         if args.nchw:
             command.append("--nchw")
+        if args.unfused:
+            command.append("--unfused")
         if args.grid:
             command += ["--grid", args.grid]
         with tempfile.TemporaryDirectory() as folder:
@@ -155,7 +167,8 @@ def main() -> None:
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in result["stages_s"].items())
         print(
             f"{result['slices']:>4} slices on {result['device']} ({result['grid']}, "
-            f"{'channels-last' if result['channels_last'] else 'NCHW'}): "
+            f"{'channels-last' if result['channels_last'] else 'NCHW'}"
+            f"{'' if result['fused'] else ', unfused'}): "
             f"predict {result['predict_s_median']:.2f}s "
             f"median of {args.repeat} ({stages}); DICOM read {result['read_dicom_s']:.2f}s; "
             f"peak RSS {result['peak_rss_mb']:.0f} MB"
