@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from inference.constants import AIR_HU, CT_IMAGE_STORAGE
 
@@ -60,6 +61,10 @@ class MixedSeriesError(DicomInputError):
 
 
 class InconsistentGeometryError(DicomInputError):
+    pass
+
+
+class MultiFrameError(DicomInputError):
     pass
 
 
@@ -142,15 +147,40 @@ def _parse(name: str, data: bytes | BinaryIO, **dcmread_kwargs: Any) -> Dataset:
         warnings.simplefilter("always")
         try:
             handle = io.BytesIO(data) if isinstance(data, bytes) else data
-            ds = pydicom.dcmread(handle, **dcmread_kwargs)
-        except InvalidDicomError:
-            raise NotDicomError(name, "not a DICOM file (no 'DICM' file header)") from None
+            ds: Dataset
+            try:
+                ds = pydicom.dcmread(handle, **dcmread_kwargs)
+            except InvalidDicomError:
+                ds = _without_file_header(name, handle, **dcmread_kwargs)
+        except DicomInputError:
+            raise
         except _PARSE_ERRORS as error:
             raise TruncatedFileError(
                 name, f"truncated or corrupt DICOM ({type(error).__name__} while parsing)"
             ) from None
     if any("end of file" in str(w.message).lower() for w in caught):
         raise TruncatedFileError(name, "truncated DICOM (file ends inside an element)")
+    return ds
+
+
+def _without_file_header(name: str, handle: BinaryIO, **dcmread_kwargs: Any) -> Dataset:
+    """A DICOM data set written without the 128-byte preamble and 'DICM' file header (some
+    older archives do that), read as such only when it holds an image's SOP class and
+    instance UIDs: anything else is not a DICOM file."""
+    handle.seek(0)
+    try:
+        ds = pydicom.dcmread(handle, force=True, **dcmread_kwargs)
+        ok = bool(ds.get("SOPClassUID")) and bool(ds.get("SOPInstanceUID"))
+    except Exception:  # a forced parse of arbitrary bytes fails in many ways: none is DICOM
+        ok = False
+    if not ok:
+        raise NotDicomError(name, "not a DICOM file (no 'DICM' file header)")
+    if "TransferSyntaxUID" not in ds.file_meta:  # what the parser found: raw, uncompressed
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+            if little else ExplicitVRBigEndian
+        )  # fmt: skip
     return ds
 
 
@@ -164,7 +194,7 @@ def _read_slice(name: str, data: bytes) -> _Slice:
             raise TruncatedFileError(name, "truncated DICOM (pixel data cut short)")
         raise NoPixelDataError(name, "no pixel data")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise UnsupportedModalityError(name, "multi-frame images are not supported")
+        raise MultiFrameError(name, "multi-frame images are not supported")
     if "Rows" not in ds or "Columns" not in ds:
         raise InconsistentGeometryError(name, "no Rows/Columns")
     return _Slice(name, ds)
@@ -211,6 +241,8 @@ def load_series(
             slices.append(_read_slice(*_named_bytes(source, index=index)))
         except DicomInputError as error:
             reject(error)
+        if len(slices) > max_slices:  # with skip_bad too: stop before reading them all
+            raise TooManySlicesError(name, f"more than {max_slices} CT files")
     slices = _keep_consistent(slices, reject)
     _check_count(name, slices, skipped, max_slices)
     decoded = []
@@ -254,7 +286,11 @@ def _check_count(
     name: str, slices: list[_Slice], skipped: list[SkippedFile], max_slices: int
 ) -> None:
     if not slices:
-        detail = f" ({len(skipped)} files skipped)" if skipped else ""
+        detail = ""
+        if skipped:
+            first = "; ".join(f"{Path(s.source).name}: {s.reason}" for s in skipped[:3])
+            more = ", ..." if len(skipped) > 3 else ""
+            detail = f" ({len(skipped)} files skipped: {first}{more})"
         raise EmptySeriesError(name, f"no usable CT slices{detail}")
     if len(slices) > max_slices:
         raise TooManySlicesError(name, f"{len(slices)} slices, more than {max_slices}")

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -20,6 +21,7 @@ from inference.dicom_io import (
     EmptySeriesError,
     InconsistentGeometryError,
     MixedSeriesError,
+    MultiFrameError,
     NoPixelDataError,
     NotDicomError,
     SkippedFile,
@@ -55,6 +57,8 @@ def ct_dataset(
     with_pixels: bool = True,
     sop_uid: str | None = None,
     patient_id: str = PATIENT_ID,
+    spacing: tuple[float, float] = (0.5, 0.5),
+    frames: int = 1,
 ) -> Dataset:
     """A small CT Image Storage dataset; pixels default to 40 HU everywhere."""
     meta = FileMetaDataset()
@@ -78,7 +82,7 @@ def ct_dataset(
         ds.ImagePositionPatient = list(position)
     if orientation is not None:
         ds.ImageOrientationPatient = list(orientation)
-    ds.PixelSpacing = [0.5, 0.5]
+    ds.PixelSpacing = list(spacing)
     ds.SliceThickness = thickness
     ds.RescaleSlope = slope
     ds.RescaleIntercept = intercept
@@ -92,6 +96,9 @@ def ct_dataset(
     if pixels is None:
         pixels = np.full(size, round((40 - intercept) / slope), dtype=np.int16)
     ds.Rows, ds.Columns = pixels.shape
+    if frames != 1:
+        ds.NumberOfFrames = frames
+        pixels = np.stack([pixels] * frames)
     if with_pixels:
         ds.PixelData = pixels.astype(np.int16).tobytes()
     return ds
@@ -295,6 +302,19 @@ def _other_size(path: Path) -> Path:
     return write_ct(path, size=(16, 16), position=(0.0, 0.0, 99.0))
 
 
+def _other_orientation(path: Path) -> Path:
+    coronal = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    return write_ct(path, orientation=coronal, position=(0.0, 0.0, 99.0))
+
+
+def _other_spacing(path: Path) -> Path:
+    return write_ct(path, spacing=(0.9, 0.9), position=(0.0, 0.0, 99.0))
+
+
+def _multi_frame(path: Path) -> Path:
+    return write_ct(path, frames=2, position=(0.0, 0.0, 99.0))
+
+
 BAD_FILES = [
     pytest.param(_not_dicom, NotDicomError, "not a DICOM file", id="not-dicom"),
     pytest.param(_truncated, TruncatedFileError, "truncated", id="truncated"),
@@ -302,6 +322,14 @@ BAD_FILES = [
     pytest.param(_other_series, MixedSeriesError, "SeriesInstanceUID", id="mixed-series"),
     pytest.param(_no_pixels, NoPixelDataError, "no pixel data", id="no-pixel-data"),
     pytest.param(_other_size, InconsistentGeometryError, "Rows x Columns", id="other-size"),
+    pytest.param(
+        _other_orientation,
+        InconsistentGeometryError,
+        "ImageOrientationPatient",
+        id="other-orientation",
+    ),
+    pytest.param(_other_spacing, InconsistentGeometryError, "PixelSpacing", id="other-spacing"),
+    pytest.param(_multi_frame, MultiFrameError, "multi-frame", id="multi-frame"),
 ]
 
 
@@ -368,6 +396,8 @@ def test_with_skip_bad_it_raises_empty_series_when_nothing_usable_remains(tmp_pa
         load_series(tmp_path, skip_bad=True)
 
     assert "2 files skipped" in str(raised.value)
+    assert "a.dcm: modality MR is not CT" in str(raised.value)  # the reasons, not just a count
+    assert "labels.csv: not a DICOM file" in str(raised.value)
 
 
 def test_an_empty_folder_is_an_empty_series(tmp_path: Path) -> None:
@@ -382,6 +412,33 @@ def test_it_refuses_more_slices_than_max_slices(tmp_path: Path) -> None:
 
     with pytest.raises(TooManySlicesError, match="more than 3"):
         load_series(tmp_path, max_slices=3)
+
+
+def test_with_skip_bad_too_many_slices_are_refused_before_all_are_read(tmp_path: Path) -> None:
+    write_good_series(tmp_path, count=4)
+    _not_dicom(tmp_path / "x.dcm")
+
+    with pytest.raises(TooManySlicesError, match="more than 3"):
+        load_series(tmp_path, max_slices=3, skip_bad=True)
+
+
+def test_a_dicom_file_written_without_its_file_header_is_read(tmp_path: Path) -> None:
+    """Some archives store the data set alone: no 128-byte preamble, no 'DICM', no file meta
+    (so implicit VR little endian, the DICOM default)."""
+    write_good_series(tmp_path, count=2)
+    ds = ct_dataset(position=(0.0, 0.0, 10.0), pixels=marked(70))
+    del ds.file_meta
+    ds.preamble = None
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, implicit_vr=True, little_endian=True)
+    assert b"DICM" not in buffer.getvalue()[:132]
+    (tmp_path / "raw.dcm").write_bytes(buffer.getvalue())
+
+    series = load_series(tmp_path)
+
+    assert series.hu.shape == (3, 8, 8)
+    assert series.sources[-1] == str(tmp_path / "raw.dcm")
+    assert np.all(series.hu[-1] == 70)
 
 
 def test_a_file_from_a_minority_series_is_skipped_not_the_majority(tmp_path: Path) -> None:
