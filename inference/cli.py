@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("paths", nargs="+", type=Path)
     predict.add_argument("--model", type=Path, help="model package (default: the shipped one)")
     predict.add_argument("--heatmaps", type=Path, help="write heatmap overlays as PNG here")
-    predict.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    predict.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu"
+    )
     predict.add_argument(
         "--skip-bad",
         action="store_true",
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, a missing or unwritable file
         print(f"ich: error: {error}", file=sys.stderr)
         return 2
 
@@ -309,13 +311,27 @@ def _card(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from inference.dicom_io import load_series
+    from inference.dicom_io import (
+        DicomInputError,
+        EmptySeriesError,
+        TooManySlicesError,
+        load_series,
+    )
     from inference.predictor import Predictor
 
+    if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
+        raise ValueError(f"--heatmaps {args.heatmaps}: a file, not a folder")
     predictor = Predictor.load(args.model, device=args.device)
-    series = load_series(
-        args.paths[0] if len(args.paths) == 1 else args.paths, skip_bad=args.skip_bad
-    )
+    try:
+        series = load_series(
+            args.paths[0] if len(args.paths) == 1 else args.paths, skip_bad=args.skip_bad
+        )
+    except (EmptySeriesError, TooManySlicesError):
+        raise
+    except DicomInputError as error:  # one file: say how to read the series without it
+        if args.skip_bad:
+            raise
+        raise ValueError(f"{error} (--skip-bad reads the series without such files)") from None
     for skipped in series.skipped:
         print(f"skipped {skipped.source}: {skipped.reason}", file=sys.stderr)
     prediction = predictor.predict(series, heatmaps=args.heatmaps is not None)
@@ -331,6 +347,8 @@ def _write_overlays(prediction: Any, series: Any, out: Path) -> None:
     from inference.preprocess import BRAIN
 
     out.mkdir(parents=True, exist_ok=True)
+    if not prediction.heatmaps:
+        print("no flagged finding: no heatmap overlays written", file=sys.stderr)
     for name, heatmap in prediction.heatmaps.items():
         s = prediction.key_slices[name]
         gray = np.clip((series.hu[s] - BRAIN.low) / BRAIN.width, 0, 1)

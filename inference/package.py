@@ -146,8 +146,19 @@ class ModelPackage:
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> "ModelPackage":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format_version") != FORMAT_VERSION or list(state["classes"]) != list(CLASSES):
+        if Path(path).is_dir():
+            raise ValueError(f"{path}: a folder, not a model package (a model.pt file)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # not a torch file, truncated, or not weights only
+            raise ValueError(f"{path}: not a readable model package ({error})") from None
+        if (
+            not isinstance(state, dict)
+            or state.get("format_version") != FORMAT_VERSION
+            or list(state.get("classes", [])) != list(CLASSES)
+        ):
             raise ValueError(f"{path}: not an ICH model package of format {FORMAT_VERSION}")
         members = []
         for member in state["members"]:

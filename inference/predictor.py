@@ -114,6 +114,10 @@ class Predictor:
     @classmethod
     def load(cls, path: Path | str | None = None, device: str | None = None) -> "Predictor":
         chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if chosen.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {device!r}: cpu or cuda")
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda: this machine has no CUDA device torch can use")
         return cls(ModelPackage.load(Path(path or default_model_path()), chosen), chosen)
 
     @property

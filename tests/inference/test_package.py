@@ -3,13 +3,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 
 def test_inference_imports_without_loading_django_or_the_web_app() -> None:
+    """Every module of the package, the command line included, imported in a fresh process."""
     web = "{'django', 'rest_framework', 'channels', 'celery', 'worklist', 'ichweb'}"
     code = (
-        f"import sys, inference; print(sorted(m for m in sys.modules if m.split('.')[0] in {web}))"
+        "import importlib, pkgutil, sys, inference\n"
+        "names = [m.name for m in pkgutil.walk_packages(inference.__path__, 'inference.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "assert len(names) > 15 and 'inference.cli' in names, names\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {web}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -133,3 +139,32 @@ def test_a_package_keeps_its_sequence_model_and_the_predictor_reads_studies_thro
     assert np.allclose(read, expected, atol=1e-6)
     assert np.allclose(study_logits(predictor.package, [features])[0], expected, atol=1e-6)
     assert not np.allclose(read, max_study_logits([features])[0], atol=1e-3)
+
+
+def test_ich_predict_refuses_a_bad_model_device_or_heatmap_folder_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inference.cli import main
+
+    series = tmp_path / "series"
+    series.mkdir()
+    not_a_model = tmp_path / "model.pt"
+    not_a_model.write_bytes(b"this is not a torch file")
+    assert main(["predict", str(series), "--model", str(not_a_model)]) == 2
+    assert "model.pt: not a readable model package" in capsys.readouterr().err
+    assert main(["predict", str(series), "--model", str(tmp_path)]) == 2
+    assert "a folder, not a model package" in capsys.readouterr().err
+    assert main(["predict", str(series), "--model", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+    a_file = tmp_path / "overlays"
+    a_file.write_text("")
+    assert main(["predict", str(series), "--heatmaps", str(a_file)]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):  # argparse: only cpu or cuda
+        main(["predict", str(series), "--device", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["predict", str(series), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

@@ -6,7 +6,9 @@ their subtype ranked above the negatives and the key slice on the blood; heads w
 (with mimics) must not be flagged.
 """
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from inference.phantom import generate_study, write_study
 from inference.predictor import Predictor, default_model_path
@@ -77,7 +79,8 @@ def test_ich_predict_reads_a_folder_and_skips_what_is_not_dicom_when_asked(
     write_study(generate_study(900001, subtypes=["intraparenchymal"], size="large"), folder)
     (folder / "masks.npz").write_bytes(b"not a DICOM file")
     assert main(["predict", str(folder)]) == 2  # a clear error naming the file, no traceback
-    assert "masks.npz: not a DICOM file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "masks.npz: not a DICOM file" in err and "--skip-bad" in err
 
     overlays = tmp_path / "overlays"
     assert main(["predict", str(folder), "--skip-bad", "--heatmaps", str(overlays)]) == 0
@@ -87,4 +90,12 @@ def test_ich_predict_reads_a_folder_and_skips_what_is_not_dicom_when_asked(
     any_finding = next(f for f in summary["findings"] if f["class"] == "any")
     assert any_finding["flagged"] and "not diagnosis" in summary["notice"]
     assert summary["slices"] == len(list(folder.glob("*.dcm")))
-    assert any(p.name.startswith("any_slice") for p in overlays.glob("*.png"))
+    assert any_finding["label"] == "Any haemorrhage"  # class names spelled out
+    labels = {f["class"]: f["label"] for f in summary["findings"]}
+    assert labels["intraparenchymal"] == "Intraparenchymal", labels
+    pngs = {p.name: p for p in overlays.glob("*.png")}
+    key = next(p for name, p in pngs.items() if name.startswith("any_slice"))
+    with Image.open(key) as image:  # the key slice at full size, in colour, the heat visible
+        assert image.size == (512, 512) and image.mode == "RGB"
+        pixels = np.asarray(image).astype(int)
+    assert (pixels[..., 0] - pixels[..., 2]).max() > 60  # red heat over the grey slice
