@@ -74,16 +74,22 @@ def apply_windows(hu: torch.Tensor, windows: tuple[Window, ...]) -> torch.Tensor
 class InplaneTransform:
     """How original pixels map to model pixels: model = (original - offset) * scale."""
 
-    scale: float  # model pixels per original pixel
+    scale: float  # model pixels per original pixel, along the rows (down the image)
     offset_row: float  # original pixel at model (0, 0)
     offset_col: float
     original_shape: tuple[int, int]
+    scale_col: float | None = None  # along the columns where pixels are not square
+
+    @property
+    def col_scale(self) -> float:
+        return self.scale if self.scale_col is None else self.scale_col
 
     def to_dict(self) -> dict:
         return {
             "scale": self.scale,
             "offset_row": self.offset_row,
             "offset_col": self.offset_col,
+            "scale_col": self.col_scale,
             "original_shape": list(self.original_shape),
         }
 
@@ -100,16 +106,19 @@ def resample_inplane(
     if pixel_spacing_mm is None:
         background = float(hu.min())
         head = hu > background
-        scale = config.head_extent_mm / config.spacing_mm / max(_extent(head), 1.0)
-    else:
+        scale = scale_col = config.head_extent_mm / config.spacing_mm / max(_extent(head), 1.0)
+    else:  # (row, column) spacing: a non-square pixel is scaled along each axis by its own
         background = AIR_HU
         head = hu > -500
-        scale = float(np.mean(pixel_spacing_mm)) / config.spacing_mm
+        scale = float(pixel_spacing_mm[0]) / config.spacing_mm
+        scale_col = float(pixel_spacing_mm[1]) / config.spacing_mm
     size = config.image_size
     centre_row, centre_col = _centre(head)
     offset_row = centre_row - (size - 1) / 2 / scale
-    offset_col = centre_col - (size - 1) / 2 / scale
-    transform = InplaneTransform(scale, offset_row, offset_col, (hu.shape[-2], hu.shape[-1]))
+    offset_col = centre_col - (size - 1) / 2 / scale_col
+    transform = InplaneTransform(
+        scale, offset_row, offset_col, (hu.shape[-2], hu.shape[-1]), scale_col
+    )
     return _sample(volume, transform, size, air=background), transform
 
 
@@ -169,11 +178,11 @@ def _sample(
     """Bilinear resampling with antialiasing when shrinking; air outside the original image."""
     n, height, width = volume.shape
     shifted = volume - air  # air becomes 0, so zero padding means air
-    if transform.scale < 1.0:
+    if min(transform.scale, transform.col_scale) < 1.0:
         # Shrink the whole image first with antialiasing, then crop by the same affine.
         new_h, new_w = (
             max(1, round(height * transform.scale)),
-            max(1, round(width * transform.scale)),
+            max(1, round(width * transform.col_scale)),
         )
         shifted = F.interpolate(
             shifted[:, None],
@@ -185,11 +194,11 @@ def _sample(
         row_scale, col_scale = new_h / height, new_w / width
         offset_row = (transform.offset_row + 0.5) * row_scale - 0.5
         offset_col = (transform.offset_col + 0.5) * col_scale - 0.5
-        step_row, step_col = transform.scale / row_scale, transform.scale / col_scale
+        step_row, step_col = transform.scale / row_scale, transform.col_scale / col_scale
         height, width = new_h, new_w
     else:
         offset_row, offset_col = transform.offset_row, transform.offset_col
-        step_row = step_col = transform.scale
+        step_row, step_col = transform.scale, transform.col_scale
     rows = offset_row + torch.arange(size, dtype=torch.float32) / step_row  # (S,)
     cols = offset_col + torch.arange(size, dtype=torch.float32) / step_col
     grid_y = (2 * rows + 1) / height - 1
@@ -210,7 +219,7 @@ def to_original(heatmap: torch.Tensor, transform: InplaneTransform) -> torch.Ten
     n, size, _ = heatmap.shape
     height, width = transform.original_shape
     rows = (torch.arange(height, dtype=torch.float32) - transform.offset_row) * transform.scale
-    cols = (torch.arange(width, dtype=torch.float32) - transform.offset_col) * transform.scale
+    cols = (torch.arange(width, dtype=torch.float32) - transform.offset_col) * transform.col_scale
     grid_y = (2 * rows + 1) / size - 1
     grid_x = (2 * cols + 1) / size - 1
     grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)

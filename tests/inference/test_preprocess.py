@@ -113,6 +113,25 @@ def test_scans_of_different_pixel_size_show_the_head_at_the_same_scale() -> None
     assert coarse_area == pytest.approx(expected, rel=0.05)
 
 
+def test_non_square_pixels_are_scaled_along_each_axis_by_their_own_spacing() -> None:
+    """A round head stored with 0.5 mm rows and 1.0 mm columns is an ellipse in pixels (twice
+    as tall as wide); on the model grid it is round again, and maps back where it was."""
+    height, width = 400, 200
+    yy, xx = np.mgrid[:height, :width]
+    ellipse = ((yy - height / 2) / 160) ** 2 + ((xx - width / 2) / 80) ** 2 < 1  # 80 mm radius
+    hu = np.where(ellipse, 40.0, AIR_HU).astype(np.float32)[None]
+    config = PreprocessConfig(image_size=128, spacing_mm=2.0)
+    grid, transform = resample_inplane(hu, (0.5, 1.0), config)
+    head = (grid[0] > -500).numpy()
+    rows, cols = np.nonzero(head)
+    assert np.ptp(rows) == pytest.approx(80, abs=2) and np.ptp(cols) == pytest.approx(80, abs=2)
+    assert head.sum() == pytest.approx(np.pi * 40**2, rel=0.05)
+    back = to_original(torch.from_numpy(head[None]).float(), transform)[0].numpy() > 0.5
+    assert (back & ellipse).sum() / ellipse.sum() > 0.95
+    square = resample_inplane(hu, (0.7, 0.7), config)[1]  # square pixels: one scale, as before
+    assert square.col_scale == square.scale == pytest.approx(0.35)
+
+
 def test_outside_the_original_image_is_air() -> None:
     config = PreprocessConfig(image_size=64, spacing_mm=4.0)
     grid, _ = resample_inplane(np.full((1, 32, 32), 40.0, np.float32), (1.0, 1.0), config)
