@@ -25,6 +25,7 @@ from inference.progress import progress
 @dataclass
 class Collected:
     names: list[str] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
     study_labels: list[np.ndarray] = field(default_factory=list)
     study_probs: list[np.ndarray] = field(default_factory=list)
     study_flags: list[np.ndarray] = field(default_factory=list)
@@ -142,6 +143,7 @@ def _collect(
 ) -> None:
     probs = np.array([prediction.probabilities[c] for c in CLASSES])
     collected.names.append(datasets.item_key(item))
+    collected.patients.append(str(item.patient_id))
     collected.study_labels.append(np.asarray(item.labels, np.float32))
     collected.study_probs.append(probs)
     collected.study_flags.append(np.array([prediction.flags[c] for c in CLASSES]))
@@ -195,6 +197,7 @@ def _masks(item: Any, series: CTSeries) -> np.ndarray | None:
 POINTING_TOLERANCE_MM = 7.5  # the pointing game's 15 pixels (Zhang et al.) at 0.5 mm
 POINTING_STRICT_MM = 1.5
 ALL_SUBTYPE_BITS = (1 << len(SUBTYPES)) - 1  # the masks' subtype bit flags, all set
+PICTURE_KINDS = ("yolo", "image_folder")  # data kinds whose items are single windowed pictures
 
 
 def _pointing(
@@ -268,14 +271,18 @@ def _level(
     thresholds: np.ndarray,
     rounds: int,
     flags: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """AUC per class, and sensitivity and specificity of the model's flags where given (a
-    subtype is flagged only with "any"), else of the thresholds."""
+    subtype is flagged only with "any"), else of the thresholds. ``groups``: each row's group
+    (patient, or study for slices), resampled whole for the AUC's interval."""
     out = {}
     for i, name in enumerate(CLASSES):
         known = ~np.isnan(labels[:, i])
         y, p = labels[known, i] == 1, probs[known, i]
-        auc, low, high = bootstrap_auc(y, p, rounds=rounds)
+        auc, low, high = bootstrap_auc(
+            y, p, rounds=rounds, groups=None if groups is None else groups[known]
+        )
         point = (
             at_threshold(y, p, float(thresholds[i]))
             if flags is None
@@ -300,20 +307,38 @@ def _round(value: float) -> float | None:
 
 def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int) -> dict[str, Any]:
     thresholds = predictor.package.thresholds
+    patients = np.array(c.patients)
     study = _level(
         np.stack(c.study_labels),
         np.stack(c.study_probs),
         thresholds,
         rounds,
         np.stack(c.study_flags),
+        groups=patients,
     )
     slices_l, slices_p = np.concatenate(c.slice_labels), np.concatenate(c.slice_probs)
+    slice_study = np.repeat(np.arange(len(c.slice_labels)), [len(s) for s in c.slice_labels])
     has_slice_labels = bool((~np.isnan(slices_l[:, 0])).any())
     return {
         "model": {"name": predictor.name, "version": predictor.version},
-        "dataset": {"kind": source.kind, "path": source.path, "items": len(c.names)},
+        "dataset": {
+            "kind": source.kind,
+            "path": source.path,
+            "items": len(c.names),
+            "patients": len(set(c.patients)),
+        },
+        # What each 95% interval resamples: whole patients where a patient has several items
+        # (the pictures of one patient are not independent), whole studies for slices.
+        "bootstrap_resamples": {
+            "study_level": "patients" if len(set(c.patients)) < len(c.names) else "items",
+            "slice_level": "studies",
+        },
         "study_level": study,
-        "slice_level": _level(slices_l, slices_p, np.full(len(CLASSES), 0.5), rounds)
+        # Slices are flagged at 0.5: the package's operating points are chosen for studies.
+        "slice_level_threshold": 0.5,
+        "slice_level": _level(
+            slices_l, slices_p, np.full(len(CLASSES), 0.5), rounds, groups=slice_study
+        )
         if has_slice_labels
         else None,
         "pointing_game": {
@@ -573,8 +598,13 @@ def _card_section(report: dict[str, Any]) -> list[str]:
     lines = ["", f"## Measured on {title}: {d['items']} items", ""]
     if d.get("note"):
         lines += [d["note"], ""]
+    pictures = d["kind"] in PICTURE_KINDS  # each item one windowed picture, not a study
+    unit = "picture" if pictures else "study"
+    by_patient = report.get("bootstrap_resamples", {}).get("study_level") == "patients"
+    interval = f"95% CI, {d.get('patients')} patients resampled" if by_patient else "95% CI"
     lines += [
-        "| class | n (pos) | study AUC [95% CI] | sensitivity | specificity | pointing game |",
+        f"| class | n (pos) | {unit} AUC [{interval}] | sensitivity | specificity"
+        " | pointing game |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for c in CLASSES:

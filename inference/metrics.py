@@ -22,11 +22,21 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def bootstrap_auc(
-    labels: np.ndarray, scores: np.ndarray, *, rounds: int = 1000, seed: int = 0
+    labels: np.ndarray,
+    scores: np.ndarray,
+    *,
+    rounds: int = 1000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
-    """AUC with a 95% percentile bootstrap interval (resampling cases)."""
+    """AUC with a 95% percentile bootstrap interval, resampling cases, or whole groups of cases
+    where ``groups`` names each case's group (the slices of one study, the pictures of one
+    patient): cases of one group are not independent, and resampling them one by one would
+    make the interval too narrow."""
     labels, scores = np.asarray(labels), np.asarray(scores)
-    return _bootstrap(lambda pick: roc_auc(labels[pick], scores[pick]), len(labels), rounds, seed)
+    return _bootstrap(
+        lambda pick: roc_auc(labels[pick], scores[pick]), len(labels), rounds, seed, groups
+    )
 
 
 def paired_bootstrap_auc_difference(
@@ -48,15 +58,30 @@ def paired_bootstrap_auc_difference(
 
 
 def _bootstrap(
-    statistic: Callable[[np.ndarray], float], n: int, rounds: int, seed: int
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    rounds: int,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
-    """The statistic on all n cases and its 95% percentile interval over resampled cases
-    (resamples where it is NaN, such as those without both classes, are left out)."""
+    """The statistic on all n cases and its 95% percentile interval over resampled cases, or
+    resampled groups of cases (resamples where it is NaN, such as those without both classes,
+    are left out). Groups of one case each resample exactly as cases do."""
     point = statistic(np.arange(n))
     if np.isnan(point):
         return point, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    samples = [statistic(rng.integers(0, n, n)) for _ in range(rounds)]
+    members: list[np.ndarray] | None = None
+    if groups is not None and len(np.unique(np.asarray(groups))) < n:
+        _, group_of = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(group_of == g) for g in range(int(group_of.max()) + 1)]
+
+    def draw() -> np.ndarray:
+        if members is None:
+            return rng.integers(0, n, n)
+        return np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+
+    samples = [statistic(draw()) for _ in range(rounds)]
     low, high = np.nanpercentile(samples, [2.5, 97.5])
     return point, float(low), float(high)
 

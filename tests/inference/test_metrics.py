@@ -31,6 +31,26 @@ def test_the_bootstrap_interval_brackets_the_point_estimate() -> None:
     assert high - low < 0.2
 
 
+def test_resampling_groups_widens_the_interval_of_correlated_cases() -> None:
+    """20 patients of 10 near-identical pictures each: 200 cases, but only 20 independent
+    ones. Resampling patients gives the wider interval of 20 cases; one case per group
+    resamples exactly as no groups do."""
+    rng = np.random.default_rng(2)
+    patient_label = rng.integers(0, 2, 20)
+    patient_score = patient_label + rng.normal(0, 1, 20)
+    groups = np.repeat(np.arange(20), 10)
+    labels = patient_label[groups]
+    scores = patient_score[groups] + rng.normal(0, 0.01, 200)
+    auc, low, high = bootstrap_auc(labels, scores, rounds=300)
+    grouped_auc, grouped_low, grouped_high = bootstrap_auc(
+        labels, scores, rounds=300, groups=groups
+    )
+    assert grouped_auc == auc
+    assert grouped_high - grouped_low > 2 * (high - low)
+    alone = bootstrap_auc(labels, scores, rounds=50, groups=np.arange(200))
+    assert alone == bootstrap_auc(labels, scores, rounds=50)
+
+
 def test_a_paired_interval_is_narrower_than_the_two_models_own_intervals_suggest() -> None:
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 300)
@@ -60,3 +80,28 @@ def test_a_perfectly_calibrated_model_has_no_calibration_error() -> None:
     report = calibration(labels, np.full(100, 0.5))
     assert report["ece"] == pytest.approx(0.0)
     assert report["brier"] == pytest.approx(0.25)
+
+
+def test_a_card_names_pictures_as_pictures_and_says_patients_were_resampled() -> None:
+    from inference.constants import CLASSES
+    from inference.evaluation import _card_section
+
+    level = {
+        c: {"n": 10, "positives": 4, "auc": 0.7, "auc_95ci": [0.5, 0.9], "sensitivity": 0.5,
+            "specificity": 0.6}
+        for c in CLASSES
+    }  # fmt: skip
+    pointing = {c: {"hit_rate": None, "slices": 0} for c in CLASSES}
+    pictures = {
+        "dataset": {"kind": "yolo", "path": "roboflow-ich", "items": 10, "patients": 3},
+        "bootstrap_resamples": {"study_level": "patients", "slice_level": "studies"},
+        "study_level": level,
+        "pointing_game": pointing,
+        "per_item": [],
+    }
+    header = next(line for line in _card_section(pictures) if line.startswith("| class"))
+    assert "picture AUC [95% CI, 3 patients resampled]" in header
+    studies = {**pictures, "dataset": {"kind": "phantom", "path": "p", "items": 10}}
+    del studies["bootstrap_resamples"]  # a report from before the key existed
+    header = next(line for line in _card_section(studies) if line.startswith("| class"))
+    assert "| study AUC [95% CI] |" in header
