@@ -168,3 +168,25 @@ def test_ich_predict_refuses_a_bad_model_device_or_heatmap_folder_without_a_trac
     if not torch.cuda.is_available():
         assert main(["predict", str(series), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_the_atlas_returns_the_k_most_similar_entries_of_the_asked_class_only() -> None:
+    from inference.package import Atlas
+
+    vectors = np.array(
+        [[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]], dtype=np.float32
+    )
+    atlas = Atlas(
+        embeddings=vectors,
+        classes=np.array([1, 1, 1, 1, 3]),  # the last, identical to the query, is another class
+        labels=np.zeros((5, 6), np.uint8),
+        probabilities=np.full(5, 0.9, np.float32),
+        thumbnails=np.zeros((5, 4, 4), np.uint8),
+        attention=np.zeros((5, 4, 4), np.uint8),
+        sources=["phantom"] * 5,
+    )
+    found = atlas.nearest(np.array([2.0, 0.0]), class_index=1, k=3)  # not unit length
+    assert [i for i, _ in found] == [0, 1, 3]
+    assert [s for _, s in found] == pytest.approx([1.0, 0.8, 0.6])
+    assert atlas.nearest(np.array([1.0, 0.0]), class_index=3, k=3) == [(4, pytest.approx(1.0))]
+    assert atlas.nearest(np.array([1.0, 0.0]), class_index=2, k=3) == []
