@@ -288,12 +288,18 @@ def _check_count(
     if not slices:
         detail = ""
         if skipped:
-            first = "; ".join(f"{Path(s.source).name}: {s.reason}" for s in skipped[:3])
+            first = "; ".join(f"{Path(s.source).name}: {_short(s.reason)}" for s in skipped[:3])
             more = ", ..." if len(skipped) > 3 else ""
             detail = f" ({len(skipped)} files skipped: {first}{more})"
         raise EmptySeriesError(name, f"no usable CT slices{detail}")
     if len(slices) > max_slices:
         raise TooManySlicesError(name, f"{len(slices)} slices, more than {max_slices}")
+
+
+def _short(reason: str, limit: int = 100) -> str:
+    """The first sentence of a reason, at most ``limit`` characters (pydicom's run long)."""
+    first = reason.split(" - ")[0].split("\n")[0].strip()
+    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 def _keep_consistent(slices: list[_Slice], reject: Any) -> list[_Slice]:

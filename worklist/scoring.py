@@ -211,6 +211,9 @@ def _scoring_finish_record(
     return result
 
 
+FAILURE_REASON_CHARS = 600
+
+
 @transaction.atomic
 def study_scoring_fail(*, study_id: int, error: str, result_id: int | None = None) -> None:
     """The study stays listed, marked "AI failed" with the reason, in arrival order.
@@ -219,10 +222,12 @@ def study_scoring_fail(*, study_id: int, error: str, result_id: int | None = Non
     scored again, and a newer run speaks for the study."""
     study = Study.objects.select_for_update().get(pk=study_id)
     reason = error.strip() or "unknown error"
+    if len(reason) > FAILURE_REASON_CHARS:  # the stored and the announced reason are one text
+        reason = reason[: FAILURE_REASON_CHARS - 1] + "…"
     current = True
     if result_id is not None:
         AIResult.objects.filter(pk=result_id, status=AIResultStatus.RUNNING).update(
-            status=AIResultStatus.FAILED, error=reason[:4000], finished_at=timezone.now()
+            status=AIResultStatus.FAILED, error=reason, finished_at=timezone.now()
         )
         current = _is_latest(AIResult.objects.get(pk=result_id))
     if not current or study.status not in (StudyStatus.QUEUED, StudyStatus.SCORING):
@@ -231,7 +236,7 @@ def study_scoring_fail(*, study_id: int, error: str, result_id: int | None = Non
     study.priority = 0.0
     study.save(update_fields=["priority"])
     events.send_event(
-        events.STUDY_FAILED, {"study_id": study.pk, "status": study.status, "error": reason[:500]}
+        events.STUDY_FAILED, {"study_id": study.pk, "status": study.status, "error": reason}
     )
 
 

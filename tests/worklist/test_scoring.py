@@ -38,7 +38,7 @@ from inference.phantom import PhantomStudy, generate_study, write_study
 from inference.predictor import default_model_path
 from tests.conftest import start_celery_worker, stop_celery_worker
 from tests.worklist.dicom_samples import small_image, stub_scheduling
-from worklist import scheduling, tasks
+from worklist import scheduling, scoring, tasks
 from worklist.ingest import instance_ingest
 from worklist.management.commands.send_study import Receiver, dicom_files, send_files
 from worklist.models import (
@@ -511,6 +511,8 @@ def test_a_study_whose_files_are_corrupt_fails_with_the_reason_and_stays_listed(
     result = AIResult.objects.get(study=study)
     assert result.status == AIResultStatus.FAILED
     assert "no usable CT slices" in result.error
+    assert "truncated or corrupt pixel data" in result.error  # the reason, not only a count
+    assert len(result.error) <= scoring.FAILURE_REASON_CHARS
     assert event["error"] == result.error
     assert _status(study) == StudyStatus.FAILED
     assert not Finding.objects.filter(result=result).exists()
