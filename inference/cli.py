@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         required=True,
         metavar="KIND:PATH",
-        help=f"training data, KIND one of {', '.join(DATA_KINDS)}; repeatable",
+        help=f"training data, KIND one of {', '.join(DATA_KINDS)}; repeatable. Only the items"
+        " the model trained on are used (its recorded training split)",
     )
+    build.add_argument("--labels", type=Path, help="labels CSV for an image_folder --data")
     build.add_argument("--per-class", type=int, default=12)
     build.add_argument("--out", type=Path, help="where to write the model (default: in place)")
     build.set_defaults(run=_atlas_build)
@@ -365,15 +367,30 @@ def _write_overlays(prediction: Any, series: Any, out: Path) -> None:
 def _atlas_build(args: argparse.Namespace) -> None:
     from inference.atlas import build_atlas
     from inference.data import DataSource, prepare, read_source
+    from inference.datasets import item_key
     from inference.package import ModelPackage
     from inference.training import extract
 
     package = ModelPackage.load(args.model)
+    trained_on = set(package.training.get("split", {}).get("train", []))
     volumes = []
     for spec in args.data:
         kind, _, path = spec.partition(":")
-        source = DataSource(kind=kind, path=path)
-        volumes += prepare(read_source(source), package.preprocess, kind)
+        if kind not in DATA_KINDS or not path:
+            raise ValueError(f"{spec}: expected KIND:PATH, KIND one of {', '.join(DATA_KINDS)}")
+        labels = str(args.labels) if kind == "image_folder" and args.labels else None
+        if kind == "image_folder" and labels is None:
+            raise ValueError(f"{spec}: an image_folder needs --labels CSV")
+        items = read_source(DataSource(kind=kind, path=path, labels_csv=labels))
+        if trained_on:  # the atlas shows training slices only: never a validation or test one
+            kept = [i for i in items if item_key(i) in trained_on]
+            print(f"{path}: {len(kept)} of {len(items)} items are in the model's training split")
+            items = kept
+        else:
+            print(f"{args.model} records no training split: every item of {path} is used")
+        volumes += prepare(items, package.preprocess, kind)
+    if not volumes:
+        raise ValueError("none of the --data items is in the model's training split")
     cache = _feature_cache()
     features = extract(package.members, volumes, package.preprocess, device=_cpu(), cache=cache)
     _report_cache(cache)

@@ -117,6 +117,38 @@ def test_training_writes_checkpoints_metrics_and_a_complete_package(tiny_model: 
     assert '"operating_points_on_validation"' in lines[-1]
 
 
+def test_ich_atlas_build_rebuilds_the_atlas_from_the_training_split_only(
+    tiny_model: Path,
+    phantoms: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from inference.cli import main
+
+    base = ["atlas", "build", "--model", str(tiny_model), "--per-class", "3"]
+    rebuilt = tmp_path / "rebuilt.pt"
+    data = ["--data", f"phantom:{phantoms['train']}", "--data", f"phantom:{phantoms['test']}"]
+    assert main([*base, *data, "--out", str(rebuilt)]) == 0
+    printed = capsys.readouterr().out
+    trained = len(ModelPackage.load(tiny_model).training["split"]["train"])
+    assert 0 < trained < 80
+    assert f"{trained} of 80 items are in the model's training split" in printed
+    assert "0 of 48 items" in printed  # the held-out studies never enter the atlas
+    original, again = ModelPackage.load(tiny_model).atlas, ModelPackage.load(rebuilt).atlas
+    assert original is not None and again is not None
+    assert sorted(again.classes.tolist()) == sorted(original.classes.tolist())
+    np.testing.assert_allclose(
+        np.sort(again.probabilities), np.sort(original.probabilities), rtol=1e-4
+    )
+
+    held_out_only = ["--data", f"phantom:{phantoms['test']}", "--out", str(tmp_path / "x.pt")]
+    assert main([*base, *held_out_only]) == 2
+    assert "none of the --data items is in the model's training split" in capsys.readouterr().err
+    assert main([*base, "--data", f"image_folder:{tmp_path}", "--out", str(tmp_path / "y.pt")]) == 2
+    assert "needs --labels" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
+
+
 def test_grad_cam_peaks_fall_on_the_phantom_bleed_more_often_than_chance(held_out: dict) -> None:
     game = held_out["report"]["pointing_game"]["any"]
     assert game["slices"] >= 20, game
