@@ -1,9 +1,9 @@
 """The shipped demonstration model loads and reads phantom studies it never saw correctly.
 
 Phantoms of new seeds (training used dataset seed 1, i.e. studies 100000-100159): medium and
-large bleeds of the subtypes the model separates well on held-out phantoms must be flagged, with
-their subtype ranked above the negatives and the key slice on the blood; heads without a bleed
-(with mimics) must not be flagged.
+large bleeds of every subtype (epidural large only: on held-out phantoms its AUC, 0.949, is the
+lowest) must be flagged, with their subtype ranked above the negatives and the key slice on the
+blood; heads without a bleed (with mimics) must not be flagged.
 """
 
 import numpy as np
@@ -14,13 +14,20 @@ from inference.phantom import generate_study, write_study
 from inference.predictor import Predictor, default_model_path
 
 MODEL = default_model_path()  # ICH_MODEL_PATH, else the shipped one
-pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"no model package at {MODEL}")
+pytestmark = [
+    pytest.mark.skipif(not MODEL.is_file(), reason=f"no model package at {MODEL}"),
+    pytest.mark.timeout(900),  # twelve studies read on one thread beside the other lane
+]
 
 POSITIVES = [
     (900001, "intraparenchymal", "large"),
     (900002, "intraparenchymal", "medium"),
     (900003, "intraventricular", "large"),
     (900004, "intraventricular", "medium"),
+    (900005, "subdural", "large"),
+    (900006, "subdural", "medium"),
+    (900007, "epidural", "large"),
+    (900009, "subarachnoid", "large"),
 ]
 NEGATIVES = [900101, 900102, 900103, 900104]
 
