@@ -236,13 +236,20 @@ def load_series(
     if len(expanded) > max_slices and not skip_bad:
         raise TooManySlicesError(name, f"{len(expanded)} files, more than {max_slices}")
     slices: list[_Slice] = []
+    per_series: Counter[str] = Counter()
     for index, source in enumerate(expanded):
         try:
-            slices.append(_read_slice(*_named_bytes(source, index=index)))
+            item = _read_slice(*_named_bytes(source, index=index))
         except DicomInputError as error:
             reject(error)
-        if len(slices) > max_slices:  # with skip_bad too: stop before reading them all
-            raise TooManySlicesError(name, f"more than {max_slices} CT files")
+            continue
+        slices.append(item)
+        series = str(item.ds.get("SeriesInstanceUID", ""))
+        per_series[series] += 1
+        # With skip_bad too, stop as soon as one series is over the cap, before reading the
+        # rest; files of other series (dropped below) do not count against it.
+        if per_series[series] > max_slices:
+            raise TooManySlicesError(name, f"more than {max_slices} CT files of one series")
     slices = _keep_consistent(slices, reject)
     _check_count(name, slices, skipped, max_slices)
     decoded = []

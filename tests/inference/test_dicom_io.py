@@ -15,6 +15,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from inference import dicom_io
 from inference.constants import AIR_HU, CT_IMAGE_STORAGE
 from inference.dicom_io import (
     DicomInputError,
@@ -414,12 +415,31 @@ def test_it_refuses_more_slices_than_max_slices(tmp_path: Path) -> None:
         load_series(tmp_path, max_slices=3)
 
 
-def test_with_skip_bad_too_many_slices_are_refused_before_all_are_read(tmp_path: Path) -> None:
-    write_good_series(tmp_path, count=4)
+def test_with_skip_bad_too_many_slices_are_refused_before_all_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_good_series(tmp_path, count=8)
     _not_dicom(tmp_path / "x.dcm")
+    reads = []
+    read_slice = dicom_io._read_slice
+    monkeypatch.setattr(dicom_io, "_read_slice", lambda *a: reads.append(a) or read_slice(*a))
 
-    with pytest.raises(TooManySlicesError, match="more than 3"):
+    with pytest.raises(TooManySlicesError, match="more than 3 CT files of one series"):
         load_series(tmp_path, max_slices=3, skip_bad=True)
+    assert len(reads) <= 5  # four CT files and perhaps the bad one, not all nine
+
+
+def test_with_skip_bad_only_the_kept_series_counts_against_the_cap(tmp_path: Path) -> None:
+    write_good_series(tmp_path / "a", count=3)
+    other = generate_uid()  # two files of a second series
+    for i in range(2):
+        write_ct(tmp_path / f"b{i}.dcm", series_uid=other, position=(0.0, 0.0, 50.0 + 5 * i))
+
+    series = load_series(tmp_path, max_slices=3, skip_bad=True)
+
+    assert series.hu.shape[0] == 3
+    assert len(series.skipped) == 2
+    assert all("SeriesInstanceUID" in s.reason for s in series.skipped)
 
 
 def test_a_dicom_file_written_without_its_file_header_is_read(tmp_path: Path) -> None:
