@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--model", type=Path, help="model package (default: the shipped one)")
     predict.add_argument("--heatmaps", type=Path, help="write heatmap overlays as PNG here")
     predict.add_argument(
-        "--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu"
+        "--device",
+        type=_device_name,
+        metavar="cpu|cuda|cuda:N",
+        help="default: cuda when present, else cpu",
     )
     predict.add_argument(
         "--skip-bad",
@@ -312,6 +315,14 @@ def _card(args: argparse.Namespace) -> None:
     print(f"model card written to {args.out}")
 
 
+def _device_name(value: str) -> str:
+    """cpu, cuda or cuda:N, as torch names them."""
+    kind, _, index = value.partition(":")
+    if value == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: cpu, cuda or cuda:N")
+
+
 def _predict(args: argparse.Namespace) -> None:
     from inference.dicom_io import (
         DicomInputError,
@@ -323,6 +334,10 @@ def _predict(args: argparse.Namespace) -> None:
 
     if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
         raise ValueError(f"--heatmaps {args.heatmaps}: a file, not a folder")
+    for path in args.paths:
+        if not path.exists():
+            raise ValueError(f"{path}: no such file or folder")
+    several = len(args.paths) > 1 or args.paths[0].is_dir()
     predictor = Predictor.load(args.model, device=args.device)
     try:
         series = load_series(
@@ -330,8 +345,8 @@ def _predict(args: argparse.Namespace) -> None:
         )
     except (EmptySeriesError, TooManySlicesError):
         raise
-    except DicomInputError as error:  # one file: say how to read the series without it
-        if args.skip_bad:
+    except DicomInputError as error:  # one file of several: say how to read the rest
+        if args.skip_bad or not several:
             raise
         raise ValueError(f"{error} (--skip-bad reads the series without such files)") from None
     for skipped in series.skipped:

@@ -162,12 +162,22 @@ def test_ich_predict_refuses_a_bad_model_device_or_heatmap_folder_without_a_trac
     assert main(["predict", str(series), "--heatmaps", str(a_file)]) == 2
     assert "a file, not a folder" in capsys.readouterr().err
 
-    with pytest.raises(SystemExit):  # argparse: only cpu or cuda
+    with pytest.raises(SystemExit):  # argparse: only cpu, cuda or cuda:N
         main(["predict", str(series), "--device", "gpu"])
-    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    assert "'gpu': cpu, cuda or cuda:N" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(["predict", str(series), "--device", "cuda"]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
+        for device in ("cuda", "cuda:1"):
+            assert main(["predict", str(series), "--device", device]) == 2
+            assert "no CUDA device" in capsys.readouterr().err
+
+    assert main(["predict", str(tmp_path / "absent")]) == 2
+    assert "absent: no such file or folder" in capsys.readouterr().err
+    one_file = tmp_path / "notes.txt"
+    one_file.write_text("not DICOM")
+    assert main(["predict", str(one_file)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt: not a DICOM file" in err
+    assert "--skip-bad" not in err  # one file: skipping it would leave nothing
 
 
 def test_the_atlas_returns_the_k_most_similar_entries_of_the_asked_class_only() -> None:
