@@ -317,7 +317,9 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
         groups=patients,
     )
     slices_l, slices_p = np.concatenate(c.slice_labels), np.concatenate(c.slice_probs)
-    slice_study = np.repeat(np.arange(len(c.slice_labels)), [len(s) for s in c.slice_labels])
+    # each slice is resampled with its patient's other slices (a picture is its own study)
+    slice_patient = np.repeat(patients, [len(s) for s in c.slice_labels])
+    several_per_patient = len(set(c.patients)) < len(c.names)
     has_slice_labels = bool((~np.isnan(slices_l[:, 0])).any())
     return {
         "model": {"name": predictor.name, "version": predictor.version},
@@ -328,16 +330,17 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
             "patients": len(set(c.patients)),
         },
         # What each 95% interval resamples: whole patients where a patient has several items
-        # (the pictures of one patient are not independent), whole studies for slices.
+        # (the pictures of one patient are not independent), and for slices whole studies, or
+        # whole patients where a patient has several studies or pictures.
         "bootstrap_resamples": {
-            "study_level": "patients" if len(set(c.patients)) < len(c.names) else "items",
-            "slice_level": "studies",
+            "study_level": "patients" if several_per_patient else "items",
+            "slice_level": "patients" if several_per_patient else "studies",
         },
         "study_level": study,
         # Slices are flagged at 0.5: the package's operating points are chosen for studies.
         "slice_level_threshold": 0.5,
         "slice_level": _level(
-            slices_l, slices_p, np.full(len(CLASSES), 0.5), rounds, groups=slice_study
+            slices_l, slices_p, np.full(len(CLASSES), 0.5), rounds, groups=slice_patient
         )
         if has_slice_labels
         else None,

@@ -105,3 +105,36 @@ def test_a_card_names_pictures_as_pictures_and_says_patients_were_resampled() ->
     del studies["bootstrap_resamples"]  # a report from before the key existed
     header = next(line for line in _card_section(studies) if line.startswith("| class"))
     assert "| study AUC [95% CI] |" in header
+
+
+def test_pictures_of_one_patient_are_resampled_together_at_slice_level_too() -> None:
+    """A picture is its own study: its slice-level interval must resample patients, as its
+    study-level one does, so the two intervals of the same numbers agree."""
+    from types import SimpleNamespace
+
+    from inference.constants import CLASSES
+    from inference.data import DataSource
+    from inference.evaluation import Collected, _report
+
+    rng = np.random.default_rng(5)
+    c = Collected()
+    for i in range(24):  # 24 pictures of 4 patients
+        labels = np.full(len(CLASSES), np.nan)
+        labels[0] = i % 2
+        probs = np.clip(labels[0] * 0.3 + rng.uniform(0, 0.7, len(CLASSES)), 0, 1)
+        c.names.append(f"picture{i}")
+        c.patients.append(f"patient{i % 4}")
+        c.study_labels.append(labels)
+        c.study_probs.append(probs)
+        c.study_flags.append(probs > 0.5)
+        c.slice_labels.append(labels[None])
+        c.slice_probs.append(probs[None])
+    predictor = SimpleNamespace(
+        name="m", version="1", package=SimpleNamespace(thresholds=np.full(len(CLASSES), 0.5))
+    )
+    report = _report(predictor, DataSource(kind="yolo", path="x"), c, 200)  # type: ignore[arg-type]
+
+    assert report["bootstrap_resamples"] == {"study_level": "patients", "slice_level": "patients"}
+    study, slices = report["study_level"]["any"], report["slice_level"]["any"]
+    assert slices["auc"] == study["auc"]
+    assert slices["auc_95ci"] == study["auc_95ci"]
