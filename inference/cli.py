@@ -390,9 +390,7 @@ def _atlas_build(args: argparse.Namespace) -> None:
     trained_on = set(package.training.get("split", {}).get("train", []))
     volumes = []
     for spec in args.data:
-        kind, _, path = spec.partition(":")
-        if kind not in DATA_KINDS or not path:
-            raise ValueError(f"{spec}: expected KIND:PATH, KIND one of {', '.join(DATA_KINDS)}")
+        kind, path = _data_spec(spec)
         labels = str(args.labels) if kind == "image_folder" and args.labels else None
         if kind == "image_folder" and labels is None:
             raise ValueError(f"{spec}: an image_folder needs --labels CSV")
@@ -547,6 +545,14 @@ def _net_source(spec: str, slots: tuple[str, ...]) -> Any:
     return NetSource(reader, record, f"{package.name} {package.version}, {slot} reader", train_keys)
 
 
+def _data_spec(spec: str, kinds: tuple[str, ...] = DATA_KINDS) -> tuple[str, str]:
+    """KIND and PATH of a KIND:PATH --data or --fit argument, KIND one of ``kinds``."""
+    kind, _, path = spec.partition(":")
+    if kind not in kinds or not path:
+        raise ValueError(f"{spec}: expected KIND:PATH, KIND one of {', '.join(kinds)}")
+    return kind, path
+
+
 def _fresh_studies(
     specs: list[str], seen: set[str], model: Path, kinds: tuple[str, ...] = DATA_KINDS
 ) -> list[Any]:
@@ -556,9 +562,7 @@ def _fresh_studies(
 
     items = []
     for spec in specs:
-        kind, _, path = spec.partition(":")
-        if kind not in kinds or not path:
-            raise ValueError(f"{spec}: expected KIND:PATH, KIND one of {', '.join(kinds)}")
+        kind, path = _data_spec(spec, kinds)
         found = read_source(DataSource(kind=kind, path=path))
         used = [k for k in map(item_key, found) if k in seen]
         if used:
