@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     convexity.add_argument(
         "--net-from",
         metavar="PACKAGE:SLOT",
-        help="take the trained strip network of that package's reader (convexity, sulcal or"
-        " crescent) instead of training one: only its fusion and operating points are fitted",
+        help="take the trained strip network of that package's reader (convexity, sulcal,"
+        " crescent or lens) instead of training one: only its fusion and operating points"
+        " are fitted",
     )
     convexity.add_argument(
         "--fit",
@@ -211,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     convexity.add_argument(
         "--reader",
-        choices=("convexity", "sulcal", "crescent"),
+        choices=("convexity", "sulcal", "crescent", "lens"),
         default="convexity",
-        help="convexity (default): the package's first strip reader; sulcal, crescent: another"
-        " strip network, fused only for the classes in --fuse. No two readers fuse the same"
+        help="convexity (default): the package's first strip reader; sulcal, crescent, lens:"
+        " another strip network, fused only for the classes in --fuse. No two readers fuse the same"
         " class, so the other readers' classes keep their scores and operating points",
     )
     convexity.add_argument(

@@ -324,10 +324,10 @@ def add_convexity(
     package instead of training one (``train_items`` then empty, ``classes`` those it reads);
     the caller has checked that ``fit_items`` are not studies it trained on.
 
-    ``slot`` is one of SLOTS: "convexity" (the first reader), "sulcal" or "crescent" (readers
-    fused only for the classes in ``fuse``); ``fuse`` limits the classes its evidence may join
-    (None: every class it has evidence for, "any" included). No two readers fuse one class
-    (`check_slot`). A reader the package already has in that slot is replaced. ``cache``: the
+    ``slot`` is one of SLOTS: "convexity" (the first reader), "sulcal", "crescent" or "lens"
+    (readers fused only for the classes in ``fuse``); ``fuse`` limits the classes its evidence
+    may join (None: every class it has evidence for, "any" included). No two readers fuse one
+    class (`check_slot`). A reader the package already has in that slot is replaced. ``cache``: the
     ensemble's embeddings of fit studies seen before are read from there. Returns the record
     it adds to the package's training."""
     started = time.time()

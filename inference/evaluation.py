@@ -495,7 +495,7 @@ def _training_stages(training: dict[str, Any]) -> list[str]:
     if training.get("convexity"):
         lines.append(_convexity_line(training["convexity"]))
     later = [slot for slot in READER_SLOTS[1:] if training.get(slot)]
-    for ordinal, slot in zip(("second", "third"), later, strict=False):
+    for ordinal, slot in zip(("second", "third", "fourth"), later, strict=False):
         lines.append(_later_reader_line(slot, training[slot], ordinal))
     return lines
 

@@ -69,7 +69,7 @@ class Atlas:
 
 # A package's strip readers, in the order they join. Each fuses classes no other reader fuses
 # (inference/convexity_fit.py: check_slot), so the order moves no score.
-READER_SLOTS = ("convexity", "sulcal", "crescent")
+READER_SLOTS = ("convexity", "sulcal", "crescent", "lens")
 
 
 @dataclass
@@ -90,6 +90,8 @@ class ModelPackage:
     # a third (`ich convexity --reader crescent`): another network of extra-axial blood, fused
     # for classes the first reader leaves to it
     crescent: ConvexityReader | None = None
+    # a fourth (`ich convexity --reader lens`): a network trained for epidural lenses alone
+    lens: ConvexityReader | None = None
 
     def readers(self) -> list[ConvexityReader]:
         """The strip readers in the order their evidence joins the study scores."""

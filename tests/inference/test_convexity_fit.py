@@ -168,7 +168,7 @@ def _shipped_without(tmp_path: Path, *slots: str) -> Path:
 
 
 def _first_reader_only(tmp_path: Path) -> Path:
-    return _shipped_without(tmp_path, "sulcal", "crescent")
+    return _shipped_without(tmp_path, "sulcal", "crescent", "lens")
 
 
 @pytest.fixture(scope="module")
@@ -442,7 +442,7 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     fits = ["--fit", f"phantom:{fit}", "--threads", "1"]
     # the shipped package before any crescent reader, its first reader trained again
     one = tmp_path / "one" / "model.pt"
-    shipped_base = _shipped_without(tmp_path, "crescent")
+    shipped_base = _shipped_without(tmp_path, "crescent", "lens")
     assert main(["convexity", str(shipped_base), "--train", f"phantom:{train}", *fits,
                  *training, "--out", str(one.parent), "--version", "1"]) == 0  # fmt: skip
     original = ModelPackage.load(one)
