@@ -322,6 +322,55 @@ def test_a_sulcal_reader_joins_after_the_first_and_moves_only_its_class(tmp_path
     assert {c for c, f in flags.items() if f} == {"any", "subdural", "subarachnoid"}
 
 
+def test_a_lens_reader_joins_fourth_for_epidural_and_refuses_a_class_another_fuses(
+    tmp_path: Path,
+) -> None:
+    from inference.convexity_fit import check_slot
+    from inference.evaluation import _training_stages
+
+    series = _phantom_series(tmp_path)
+    members = [EfficientNetLite("efficientnet_lite0", output_stride=16).eval()]
+    package = ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None)
+    package.convexity = _reader((0.5, 2.0, -1.0))  # subdural
+    first = Predictor(package, torch.device("cpu")).predict(series, heatmaps=False, basis=False)
+    check_slot(package, "lens", ("epidural",), ("epidural",))  # no other reader fuses it
+    with pytest.raises(ValueError, match="subdural already joins the convexity reader"):
+        check_slot(package, "lens", ("subdural",), ("subdural", "epidural"))
+    torch.manual_seed(2)
+    fusion = np.full((len(CLASSES), 3), np.nan)
+    fusion[EPIDURAL] = (-0.1, 0.7, -2.5)
+    package.lens = ConvexityReader(
+        ConvexityNet(width=4, classes=("epidural",)), StripConfig(), fusion
+    )
+    package.save(tmp_path / "m.pt")
+    predictor = Predictor.load(tmp_path / "m.pt", device="cpu")
+    assert predictor.package.lens is not None
+    assert [r.net.classes for r in predictor.package.readers()] == [
+        ("subdural", "epidural"),
+        ("epidural",),
+    ]
+    both = predictor.predict(series, heatmaps=False, basis=False)
+    strip = predictor.package.lens.study_logits(series.hu, series.pixel_spacing_mm)
+    assert strip is not None and strip.shape == (1,)
+    before = predictor.ensemble_logits(series)[EPIDURAL]
+    fused = -0.1 * before + 0.7 * strip[0] - 2.5
+    assert both.probabilities["epidural"] == pytest.approx(1 / (1 + np.exp(-fused)))
+    for name in CLASSES:  # every other class keeps its score
+        if name != "epidural":
+            assert both.probabilities[name] == pytest.approx(first.probabilities[name]), name
+    record = {
+        "from": "ich-demo 6.10.0-a",
+        "strip_classes": ["epidural"],
+        "fuse_only": ["epidural"],
+        "train_studies": 600,
+        "fit_studies": 240,
+        "classes": {"epidural": {"ensemble_auc": 0.917, "fused_auc_out_of_fold": 0.957}},
+        "fused": ["epidural"],
+    }
+    lines = _training_stages({"sulcal": record, "crescent": record, "lens": record})
+    assert lines[-1].startswith("- A fourth strip network (`ich convexity --reader lens`")
+
+
 def test_ich_convexity_adds_a_sulcal_reader_and_refuses_what_would_move_the_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
