@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         "(default tiny: every size, from under 5 mL)",
     )
     phantom.add_argument(
+        "--max-size",
+        choices=("tiny", "small", "medium", "large"),
+        default="large",
+        help="largest bleed size a positive study may have; a larger draw becomes this size "
+        "(default large: every size)",
+    )
+    phantom.add_argument(
         "--workers",
         type=int,
         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
@@ -262,6 +269,7 @@ def _phantom(args: argparse.Namespace) -> None:
         favour=favour,
         extra_axial=args.extra_axial,
         min_size=args.min_size,
+        max_size=args.max_size,
         workers=args.workers,
     )
     print(f"wrote {args.studies} phantom studies to {args.out}")

@@ -1464,6 +1464,13 @@ def _blur_noise(img: np.ndarray, beta: float, noise: np.ndarray) -> np.ndarray:
 EXTRA_AXIAL_SHAPES = ("classic", "typical")
 
 
+def _check_size_range(min_size: str, max_size: str) -> None:
+    _check_size(min_size)
+    _check_size(max_size)
+    if SIZES.index(min_size) > SIZES.index(max_size):
+        raise ValueError(f"the smallest size {min_size!r} is larger than the largest {max_size!r}")
+
+
 def _check_size(size: str) -> None:
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
@@ -1509,6 +1516,7 @@ def generate_study(
     favour: Sequence[str] = (),
     extra_axial: str = "classic",
     min_size: str = "tiny",
+    max_size: str = "large",
 ) -> PhantomStudy:
     """One synthetic head CT, deterministic in its arguments.
 
@@ -1523,7 +1531,7 @@ def generate_study(
     as thick, subdurals even bands about 6-10 times), or "typical" (epidurals lenses that taper
     to points, subdurals thinner and longer, about 15-20 times): docs/model-analysis.md
     measures how much better the typical shapes tell the two apart. min_size: a random size
-    drawn smaller becomes this one, every other draw unchanged.
+    drawn smaller becomes this one, every other draw unchanged; max_size: likewise a larger draw.
     """
     seed = int(seed)
     _check_extra_axial(extra_axial)
@@ -1536,8 +1544,9 @@ def generate_study(
             if s not in SUBTYPES:
                 raise ValueError(f"unknown subtype {s!r}; expected one of {SUBTYPES}")
     size_draw = str(choice.choice(SIZES, p=_SIZE_P))
-    _check_size(min_size)
+    _check_size_range(min_size, max_size)
     size_draw = SIZES[max(SIZES.index(size_draw), SIZES.index(min_size))]
+    size_draw = SIZES[min(SIZES.index(size_draw), SIZES.index(max_size))]
     if size is not None:
         _check_size(size)
     size_used = (size or size_draw) if chosen else None
@@ -1778,11 +1787,19 @@ def sop_instance_uids(study: PhantomStudy) -> list[str]:
 
 
 def _write_one(
-    seed: int, *, out: Path, favour: Sequence[str], extra_axial: str, min_size: str
+    seed: int,
+    *,
+    out: Path,
+    favour: Sequence[str],
+    extra_axial: str,
+    min_size: str,
+    max_size: str = "large",
 ) -> tuple[PhantomSummary, list, list[list]]:
     """Generates and writes one study of ``write_dataset``: its summary, labels.csv row and
     slice_labels.csv rows."""
-    study = generate_study(seed, favour=favour, extra_axial=extra_axial, min_size=min_size)
+    study = generate_study(
+        seed, favour=favour, extra_axial=extra_axial, min_size=min_size, max_size=max_size
+    )
     sdir = out / study.study_id
     write_study(study, sdir)
     uids = sop_instance_uids(study)
@@ -1818,15 +1835,18 @@ def write_dataset(
     favour: Sequence[str] = (),
     extra_axial: str = "classic",
     min_size: str = "tiny",
+    max_size: str = "large",
     workers: int = 1,
 ) -> list[PhantomSummary]:
     """Write n_studies random studies under out/<study_id>/ with masks.npz, plus
     out/labels.csv and out/slice_labels.csv. Study i uses seed seed * 100000 + i; favour and
     extra_axial as in generate_study, and min_size ("tiny", the default, keeps every draw;
-    "small" leaves out bleeds under 5 mL, for a run too small to learn them). ``workers`` > 1
+    "small" leaves out bleeds under 5 mL, for a run too small to learn them), and max_size
+    ("large", the default, keeps every draw; "small" makes every bleed small or tiny, for a
+    reader that must learn small bleeds). ``workers`` > 1
     generates that many studies at once in separate processes: the same files, in the same
     order in the CSVs."""
-    _check_size(min_size)
+    _check_size_range(min_size, max_size)
     _check_favour(favour)
     _check_extra_axial(extra_axial)
     if workers < 1:
@@ -1835,7 +1855,12 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(seed) * 100000 + i for i in range(n_studies)]
     one = partial(
-        _write_one, out=out, favour=tuple(favour), extra_axial=extra_axial, min_size=min_size
+        _write_one,
+        out=out,
+        favour=tuple(favour),
+        extra_axial=extra_axial,
+        min_size=min_size,
+        max_size=max_size,
     )
     summaries: list[PhantomSummary] = []
     t0 = time.monotonic()

@@ -236,6 +236,20 @@ def test_min_size_draws_a_smaller_positive_again_at_that_size_with_the_same_subt
         write_dataset(tmp_path / "x", 1, seed=0, min_size="huge")
 
 
+def test_max_size_draws_a_larger_positive_again_at_that_size_with_the_same_subtypes(
+    tmp_path: Path,
+) -> None:
+    default = [generate_study(12 * 100000 + i) for i in range(5)]
+    assert default[2].size == "medium"  # study 2 of seed 12
+    summaries = write_dataset(tmp_path, 5, seed=12, max_size="small", progress=False)
+    assert [s.size for s in summaries] == [None, None, "small", None, "tiny"]
+    assert [s.labels for s in summaries] == [d.labels for d in default]
+    redrawn = summaries[2]
+    assert sum(redrawn.volumes_ml.values()) < sum(default[2].volumes_ml.values()) / 2
+    with pytest.raises(ValueError, match="larger than the largest"):
+        write_dataset(tmp_path / "x", 1, seed=0, min_size="medium", max_size="small")
+
+
 def _elongation(study: PhantomStudy, subtype: str) -> float:
     """Area / greatest thickness^2 of the lesion on its largest slice (scripts/phantom_geometry)."""
     planes = ((study.masks >> SUBTYPES.index(subtype)) & 1).astype(bool)
