@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inference.constants import CLASSES
+from inference.constants import CLASSES, SIZES
 
 DATA_KINDS = ("phantom", "study_folder", "cq500", "rsna", "yolo", "image_folder")
 SERIES_KINDS = ("phantom", "study_folder", "cq500", "rsna")
@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     phantom.add_argument(
         "--min-size",
-        choices=("tiny", "small", "medium", "large"),
+        choices=SIZES,
         default="tiny",
         help="smallest bleed size a positive study may have; a smaller draw becomes this size "
         "(default tiny: every size, from under 5 mL)",
     )
     phantom.add_argument(
         "--max-size",
-        choices=("tiny", "small", "medium", "large"),
+        choices=SIZES,
         default="large",
         help="largest bleed size a positive study may have; a larger draw becomes this size "
         "(default large: every size)",

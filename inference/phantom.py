@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.constants import AIR_HU, CLASSES, CT_IMAGE_STORAGE, SUBTYPES
+from inference.constants import AIR_HU, CLASSES, CT_IMAGE_STORAGE, SIZES, SUBTYPES
 
 __all__ = [
     "MIMICS",
@@ -55,7 +55,6 @@ __all__ = [
 
 SIZE = 512
 MIN_PIXELS = 20  # a slice is positive for a subtype with at least this many mask pixels
-SIZES = ("tiny", "small", "medium", "large")
 MIMICS = (
     "falx_calcification",
     "choroid_plexus_calcification",
