@@ -198,6 +198,17 @@ POINTING_TOLERANCE_MM = 7.5  # the pointing game's 15 pixels (Zhang et al.) at 0
 POINTING_STRICT_MM = 1.5
 ALL_SUBTYPE_BITS = (1 << len(SUBTYPES)) - 1  # the masks' subtype bit flags, all set
 PICTURE_KINDS = ("yolo", "image_folder")  # data kinds whose items are single windowed pictures
+# How slices are flagged at slice level: the package's operating points carried to one slice
+# (ModelPackage.slice_thresholds), or 0.5 where a sequence model pools the slices.
+SLICE_RULE = (
+    "a slice is flagged where it alone would make the ensemble flag the study: the ensemble's"
+    " own operating points (before any strip reader) carried through the calibration to one"
+    " slice; a subtype only together with any"
+)
+SLICE_RULE_FALLBACK = (
+    "0.5 for every class: this package pools slices with a sequence model, so its operating"
+    " points do not carry to one slice; a subtype only together with any"
+)
 
 
 def _pointing(
@@ -317,6 +328,9 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
         groups=patients,
     )
     slices_l, slices_p = np.concatenate(c.slice_labels), np.concatenate(c.slice_probs)
+    carried = predictor.package.slice_thresholds()
+    slice_thresholds = np.full(len(CLASSES), 0.5) if carried is None else carried
+    slice_rule = SLICE_RULE_FALLBACK if carried is None else SLICE_RULE
     # each slice is resampled with its patient's other slices (a picture is its own study)
     slice_patient = np.repeat(patients, [len(s) for s in c.slice_labels])
     several_per_patient = len(set(c.patients)) < len(c.names)
@@ -337,10 +351,17 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
             "slice_level": "patients" if several_per_patient else "studies",
         },
         "study_level": study,
-        # Slices are flagged at 0.5: the package's operating points are chosen for studies.
-        "slice_level_threshold": 0.5,
+        "slice_level_threshold": {
+            name: _round(float(slice_thresholds[i])) for i, name in enumerate(CLASSES)
+        },
+        "slice_level_rule": slice_rule,
         "slice_level": _level(
-            slices_l, slices_p, np.full(len(CLASSES), 0.5), rounds, groups=slice_patient
+            slices_l,
+            slices_p,
+            slice_thresholds,
+            rounds,
+            predictor.package.flags(slices_p, slice_thresholds),
+            groups=slice_patient,
         )
         if has_slice_labels
         else None,
@@ -630,8 +651,38 @@ def _card_section(report: dict[str, Any]) -> list[str]:
             f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "
             f"{_fmt(s['sensitivity'])} | {_fmt(s['specificity'])} | {pointing} |"
         )
+    if report.get("slice_level") and not pictures:
+        lines += _slice_table(report)
     if len(report["per_item"]) <= 10:
         lines += _per_item_table(report["per_item"])
+    return lines
+
+
+def _slice_table(report: dict[str, Any]) -> list[str]:
+    """Slice level: AUC, and sensitivity and specificity at the slice thresholds the report
+    names (a report from before they were carried to slices says 0.5)."""
+    thresholds = report.get("slice_level_threshold", 0.5)
+    if not isinstance(thresholds, dict):
+        thresholds = {c: thresholds for c in CLASSES}
+    rule = report.get("slice_level_rule") or "0.5 for every class"
+    by = report.get("bootstrap_resamples", {}).get("slice_level", "studies")
+    lines = [
+        "",
+        f"Slice level, each slice against its own labels. Slice threshold: {rule}.",
+        "",
+        f"| class | slices (pos) | slice AUC [95% CI, {by} resampled] | slice threshold"
+        " | sensitivity | specificity |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in CLASSES:
+        s = report["slice_level"][c]
+        ci = s["auc_95ci"]
+        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        lines.append(
+            f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "
+            f"{'n/a' if thresholds[c] is None else format(thresholds[c], '.3g')} | "
+            f"{_fmt(s['sensitivity'])} | {_fmt(s['specificity'])} |"
+        )
     return lines
 
 

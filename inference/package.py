@@ -110,6 +110,31 @@ class ModelPackage:
         flags[..., 1:] &= flags[..., :1]
         return flags
 
+    def ensemble_thresholds(self) -> np.ndarray:
+        """The operating points (6,) of the ensemble alone, before any strip reader joins: each
+        class a reader fuses goes back to the threshold it had before that reader (what a series
+        no reader can read, a windowed picture, is flagged at)."""
+        thresholds = np.asarray(self.thresholds, dtype=np.float64)
+        for reader in self.readers():
+            thresholds = reader.unread_thresholds(thresholds)
+        return thresholds
+
+    def slice_thresholds(self) -> np.ndarray | None:
+        """The saved operating points carried to single slices (6,), on the scale of the
+        predictor's slice probabilities (the sigmoid of the members' mean logit, uncalibrated).
+        A slice reaches its class's threshold exactly when that slice alone would make the
+        ensemble flag the study: the study logit is the maximum over slices, calibrated by
+        ``a * logit + b``, so the threshold t maps to the slice logit (logit(t) - b) / a.
+
+        None where no such slice threshold exists: a sequence model pools the slices, or a
+        calibration slope is not positive."""
+        a, b = self.calibration[:, 0], self.calibration[:, 1]
+        if self.aggregator is not None or not (a > 0).all():
+            return None
+        t = np.clip(self.ensemble_thresholds(), 1e-12, 1 - 1e-12)
+        slice_logit = (np.log(t / (1 - t)) - b) / a
+        return 1.0 / (1.0 + np.exp(-slice_logit))
+
     def save(self, path: Path) -> None:
         state = {
             "format_version": FORMAT_VERSION,

@@ -641,3 +641,39 @@ def test_the_model_card_names_a_third_reader_and_where_its_network_came_from() -
     assert "joins only subdural" in third and "subdural 0.820 to 0.970" in third
     (only,) = _training_stages({"crescent": crescent})
     assert only.startswith("- A second strip network")
+
+
+def test_a_slice_reaches_its_threshold_exactly_where_it_alone_would_make_the_ensemble_flag(
+    tmp_path: Path,
+) -> None:
+    """Slice-level sensitivity and specificity use the saved operating points carried to one
+    slice: the ensemble's own threshold of each class (a strip reader's fused class goes back to
+    the threshold it had before the reader joined), through the calibration, onto the
+    predictor's slice probabilities. The study logit is the maximum over slices, so a study
+    is flagged by the ensemble exactly when one of its slices reaches the slice threshold."""
+    series = _phantom_series(tmp_path)
+    torch.manual_seed(3)
+    members = [EfficientNetLite("efficientnet_lite0", output_stride=16).eval()]
+    package = ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None)
+    package.calibration = np.array(
+        [[1.7, -0.4], [2.1, 0.3], [0.8, -1.0], [1.2, 0.5], [2.5, -2.0], [1.0, 0.0]]
+    )
+    predictor = Predictor(package, torch.device("cpu"))
+    study = predictor.ensemble_logits(series)  # calibrated, the ensemble alone
+    slices = predictor.predict(series, heatmaps=False, basis=False).slice_probabilities
+    sign = np.array([-1.0, 1.0, -1.0, 1.0, -1.0, 1.0])
+    for side in (sign, -sign):  # each class's threshold just under, then just over the study
+        ensemble = 1 / (1 + np.exp(-(study + 0.01 * side)))
+        package.thresholds = ensemble.copy()
+        package.convexity = None
+        carried = package.slice_thresholds()
+        assert carried is not None
+        assert ((slices >= carried).any(0) == (side < 0)).all()
+        # a reader fusing subdural moves the package's subdural threshold, not the slices'
+        package.convexity = _reader((0.5, 2.0, -1.0))
+        package.convexity.ensemble_thresholds = ensemble.copy()
+        package.thresholds[SUBDURAL] = 0.999
+        assert np.array_equal(package.ensemble_thresholds(), ensemble)
+        assert np.allclose(package.slice_thresholds(), carried)  # type: ignore[arg-type]
+    package.calibration[EPIDURAL, 0] = -1.0  # a falling calibration: no slice threshold
+    assert package.slice_thresholds() is None

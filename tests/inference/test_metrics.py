@@ -115,6 +115,8 @@ def test_pictures_of_one_patient_are_resampled_together_at_slice_level_too() -> 
     from inference.constants import CLASSES
     from inference.data import DataSource
     from inference.evaluation import Collected, _report
+    from inference.package import ModelPackage
+    from inference.preprocess import PreprocessConfig
 
     rng = np.random.default_rng(5)
     c = Collected()
@@ -129,12 +131,50 @@ def test_pictures_of_one_patient_are_resampled_together_at_slice_level_too() -> 
         c.study_flags.append(probs > 0.5)
         c.slice_labels.append(labels[None])
         c.slice_probs.append(probs[None])
-    predictor = SimpleNamespace(
-        name="m", version="1", package=SimpleNamespace(thresholds=np.full(len(CLASSES), 0.5))
-    )
+    package = ModelPackage("m", "1", PreprocessConfig(), [], None)  # identity calibration
+    predictor = SimpleNamespace(name="m", version="1", package=package)
     report = _report(predictor, DataSource(kind="yolo", path="x"), c, 200)  # type: ignore[arg-type]
 
     assert report["bootstrap_resamples"] == {"study_level": "patients", "slice_level": "patients"}
     study, slices = report["study_level"]["any"], report["slice_level"]["any"]
     assert slices["auc"] == study["auc"]
     assert slices["auc_95ci"] == study["auc_95ci"]
+    # a picture is one slice: flagged at slice level exactly as at picture level
+    assert report["slice_level_threshold"]["any"] == 0.5
+    assert report["slice_level_rule"].startswith("a slice is flagged where it alone")
+    assert (slices["sensitivity"], slices["specificity"]) == (
+        study["sensitivity"],
+        study["specificity"],
+    )
+
+
+def test_a_card_shows_slice_level_figures_at_the_slice_thresholds_of_its_report() -> None:
+    from inference.constants import CLASSES
+    from inference.evaluation import SLICE_RULE, _card_section
+
+    level = {
+        c: {"n": 300, "positives": 40, "auc": 0.9, "auc_95ci": [0.8, 0.95], "sensitivity": 0.75,
+            "specificity": 0.99}
+        for c in CLASSES
+    }  # fmt: skip
+    report = {
+        "dataset": {"kind": "phantom", "path": "p", "items": 10},
+        "bootstrap_resamples": {"study_level": "items", "slice_level": "studies"},
+        "study_level": level,
+        "slice_level": level,
+        "slice_level_threshold": dict.fromkeys(CLASSES, 0.0593835),
+        "slice_level_rule": SLICE_RULE,
+        "pointing_game": {c: {"hit_rate": None, "slices": 0} for c in CLASSES},
+        "per_item": [],
+    }
+    lines = _card_section(report)
+    rule = f"Slice level, each slice against its own labels. Slice threshold: {SLICE_RULE}."
+    assert rule in lines
+    assert "| Epidural | 300 (40) | 0.900 [0.800, 0.950] | 0.0594 | 0.750 | 0.990 |" in lines
+    old = {**report, "slice_level_threshold": 0.5}  # a report from before slice thresholds
+    del old["slice_level_rule"]
+    assert "| Epidural | 300 (40) | 0.900 [0.800, 0.950] | 0.5 | 0.750 | 0.990 |" in (
+        _card_section(old)
+    )
+    pictures = {**report, "dataset": {"kind": "yolo", "path": "r", "items": 10}}
+    assert not any("Slice level" in line for line in _card_section(pictures))
