@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -319,9 +320,24 @@ def _card(args: argparse.Namespace) -> None:
     from inference.evaluation import model_card
     from inference.predictor import Predictor
 
-    reports = [json.loads(path.read_text()) for path in args.reports]
+    reports = [_evaluation_report(path) for path in args.reports]
     args.out.write_text(model_card(Predictor.load(args.model), reports))
     print(f"model card written to {args.out}")
+
+
+REPORT_KEYS = ("model", "dataset", "study_level", "pointing_game", "per_item")
+
+
+def _evaluation_report(path: Path) -> dict[str, Any]:
+    """A report.json of `ich evaluate`, or a ValueError naming the file and what is wrong."""
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from None
+    missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ValueError(f"{path}: not a report of `ich evaluate` (no {', '.join(missing)})")
+    return report
 
 
 def _device_name(value: str) -> str:
@@ -348,6 +364,7 @@ def _predict(args: argparse.Namespace) -> None:
             raise ValueError(f"{path}: no such file or folder")
     several = len(args.paths) > 1 or args.paths[0].is_dir()
     predictor = Predictor.load(args.model, device=args.device)
+    started = time.perf_counter()
     try:
         series = load_series(
             args.paths[0] if len(args.paths) == 1 else args.paths, skip_bad=args.skip_bad
@@ -358,9 +375,12 @@ def _predict(args: argparse.Namespace) -> None:
         if args.skip_bad or not several:
             raise
         raise ValueError(f"{error} (--skip-bad reads the series without such files)") from None
+    read_s = time.perf_counter() - started
     for skipped in series.skipped:
         print(f"skipped {skipped.source}: {skipped.reason}", file=sys.stderr)
     prediction = predictor.predict(series, heatmaps=args.heatmaps is not None)
+    prediction.timings = {"read": read_s, **prediction.timings}
+    prediction.timings["total"] += read_s
     print(json.dumps(prediction.summary(), indent=2))
     if args.heatmaps:
         _write_overlays(prediction, series, args.heatmaps)

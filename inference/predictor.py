@@ -49,7 +49,9 @@ class StudyPrediction:
     model_name: str
     model_version: str
     probabilities: dict[str, float]  # calibrated, study level
-    thresholds: dict[str, float]  # operating points chosen on validation data
+    # the operating points the flags used, chosen on validation data: the package's, or for a
+    # class a strip reader fuses but could not read on this series, the ensemble's own
+    thresholds: dict[str, float]
     flags: dict[str, bool]
     slice_probabilities: np.ndarray  # (N, 6), slices in position order
     key_slices: dict[str, int]  # slice index of the strongest evidence per class
@@ -88,6 +90,12 @@ class StudyPrediction:
                 for name in CLASSES
             ],
             "slices": len(self.sop_instance_uids),
+            # per class, one probability per slice in position order (the ensemble's, before
+            # calibration: what the key slices and heatmaps follow)
+            "slice_probabilities": {
+                name: [round(float(p), 4) for p in self.slice_probabilities[:, i]]
+                for i, name in enumerate(CLASSES)
+            },
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -207,14 +215,16 @@ class Predictor:
                 )
             clock.lap("strips")
         probabilities = 1.0 / (1.0 + np.exp(-study))
-        flags = self.package.flags(probabilities, thresholds)
+        # the operating points these flags use, and the ones the prediction reports
+        applied = self.package.thresholds if thresholds is None else thresholds
+        flags = self.package.flags(probabilities, applied)
         slice_probabilities = torch.sigmoid(logits.mean(0)).numpy()  # (N, 6)
         key = slice_probabilities.argmax(axis=0)  # (6,)
         prediction = StudyPrediction(
             model_name=self.package.name,
             model_version=self.package.version,
             probabilities={c: float(probabilities[i]) for i, c in enumerate(CLASSES)},
-            thresholds={c: float(self.package.thresholds[i]) for i, c in enumerate(CLASSES)},
+            thresholds={c: float(applied[i]) for i, c in enumerate(CLASSES)},
             flags={c: bool(flags[i]) for i, c in enumerate(CLASSES)},
             slice_probabilities=slice_probabilities,
             key_slices={c: int(key[i]) for i, c in enumerate(CLASSES)},

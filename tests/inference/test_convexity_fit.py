@@ -131,8 +131,15 @@ def test_the_predictor_fuses_the_strips_as_the_package_says(tmp_path: Path) -> N
     predictor.package.convexity.ensemble_thresholds = np.full(len(CLASSES), -1.0)  # flag all
     predictor.package.thresholds = np.full(len(CLASSES), 2.0)  # flag nothing ...
     predictor.package.thresholds[0] = -1.0  # ... but "any"
-    flags = predictor.predict(picture, heatmaps=False, basis=False).flags
-    assert {c for c, f in flags.items() if f} == {"any", "subdural"}
+    unread = predictor.predict(picture, heatmaps=False, basis=False)
+    assert {c for c, f in unread.flags.items() if f} == {"any", "subdural"}
+    # the prediction reports the operating points its flags used, not the package's
+    assert unread.thresholds["subdural"] == -1.0 and unread.thresholds["epidural"] == 2.0
+    summary = {f["class"]: f for f in unread.summary()["findings"]}
+    for f in summary.values():
+        assert f["flagged"] == (f["probability"] >= f["threshold"] and summary["any"]["flagged"])
+    read = predictor.predict(series, heatmaps=False, basis=False)
+    assert read.thresholds["subdural"] == 2.0  # the strips were read: the package's own
     flags = predictor.predict(series, heatmaps=False, basis=False).flags
     assert {c for c, f in flags.items() if f} == {"any"}
 

@@ -97,6 +97,15 @@ def test_ich_predict_reads_a_folder_and_skips_what_is_not_dicom_when_asked(
     any_finding = next(f for f in summary["findings"] if f["class"] == "any")
     assert any_finding["flagged"] and "not diagnosis" in summary["notice"]
     assert summary["slices"] == len(list(folder.glob("*.dcm")))
+    per_slice = summary["slice_probabilities"]  # per class, one per slice in position order
+    assert list(per_slice) == [f["class"] for f in summary["findings"]]
+    assert all(len(v) == summary["slices"] for v in per_slice.values())
+    assert per_slice["any"][any_finding["key_slice"]] == max(per_slice["any"])
+    timings = summary["timings_s"]  # reading the files is a stage too
+    assert {"read", "preprocess", "networks", "heatmaps"} <= set(timings)
+    assert timings["total"] == pytest.approx(
+        sum(v for k, v in timings.items() if k != "total"), abs=0.01
+    )
     assert any_finding["label"] == "Any haemorrhage"  # class names spelled out
     labels = {f["class"]: f["label"] for f in summary["findings"]}
     assert labels["intraparenchymal"] == "Intraparenchymal", labels
