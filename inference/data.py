@@ -16,6 +16,7 @@ from inference.constants import CLASSES, SUBTYPES
 from inference.preprocess import (
     BRAIN,
     PreprocessConfig,
+    Window,
     apply_windows,
     clip_to_window,
     hu_from_windowed,
@@ -58,11 +59,17 @@ def read_source(source: DataSource) -> list:
     }
     items: list[Any]
     if source.kind == "image_folder":
-        items = datasets.read_image_folder(Path(source.path), Path(source.labels_csv or ""))
+        if not source.labels_csv:
+            raise ValueError(
+                f"{source.path}: an image_folder set needs its labels CSV"
+                " (`--labels` on the command line, labels_csv in a config)"
+            )
+        items = datasets.read_image_folder(Path(source.path), Path(source.labels_csv))
     elif source.kind in readers:
         items = readers[source.kind](Path(source.path))
     else:
-        raise ValueError(f"unknown data source kind {source.kind!r} (use one of {sorted(readers)})")
+        kinds = ", ".join(sorted([*readers, "image_folder"]))
+        raise ValueError(f"unknown data source kind {source.kind!r} (use one of {kinds})")
     return items[: source.max_items] if source.max_items else items
 
 
@@ -172,7 +179,9 @@ def slice_input(
         stack = here.expand(3, -1, -1)
     mask = volume.masks[index] if volume.masks is not None else None
     if augment is not None and augment.enabled:
-        stack, mask = _augment(stack, mask, volume.windowed_source, augment, generator)
+        stack, mask = _augment(
+            stack, mask, volume.windowed_source, augment, generator, config.windowed_source
+        )
     windowed = apply_windows(stack, config.windows)  # (3 slices, C, S, S)
     degree = config.interpolation_degree
     blended = (1 - degree) * windowed[1] + degree * 0.5 * (windowed[0] + windowed[2])
@@ -194,9 +203,12 @@ def _augment(
     windowed_source: bool,
     augment: Augment,
     generator: torch.Generator | None,
+    picture_window: Window = BRAIN,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
+    """``picture_window``: the window the model's windowed pictures were saved in
+    (``PreprocessConfig.windowed_source``), which the clipping augmentation imitates."""
     if not windowed_source and _rand(generator) < augment.clip_window_prob:
-        stack = clip_to_window(stack, BRAIN)
+        stack = clip_to_window(stack, picture_window)
     angle = math.radians((2 * _rand(generator) - 1) * augment.max_rotation_deg)
     scale = 1 + (2 * _rand(generator) - 1) * augment.max_scale
     shift = [(2 * _rand(generator) - 1) * augment.max_shift * 2 for _ in range(2)]

@@ -79,9 +79,9 @@ def evaluate(
     card to ``out_dir``. Each (model, out dir) of ``also`` is a package with the same networks
     (from ``ich refit-heads``): it is scored from the same pass of the networks and gets the
     report a separate evaluation would write, for about the cost of one."""
+    items = read_source(source)  # bad data is named before a model is loaded
     predictor = Predictor.load(model_path, device=device)
     others = [Predictor.load(path, device=device) for path, _ in also]
-    items = read_source(source)
     if exclude_training:
         items = _held_out(items, predictor)
         for path, other in zip((p for p, _ in also), others, strict=True):

@@ -1850,6 +1850,8 @@ def write_dataset(
     _check_extra_axial(extra_axial)
     if workers < 1:
         raise ValueError(f"workers is at least 1, not {workers}")
+    if n_studies < 1:
+        raise ValueError(f"studies is at least 1, not {n_studies}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(seed) * 100000 + i for i in range(n_studies)]

@@ -10,7 +10,7 @@ import random
 import time
 import tomllib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,9 @@ class TrainConfig:
             raise ValueError(
                 f"aggregator is one of {', '.join(AGGREGATORS)}, not {raw['aggregator']!r}"
             )
-        sources = [DataSource(**s) for s in raw.pop("sources", [])]
+        sources = [
+            DataSource(**_table(DataSource, s, "[[sources]]")) for s in raw.pop("sources", [])
+        ]
         for source in sources:
             source.path = (
                 str((base / source.path).resolve())
@@ -114,10 +116,12 @@ class TrainConfig:
         for key in ("init_from", "out_dir"):  # like the sources: relative to the config file
             if raw.get(key) and not Path(raw[key]).is_absolute():
                 raw[key] = str((base / raw[key]).resolve())
-        preprocess = raw.pop("preprocess", {})
+        preprocess = _table(PreprocessConfig, raw.pop("preprocess", {}), "[preprocess]")
         if "windows" in preprocess:
             preprocess["windows"] = tuple(Window(*w) for w in preprocess["windows"])
-        augment = Augment(**raw.pop("augment", {}))
+        if "windowed_source" in preprocess:
+            preprocess["windowed_source"] = Window(*preprocess["windowed_source"])
+        augment = Augment(**_table(Augment, raw.pop("augment", {}), "[augment]"))
         for key in ("architectures", "split", "operating_point_sources"):
             if key in raw:
                 raw[key] = tuple(raw[key])
@@ -129,6 +133,23 @@ class TrainConfig:
         data = asdict(self)
         data["preprocess"] = self.preprocess.to_dict()
         return data
+
+
+def _table(kind: Any, values: Any, name: str) -> dict[str, Any]:
+    """One table of a training config as keyword arguments of ``kind``: unknown settings and
+    missing required ones are refused by name, as the top level's are."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{name}: a table of settings, not {values!r}")
+    fields = kind.__dataclass_fields__
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
+    required = {
+        n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING
+    }
+    if required - set(values):
+        raise ValueError(f"{name} needs {', '.join(sorted(required - set(values)))}")
+    return dict(values)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -178,3 +180,23 @@ def test_a_card_shows_slice_level_figures_at_the_slice_thresholds_of_its_report(
     )
     pictures = {**report, "dataset": {"kind": "yolo", "path": "r", "items": 10}}
     assert not any("Slice level" in line for line in _card_section(pictures))
+
+
+def test_ich_card_and_evaluate_name_what_is_wrong_with_their_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inference.cli import main
+
+    not_json, other, card = tmp_path / "bad.json", tmp_path / "other.json", tmp_path / "card.md"
+    not_json.write_text("{")
+    other.write_text('{"model": {"name": "m"}}')
+    assert main(["card", str(tmp_path / "unused.pt"), str(not_json), "--out", str(card)]) == 2
+    assert f"{not_json}: not JSON" in capsys.readouterr().err
+    assert main(["card", str(tmp_path / "unused.pt"), str(other), "--out", str(card)]) == 2
+    err = capsys.readouterr().err
+    assert f"{other}: not a report of `ich evaluate` (no dataset, study_level" in err
+    assert not card.exists()
+    # a folder of pictures without its labels CSV: said so, not "file not found"
+    args = ["evaluate", str(tmp_path / "unused.pt"), str(tmp_path), "--kind", "image_folder"]
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 2
+    assert "an image_folder set needs its labels CSV (`--labels`" in capsys.readouterr().err

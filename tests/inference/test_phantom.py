@@ -338,3 +338,14 @@ def test_write_dataset_with_two_workers_writes_what_one_writes(tmp_path: Path) -
         assert (tmp_path / "two" / rel).read_bytes() == (tmp_path / "one" / rel).read_bytes(), rel
     with pytest.raises(ValueError, match="workers is at least 1"):
         write_dataset(tmp_path / "x", 1, seed=0, workers=0)
+
+
+def test_ich_phantom_refuses_fewer_than_one_study_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inference.cli import main
+
+    for count in ("0", "-1"):
+        assert main(["phantom", "--out", str(tmp_path / "x"), "--studies", count]) == 2
+        assert f"studies is at least 1, not {count}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

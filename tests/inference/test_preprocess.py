@@ -49,6 +49,32 @@ def test_clipping_full_range_ct_gives_what_a_windowed_picture_holds() -> None:
     assert clip_to_window(hu, BRAIN).tolist() == [0.0, 30.0, 80.0]
 
 
+def test_the_clipping_augmentation_imitates_the_window_of_the_models_own_pictures() -> None:
+    """Training clips full-range CT the way the model's windowed pictures were saved
+    (``windowed_source``), not always in the default brain window."""
+    from inference.data import Augment, Volume, slice_input
+
+    hu = torch.linspace(-1000, 1500, 16 * 16).reshape(1, 16, 16).half()
+    volume = Volume(
+        key="s", patient_id="p", hu=hu, positions_mm=np.zeros(1),
+        slice_labels=np.zeros((1, 6), np.float32), study_labels=np.zeros(6, np.float32),
+        masks=None, windowed_source=False, source="phantom",
+    )  # fmt: skip
+    only_clip = Augment(
+        clip_window_prob=1.0, flip_prob=0.0, max_rotation_deg=0.0, max_scale=0.0,
+        max_shift=0.0, noise_hu=0.0,
+    )  # fmt: skip
+    wide = Window(100, 400)  # -100 to 300 HU
+    config = PreprocessConfig(image_size=16, windows=(wide,), interpolation_degree=0.0,
+                              windowed_source=wide)  # fmt: skip
+    x, _ = slice_input(volume, 0, config, only_clip)
+    seen = x[0] * wide.width + wide.low  # back to HU through the one channel
+    assert float(seen.min()) == pytest.approx(-100, abs=1) and float(seen.max()) > 290
+    x, _ = slice_input(volume, 0, PreprocessConfig(image_size=16, windows=(wide,),
+                       interpolation_degree=0.0), only_clip)  # fmt: skip
+    assert float((x[0] * wide.width + wide.low).max()) == pytest.approx(BRAIN.high, abs=1)
+
+
 def test_neighbours_are_found_by_position_not_by_index() -> None:
     volume = torch.tensor([0.0, 10.0, 20.0, 30.0])[:, None]  # values = positions * 2
     positions = np.array([0.0, 5.0, 10.0, 15.0])

@@ -139,3 +139,32 @@ def test_validation_inputs_kept_between_epochs_score_as_computed_ones(
 def test_an_unknown_study_level_is_refused_when_the_config_is_read() -> None:
     with pytest.raises(ValueError, match="aggregator is one of auto, gru, max, not 'mean'"):
         TrainConfig.from_dict({"aggregator": "mean"})
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"epoch": 3}, "unknown training settings: epoch"),
+        (
+            {"sources": [{"kind": "phantom", "path": "p", "foo": 1}]},
+            "unknown [[sources]] settings: foo",
+        ),
+        ({"sources": [{"kind": "phantom"}]}, "[[sources]] needs path"),
+        ({"augment": {"flip": 0.5}}, "unknown [augment] settings: flip"),
+        ({"preprocess": {"size": 128}}, "unknown [preprocess] settings: size"),
+        ({"preprocess": 128}, "[preprocess]: a table of settings, not 128"),
+    ],
+)
+def test_a_config_names_the_setting_it_does_not_know(config: dict, message: str) -> None:
+    """Every table of a config is checked as the top level is: a misspelt setting is named,
+    never silently dropped and never a TypeError from deep inside."""
+    with pytest.raises(ValueError) as error:
+        TrainConfig.from_dict(config)
+    assert message in str(error.value)
+
+
+def test_a_config_reads_the_window_of_its_pictures_as_a_window() -> None:
+    config = TrainConfig.from_dict({"preprocess": {"windowed_source": [35, 90]}})
+    assert config.preprocess.windowed_source.level == 35
+    assert config.preprocess.windowed_source.width == 90
+    assert config.preprocess.windowed_source.low == -10
