@@ -114,7 +114,7 @@ def prepare_slice(item: "datasets.SliceItem", config: PreprocessConfig, source: 
     masks = resample_mask(boxes_mask[None], transform, config.image_size)
     labels = np.asarray(item.labels, dtype=np.float32)
     return Volume(
-        key=item.image_path.stem,
+        key=datasets.item_key(item),
         patient_id=item.patient_id,
         hu=grid_hu.to(torch.float16),
         positions_mm=np.zeros(1),

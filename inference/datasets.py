@@ -71,11 +71,14 @@ class SliceItem:
     patient_id: str
     boxes: list[tuple[int, float, float, float, float]] = field(default_factory=list)
     group: str = ""  # identical source slice for augmented copies
+    key: str = ""  # how splits and reports name it; the file's stem when empty
 
 
 def item_key(item: StudyItem | SliceItem) -> str:
     """How a model's training split and its evaluations name an item."""
-    return item.image_path.stem if isinstance(item, SliceItem) else item.study_id
+    if isinstance(item, SliceItem):
+        return item.key or item.image_path.stem
+    return item.study_id
 
 
 # --- CSV and labels -------------------------------------------------------------------------------
@@ -500,17 +503,30 @@ def read_image_folder(
     read_csv(csv_path)
     _check_columns(csv_path, required=("image",), optional=("patient", "group"))
     items = []
+    patient_of_group: dict[str, str] = {}
     for number, row in enumerate(read_csv(csv_path), start=2):
         image = root / row["image"]
         if not image.is_file():
             raise DatasetError(csv_path, f"row {number}: image {image} not found")
+        key = Path(row["image"]).as_posix()  # unique where stems are not (p1/001, p2/001)
+        group = row.get("group") or key
+        # without a patient column, the copies of one slice (its group) are one patient, so
+        # a split never puts two copies of the same slice in two parts
+        patient = row.get("patient") or group
+        if patient_of_group.setdefault(group, patient) != patient:
+            raise DatasetError(
+                csv_path,
+                f"row {number}: group {group!r} is patient {patient!r} here and"
+                f" {patient_of_group[group]!r} on an earlier row",
+            )
         items.append(
             SliceItem(
                 image_path=image,
                 labels=labels_from_row(row, path=csv_path, row_number=number),
-                patient_id=row.get("patient") or Path(row["image"]).stem,
+                patient_id=patient,
                 boxes=[],
-                group=row.get("group") or row["image"],
+                group=group,
+                key=key,
             )
         )
     return items

@@ -10,6 +10,7 @@ from inference.datasets import (
     DatasetError,
     SliceItem,
     StudyItem,
+    item_key,
     read_cq500,
     read_image_folder,
     read_phantom_dataset,
@@ -379,8 +380,38 @@ def test_it_reads_an_image_folder_with_only_an_any_column(tmp_path: Path) -> Non
     assert first.image_path == tmp_path / "a" / "1.png"
     assert same(first.labels, labels(1, NAN, NAN, NAN, NAN, NAN))
     assert (first.patient_id, second.patient_id) == ("pa", "pa")
-    assert third.patient_id == "1" and third.group == "b/1.png"
+    assert third.patient_id == "b/1.png" and third.group == "b/1.png"
     assert first.boxes == []
+    # named by their path under the root: b/1.png is not a/1.png, though both are "1"
+    assert [item_key(i) for i in (first, second, third)] == ["a/1.png", "a/2.png", "b/1.png"]
+
+
+def test_image_folder_copies_of_one_slice_stay_in_one_part_without_a_patient_column(
+    tmp_path: Path,
+) -> None:
+    rows = ["image,group,any"]
+    for n in range(10):
+        for copy in range(3):
+            (tmp_path / f"s{n}_{copy}.png").write_bytes(b"png")
+            rows.append(f"s{n}_{copy}.png,slice{n},{n % 2}")
+    write_csv(tmp_path / "slices.csv", "\n".join(rows))
+    items = read_image_folder(tmp_path, "slices.csv")
+    parts = split_by_patient(items, seed=0)
+    part_of_group: dict[str, set[int]] = {}
+    for index, part in enumerate(parts):
+        for item in part:
+            part_of_group.setdefault(item.group, set()).add(index)
+    assert len(part_of_group) == 10
+    assert all(len(found) == 1 for found in part_of_group.values()), part_of_group
+    assert sum(len(p) for p in parts) == 30 and all(parts)
+
+
+def test_an_image_folder_group_of_two_patients_is_refused(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"png")
+    write_csv(tmp_path / "slices.csv", "image,patient,group,any\na.png,p1,g,1\nb.png,p2,g,1")
+    with pytest.raises(DatasetError, match="row 3: group 'g' is patient 'p2' here and 'p1'"):
+        read_image_folder(tmp_path, "slices.csv")
 
 
 def test_an_image_folder_row_pointing_to_a_missing_image_is_refused(tmp_path: Path) -> None:
