@@ -174,8 +174,29 @@ class Run:
         self.metrics_path.write_text("")
 
     def log(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl: strict JSON, an AUC that cannot be computed (no positive
+        of a class in the validation part) written as null, not as NaN."""
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def selection_score(val_mean_auc: float, val_loss: float) -> tuple[float, str]:
+    """What early stopping and the best checkpoint follow: the mean validation slice AUC, or,
+    where no class has both labels in the validation part (the AUC is NaN every epoch), the
+    validation loss, lower being better."""
+    if math.isfinite(val_mean_auc):
+        return val_mean_auc, "val_mean_auc"
+    return -val_loss, "val_loss"
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> Path:
@@ -439,10 +460,11 @@ def train_member(
             "val_mean_auc": score,
             "seconds": round(time.monotonic() - started, 1),
         }
+        score, record["selected_by"] = selection_score(score, val["loss"])
         run.log(record)
         tqdm.write(
             f"{arch} epoch {epoch}: train loss {record['train_loss']:.3f}, "
-            f"val loss {val['loss']:.3f}, val mean slice AUC {score:.3f}"
+            f"val loss {val['loss']:.3f}, val mean slice AUC {record['val_mean_auc']:.3f}"
         )
         torch.save(model.state_dict(), run.dir / "checkpoints" / f"{arch}-last.pt")
         if score > best_score:

@@ -168,3 +168,27 @@ def test_a_config_reads_the_window_of_its_pictures_as_a_window() -> None:
     assert config.preprocess.windowed_source.level == 35
     assert config.preprocess.windowed_source.width == 90
     assert config.preprocess.windowed_source.low == -10
+
+
+def test_metrics_are_strict_json_and_a_validation_part_without_positives_picks_by_loss(
+    tmp_path: Path,
+) -> None:
+    """A validation part with no positive of a class has no AUC for it: metrics.jsonl says
+    null (a bare NaN is not JSON), and where no class has an AUC at all, the best checkpoint
+    and early stopping follow the validation loss instead of never improving."""
+    nan = float("nan")
+    run = Run(tmp_path)
+    run.log({"epoch": 1, "val_slice_auc": {"any": nan, "subdural": 0.75}, "val_mean_auc": nan})
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not JSON: {constant}")
+
+    line = json.loads(run.metrics_path.read_text(), parse_constant=refuse)
+    assert line == {
+        "epoch": 1,
+        "val_slice_auc": {"any": None, "subdural": 0.75},
+        "val_mean_auc": None,
+    }
+    assert training.selection_score(0.8, 0.3) == (0.8, "val_mean_auc")
+    assert training.selection_score(nan, 0.3) == (-0.3, "val_loss")
+    assert training.selection_score(nan, 0.2) > training.selection_score(nan, 0.3)
