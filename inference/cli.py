@@ -411,12 +411,12 @@ def _write_overlays(prediction: Any, series: Any, out: Path) -> None:
 def _atlas_build(args: argparse.Namespace) -> None:
     from inference.atlas import build_atlas
     from inference.data import DataSource, prepare, read_source
-    from inference.datasets import item_key
+    from inference.datasets import item_key, pseudonym, recorded
     from inference.package import ModelPackage
     from inference.training import extract
 
     package = ModelPackage.load(args.model)
-    trained_on = set(package.training.get("split", {}).get("train", []))
+    trained_on = recorded(package.training.get("split", {}).get("train", []))
     volumes = []
     for spec in args.data:
         kind, path = _data_spec(spec)
@@ -425,7 +425,7 @@ def _atlas_build(args: argparse.Namespace) -> None:
             raise ValueError(f"{spec}: an image_folder needs --labels CSV")
         items = read_source(DataSource(kind=kind, path=path, labels_csv=labels))
         if trained_on:  # the atlas shows training slices only: never a validation or test one
-            kept = [i for i in items if item_key(i) in trained_on]
+            kept = [i for i in items if pseudonym(item_key(i)) in trained_on]
             print(f"{path}: {len(kept)} of {len(items)} items are in the model's training split")
             items = kept
         else:
@@ -449,7 +449,7 @@ def _convexity(args: argparse.Namespace) -> None:
 
     from inference.convexity import EXTRA_AXIAL, check_classes
     from inference.convexity_fit import SLOTS, add_convexity, check_slot
-    from inference.datasets import item_key
+    from inference.datasets import item_key, pseudonym, recorded
     from inference.package import ModelPackage
 
     if args.threads:
@@ -484,25 +484,29 @@ def _convexity(args: argparse.Namespace) -> None:
     check_slot(package, args.reader, fuse, classes)
     # The strip readers' studies may be used again (a reader the package has is replaced; a
     # later reader fuses classes the others do not); those of the ensemble may not.
-    seen = {
+    seen = recorded(
         k
         for part, keys in package.training.get("split", {}).items()
         if part not in SLOTS
         for k in keys
-    }
+    )
     train_items = _fresh_studies(args.train, seen, args.model, kinds=("phantom",))
     fit_items = _fresh_studies(args.fit, seen, args.model, kinds=SERIES_KINDS)
-    trained = {item_key(i) for i in train_items} if source is None else source.train_keys
+    trained = (
+        {pseudonym(item_key(i)) for i in train_items}
+        if source is None
+        else recorded(source.train_keys)
+    )
     if source is not None and trained & seen:
         raise ValueError(
             f"the network of --net-from {args.net_from} trained on {len(trained & seen)}"
             f" studies of {args.model}'s ensemble"
         )
-    shared = trained & {item_key(i) for i in fit_items}
+    shared = sorted(k for k in map(item_key, fit_items) if pseudonym(k) in trained)
     if shared:
         raise ValueError(
             f"{len(shared)} studies of --fit are studies the strip network trains on"
-            f" (first {sorted(shared)[0]})"
+            f" (first {shared[0]})"
         )
     cache = _feature_cache()
     record = add_convexity(
@@ -541,7 +545,7 @@ def _net_source(spec: str, slots: tuple[str, ...]) -> Any:
     from the sets its package's record names (so they can be checked against the fit studies)."""
     from inference.convexity_fit import NetSource
     from inference.data import DataSource, read_source
-    from inference.datasets import item_key
+    from inference.datasets import item_key, pseudonym, recorded
     from inference.package import ModelPackage
 
     path, _, slot = spec.rpartition(":")
@@ -554,7 +558,7 @@ def _net_source(spec: str, slots: tuple[str, ...]) -> Any:
     if reader is None or not record:
         raise ValueError(f"--net-from {spec}: {path} has no {slot} reader")
     if "net_trained_on" in record:  # packages made since 6.9.0 name them
-        train_keys = set(record["net_trained_on"])
+        train_keys = recorded(record["net_trained_on"])
     else:
         train_keys = set()
         for train in record["data"]["train"]:
@@ -565,7 +569,8 @@ def _net_source(spec: str, slots: tuple[str, ...]) -> Any:
                     " directory the command runs in) are not here, so the fit studies cannot be"
                     " checked against them"
                 )
-            train_keys |= {item_key(i) for i in read_source(DataSource(kind=kind, path=where))}
+            found = read_source(DataSource(kind=kind, path=where))
+            train_keys |= {pseudonym(item_key(i)) for i in found}
         if len(train_keys) != record["train_studies"]:
             raise ValueError(
                 f"--net-from {spec}: {', '.join(record['data']['train'])} no longer hold the"
@@ -587,13 +592,13 @@ def _fresh_studies(
 ) -> list[Any]:
     """The studies of KIND:PATH specs, refusing any the model already used."""
     from inference.data import DataSource, read_source
-    from inference.datasets import item_key
+    from inference.datasets import item_key, pseudonym
 
     items = []
     for spec in specs:
         kind, path = _data_spec(spec, kinds)
         found = read_source(DataSource(kind=kind, path=path))
-        used = [k for k in map(item_key, found) if k in seen]
+        used = [k for k in map(item_key, found) if pseudonym(k) in seen]
         if used:
             raise ValueError(
                 f"{path}: {len(used)} studies were already used by {model} (first {used[0]})"
@@ -606,6 +611,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
     import torch
 
     from inference.data import prepare
+    from inference.datasets import recorded
     from inference.heads import DEFAULT_L2, refit_heads
     from inference.package import ModelPackage
     from inference.progress import progress
@@ -613,7 +619,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     package = ModelPackage.load(args.model)
-    seen = {k for part in package.training.get("split", {}).values() for k in part}
+    seen = recorded(k for part in package.training.get("split", {}).values() for k in part)
     volumes = []
     for spec in args.data:
         kind = spec.partition(":")[0]

@@ -263,7 +263,7 @@ class NetSource:
     reader: ConvexityReader
     record: dict[str, Any]  # that package's training record of the reader
     name: str  # "PACKAGE VERSION, SLOT reader"
-    train_keys: set[str]  # the studies it trained on (datasets.item_key)
+    train_keys: set[str]  # the studies it trained on (datasets.pseudonym of their item_key)
 
 
 def check_slot(
@@ -361,13 +361,13 @@ def add_convexity(
         )
         given = {**TRAIN_DEFAULTS, **net_settings}
         net_record: dict[str, Any] = {**given, "seed": seed, "loss_per_epoch": losses}
-        train_keys = {datasets.item_key(i) for i in train_items}
+        train_keys = {datasets.pseudonym(datasets.item_key(i)) for i in train_items}
     else:
         cfg, classes = source.reader.strips, source.reader.net.classes
         net = copy.deepcopy(source.reader.net)
         # taken_from: the package the network was trained in, however often it was taken since
         net_record = {"taken_from": source.name, **source.record["net"]}
-        train_keys = source.train_keys
+        train_keys = datasets.recorded(source.train_keys)
     reader = ConvexityReader(
         net, cfg, np.full((len(CLASSES), 3), np.nan), ensemble_thresholds=package.thresholds.copy()
     )
@@ -416,7 +416,7 @@ def add_convexity(
         if name in fused_names and chosen_on:
             chosen_on[name] = r
     split = package.training.setdefault("split", {})
-    split[slot] = sorted(train_keys | {datasets.item_key(i) for i in fit_items})
+    split[slot] = sorted(train_keys | {datasets.pseudonym(datasets.item_key(i)) for i in fit_items})
     package.training[slot] = record
     setattr(package, slot, reader)
     package.version = version

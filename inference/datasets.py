@@ -9,6 +9,7 @@ Labels are (6,) float32 in CLASSES order, NaN where unknown.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import random
@@ -75,10 +76,30 @@ class SliceItem:
 
 
 def item_key(item: StudyItem | SliceItem) -> str:
-    """How a model's training split and its evaluations name an item."""
+    """How evaluations name an item (a model's split records its ``pseudonym``)."""
     if isinstance(item, SliceItem):
         return item.key or item.image_path.stem
     return item.study_id
+
+
+PSEUDONYM_PREFIX = "sha256:"
+
+
+def pseudonym(key: str) -> str:
+    """How a model package records an item it trained, validated or fitted on: a hash of its
+    key, so a package holds no study folder name, StudyInstanceUID or file name of its data
+    (which can carry an identifier), and can still tell whether an item was one of them. It
+    is a pseudonym, not anonymisation: whoever holds the data can recompute it. A recorded
+    pseudonym maps to itself, so packages that recorded plain keys (before 2026-12-07) and
+    new ones compare alike."""
+    if key.startswith(PSEUDONYM_PREFIX):
+        return key
+    return PSEUDONYM_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def recorded(keys: Iterable[str]) -> set[str]:
+    """The pseudonyms of a package's recorded keys, plain or already pseudonymised."""
+    return {pseudonym(k) for k in keys}
 
 
 # --- CSV and labels -------------------------------------------------------------------------------

@@ -112,8 +112,8 @@ def evaluate(
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
     split = predictor.package.training.get("split", {})
     parts = ("train", "val", "heads", *READER_SLOTS)
-    seen = {key for part in parts for key in split.get(part, [])}
-    return [i for i in items if datasets.item_key(i) not in seen]
+    seen = datasets.recorded(key for part in parts for key in split.get(part, []))
+    return [i for i in items if datasets.pseudonym(datasets.item_key(i)) not in seen]
 
 
 def _evaluate_item(

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from inference.constants import CLASSES
 from inference.data import Volume, slice_input
+from inference.datasets import pseudonym
 from inference.feature_cache import FeatureCache
 from inference.package import ModelPackage, platt
 from inference.progress import progress
@@ -490,5 +491,5 @@ def refit_heads(
     package.training["calibrated_on"] = ["the refit-heads studies, out of fold"]
     split = package.training.setdefault("split", {})
     # a head refitted again keeps the earlier heads' studies out of evaluations too
-    split["heads"] = [*split.get("heads", []), *(v.key for v in volumes)]
+    split["heads"] = [*split.get("heads", []), *(pseudonym(v.key) for v in volumes)]
     return report

@@ -862,7 +862,10 @@ def training_summary(
         # the sources whose validation studies the calibration was fitted on (empty: all)
         "calibrated_on": list(config.operating_point_sources),
         "internal_test_study_auc": test_auc,
-        "split": {part: [v.key for v in volumes] for part, volumes in splits.items()},
+        # pseudonyms of the items' keys (datasets.pseudonym): no folder name or UID in a package
+        "split": {
+            part: [datasets.pseudonym(v.key) for v in volumes] for part, volumes in splits.items()
+        },
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch": str(torch.__version__),
     }

@@ -386,6 +386,16 @@ def test_it_reads_an_image_folder_with_only_an_any_column(tmp_path: Path) -> Non
     assert [item_key(i) for i in (first, second, third)] == ["a/1.png", "a/2.png", "b/1.png"]
 
 
+def test_a_package_records_pseudonyms_that_match_plain_keys_of_older_packages() -> None:
+    from inference.datasets import pseudonym, recorded
+
+    uid = "1.2.840.113619.2.55.3.604688119"
+    assert pseudonym(uid).startswith("sha256:") and uid not in pseudonym(uid)
+    assert pseudonym(pseudonym(uid)) == pseudonym(uid) != pseudonym(uid + "1")
+    # a package from before pseudonyms recorded plain keys: both forms compare alike
+    assert recorded([uid, pseudonym("CQ500-CT-47")]) == {pseudonym(uid), pseudonym("CQ500-CT-47")}
+
+
 def test_image_folder_copies_of_one_slice_stay_in_one_part_without_a_patient_column(
     tmp_path: Path,
 ) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from inference.constants import CLASSES
+from inference.datasets import pseudonym
 from inference.gradcam import _normalise
 from inference.heads import (
     AttentionSlices,
@@ -246,7 +247,10 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
         for e in sweep
         if e["l2"] == 0.01 and e["attention_weight"] == best["attention_weight"]
     )
-    assert package.training["split"]["heads"] == [f"phantom-{77 * 100000 + i}" for i in range(6)]
+    # recorded as pseudonyms: the package names no study
+    assert package.training["split"]["heads"] == [
+        pseudonym(f"phantom-{77 * 100000 + i}") for i in range(6)
+    ]
     assert set(package.training["operating_points_on_validation"]) == set(CLASSES)
     # the new package reads a study, and its slice scores are the refitted head's
     prediction = Predictor(package, torch.device("cpu")).predict(

@@ -130,7 +130,9 @@ def test_ich_atlas_build_rebuilds_the_atlas_from_the_training_split_only(
     data = ["--data", f"phantom:{phantoms['train']}", "--data", f"phantom:{phantoms['test']}"]
     assert main([*base, *data, "--out", str(rebuilt)]) == 0
     printed = capsys.readouterr().out
-    trained = len(ModelPackage.load(tiny_model).training["split"]["train"])
+    split = ModelPackage.load(tiny_model).training["split"]
+    assert all(k.startswith("sha256:") for keys in split.values() for k in keys)  # no study names
+    trained = len(split["train"])
     assert 0 < trained < 80
     assert f"{trained} of 80 items are in the model's training split" in printed
     assert "0 of 48 items" in printed  # the held-out studies never enter the atlas
