@@ -28,6 +28,7 @@ from inference.constants import AIR_HU, CT_IMAGE_STORAGE
 PADDING_HU_LIMIT = -1500.0  # at or below: scanner padding (-2000, -3024 after rescale), not tissue
 GEOMETRY_TOLERANCE = 1e-3
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR
 _PARSE_ERRORS = (EOFError, struct.error, ValueError, TypeError, KeyError, IndexError, OSError)
 
 
@@ -74,6 +75,19 @@ class EmptySeriesError(DicomInputError):
 
 class TooManySlicesError(DicomInputError):
     pass
+
+
+class InvalidAttributeError(DicomInputError):
+    """A value the series needs is missing or not usable (rescale, frame count)."""
+
+
+class UnsupportedEncodingError(DicomInputError):
+    """Pixel data this reader cannot turn into CT grey values: a transfer syntax with no
+    decoder here, colour, or float pixel data."""
+
+
+class DuplicateSliceError(DicomInputError):
+    """A second file of the same SOPInstanceUID, or a second slice at the same position."""
 
 
 @dataclass
@@ -186,25 +200,73 @@ def _without_file_header(name: str, handle: BinaryIO, **dcmread_kwargs: Any) -> 
 
 def _read_slice(name: str, data: bytes) -> _Slice:
     ds = _parse(name, data)
+    if ds.get("SOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+        raise NotDicomError(name, "a DICOMDIR (the index of a disc), not an image")
     modality = str(ds.get("Modality", "")).upper()
     if modality != "CT" and not (modality == "" and ds.get("SOPClassUID") == CT_IMAGE_STORAGE):
         raise UnsupportedModalityError(name, f"modality {modality or 'missing'} is not CT")
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise UnsupportedEncodingError(
+            name, "float pixel data, not the stored values of a CT image"
+        )
     if "PixelData" not in ds:
         if PIXEL_DATA_TAG in data:
             raise TruncatedFileError(name, "truncated DICOM (pixel data cut short)")
         raise NoPixelDataError(name, "no pixel data")
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+    frames = _optional_int(ds.get("NumberOfFrames", 1))
+    if frames is None:
+        raise InvalidAttributeError(name, "NumberOfFrames is not a number")
+    if frames != 1:
         raise MultiFrameError(name, "multi-frame images are not supported")
+    _check_image_header(name, ds)
+    return _Slice(name, ds)
+
+
+def _check_image_header(name: str, ds: Dataset) -> None:
+    """What every slice needs before its pixels are decoded: its size, grey values, the rescale
+    to Hounsfield units, its pixel spacing and, where given, a usable orientation."""
     if "Rows" not in ds or "Columns" not in ds:
         raise InconsistentGeometryError(name, "no Rows/Columns")
-    return _Slice(name, ds)
+    if not all((_optional_int(ds.get(k)) or 0) > 0 for k in ("Rows", "Columns")):
+        raise InconsistentGeometryError(name, "Rows/Columns are not positive numbers")
+    samples = _optional_int(ds.get("SamplesPerPixel", 1))
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedEncodingError(
+            name,
+            f"PhotometricInterpretation {photometric}, SamplesPerPixel"
+            f" {ds.get('SamplesPerPixel')}: not CT grey values",
+        )
+    for keyword in ("RescaleIntercept", "RescaleSlope"):
+        if _optional_float(ds.get(keyword)) is None:
+            raise InvalidAttributeError(
+                name, f"no usable {keyword}: stored values cannot be turned into Hounsfield units"
+            )
+    slope = float(ds.RescaleSlope)
+    if not np.isfinite(slope) or slope <= 0 or not np.isfinite(float(ds.RescaleIntercept)):
+        raise InvalidAttributeError(name, f"RescaleSlope {slope:g} is not a positive number")
+    spacing = _spacing(ds)
+    if spacing is None or min(spacing) <= 0:
+        raise InconsistentGeometryError(name, "no usable PixelSpacing (two positive numbers)")
+    if "ImageOrientationPatient" in ds and _normal(_orientation(ds)) is None:
+        raise InconsistentGeometryError(
+            name, "ImageOrientationPatient is not two orthogonal unit vectors"
+        )
 
 
 def _decode(item: _Slice) -> None:
     try:
         pixels = item.ds.pixel_array
+    except NotImplementedError:  # no decoder here for this transfer syntax (or none at all)
+        syntax = item.ds.file_meta.get("TransferSyntaxUID", "")
+        name = getattr(syntax, "name", "") or "unknown"
+        raise UnsupportedEncodingError(
+            item.source, f"transfer syntax {syntax} ({name}) cannot be decoded here"
+        ) from None
     except Exception as error:  # decoders raise many kinds; each means unusable pixel data
-        raise TruncatedFileError(item.source, f"truncated or corrupt pixel data: {error}") from None
+        raise TruncatedFileError(
+            item.source, f"truncated or corrupt pixel data: {_short(str(error), 200)}"
+        ) from None
     expected = (int(item.ds.Rows), int(item.ds.Columns))
     if pixels.shape != expected:
         raise TruncatedFileError(
@@ -282,10 +344,12 @@ def _expand(
 def _files_in(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
-    return sorted(
+    return sorted(  # hidden files and a disc's DICOMDIR index are not slices
         p
         for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        if p.is_file()
+        and p.name.upper() != "DICOMDIR"
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
 
 
@@ -328,14 +392,31 @@ def _keep_consistent(slices: list[_Slice], reject: Any) -> list[_Slice]:
                 reason = f"{label} {value} differs from the series' {majority}"
                 reject(error_type(item.source, reason))
         slices = kept
+    # A slice without a usable position in a series whose slices have one cannot be placed:
+    # the fallback (InstanceNumber) is for series where no slice has a position.
+    placed = [_floats(item.ds, "ImagePositionPatient", 3) is not None for item in slices]
+    if any(placed):
+        for item, has_position in zip(list(slices), placed, strict=True):
+            if not has_position:
+                reason = "no usable ImagePositionPatient, which the rest of the series has"
+                reject(InconsistentGeometryError(item.source, reason))
+        slices = [item for item, has_position in zip(slices, placed, strict=True) if has_position]
     seen: set[str] = set()
+    at: dict[tuple[float, ...], str] = {}
     unique = []
     for item in slices:
         uid = str(item.ds.get("SOPInstanceUID", ""))
+        point = _floats(item.ds, "ImagePositionPatient", 3)
+        where = None if point is None else tuple(round(v, 2) for v in point)
         if uid and uid in seen:
-            reject(DicomInputError(item.source, f"duplicate SOPInstanceUID {uid}"))
+            reject(DuplicateSliceError(item.source, f"duplicate SOPInstanceUID {uid}"))
+        elif where is not None and where in at:
+            reason = f"at the same ImagePositionPatient {list(where)} as {Path(at[where]).name}"
+            reject(DuplicateSliceError(item.source, reason))
         else:
             seen.add(uid)
+            if where is not None:
+                at[where] = item.source
             unique.append(item)
     return unique
 
@@ -391,7 +472,7 @@ def _build(slices: list[_Slice], skipped: list[SkippedFile]) -> CTSeries:
     order = sorted(range(len(slices)), key=lambda i: (positions[i], _instance(slices[i].ds) or 0))
     slices = [slices[i] for i in order]
     first = slices[0].ds
-    spacing = _spacing(first) or (1.0, 1.0)
+    spacing = _spacing(first) or (1.0, 1.0)  # every slice has one (_check_image_header)
     return CTSeries(
         hu=np.stack([_to_hu(item) for item in slices]),  # (N, H, W)
         positions_mm=np.asarray([positions[i] for i in order], dtype=np.float64),
@@ -410,18 +491,49 @@ def _build(slices: list[_Slice], skipped: list[SkippedFile]) -> CTSeries:
 
 
 def _positions(slices: list[_Slice]) -> list[float]:
-    """Distance of each slice along the normal; InstanceNumber times the thickness as a fallback."""
-    orientation = _orientation(slices[0].ds)
+    """Distance of each slice along the normal; InstanceNumber times the thickness as a
+    fallback where no slice has a position (``_keep_consistent`` leaves all or none). Without an
+    orientation the normal is the direction the positions spread along."""
+    normal = _normal(_orientation(slices[0].ds))
     points = [_floats(item.ds, "ImagePositionPatient", 3) for item in slices]
-    if orientation is not None and all(p is not None for p in points):
-        normal = np.cross(orientation[:3], orientation[3:])
-        return [float(np.dot(np.asarray(p), normal)) for p in points]
+    if all(p is not None for p in points):
+        stacked = np.asarray(points, dtype=np.float64)  # (N, 3)
+        if normal is None and len(slices) > 1:
+            centred = stacked - stacked.mean(axis=0)
+            axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+            normal = axis * np.sign(axis[np.argmax(np.abs(axis))])  # its largest part positive
+        if normal is not None:
+            return [float(np.dot(p, normal)) for p in stacked]
     step = _optional_float(slices[0].ds.get("SpacingBetweenSlices"))
     step = step or _optional_float(slices[0].ds.get("SliceThickness")) or 1.0
     numbers = [_instance(item.ds) for item in slices]
     if any(n is None for n in numbers):
         return [float(index) * step for index in range(len(slices))]  # keep the given order
     return [float(n or 0) * step for n in numbers]
+
+
+def _normal(orientation: tuple[float, ...] | None) -> np.ndarray | None:
+    """The slice normal of an ImageOrientationPatient, or None where its two vectors are not
+    (near) orthogonal unit vectors."""
+    if orientation is None:
+        return None
+    row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    tolerance = 0.01
+    if (
+        abs(np.linalg.norm(row) - 1) > tolerance
+        or abs(np.linalg.norm(column) - 1) > tolerance
+        or abs(float(np.dot(row, column))) > tolerance
+    ):
+        return None
+    normal = np.cross(row, column)
+    return normal / np.linalg.norm(normal)
+
+
+def _optional_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _instance(ds: Dataset) -> int | None:
@@ -442,8 +554,7 @@ def _to_hu(item: _Slice) -> np.ndarray:
     ds, stored = item.ds, item.pixels
     if stored is None:
         raise NoPixelDataError(item.source, "pixel data was not decoded")
-    slope = _optional_float(ds.get("RescaleSlope")) or 1.0
-    intercept = _optional_float(ds.get("RescaleIntercept")) or 0.0
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)  # checked on reading
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)  # (H, W)
     hu[_padding_mask(ds, stored) | (hu <= PADDING_HU_LIMIT)] = AIR_HU
     return hu

@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.tag import Tag
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -19,8 +21,10 @@ from inference import dicom_io
 from inference.constants import AIR_HU, CT_IMAGE_STORAGE
 from inference.dicom_io import (
     DicomInputError,
+    DuplicateSliceError,
     EmptySeriesError,
     InconsistentGeometryError,
+    InvalidAttributeError,
     MixedSeriesError,
     MultiFrameError,
     NoPixelDataError,
@@ -28,6 +32,7 @@ from inference.dicom_io import (
     SkippedFile,
     TooManySlicesError,
     TruncatedFileError,
+    UnsupportedEncodingError,
     UnsupportedModalityError,
     load_series,
     read_header,
@@ -169,6 +174,33 @@ def test_it_sorts_oblique_slices_along_the_slice_normal_when_positions_run_in_re
     assert np.all(np.diff(series.positions_mm) > 0)
     assert series.slice_spacing_mm == pytest.approx(2.5)
     assert series.hu[:, 0, 0].tolist() == [3.0, 2.0, 1.0, 0.0]
+
+
+def test_without_an_orientation_it_sorts_along_the_direction_the_positions_spread(
+    tmp_path: Path,
+) -> None:
+    for z, instance in ((10.0, 5), (0.0, 9), (20.0, 1)):
+        write_ct(
+            tmp_path / f"{instance}.dcm",
+            position=(3.0, -2.0, z),
+            orientation=None,
+            instance=instance,
+            pixels=marked(int(z)),
+        )
+
+    series = load_series(tmp_path)
+
+    assert series.hu[:, 0, 0].tolist() == [0.0, 10.0, 20.0]  # not by InstanceNumber
+    assert series.slice_spacing_mm == pytest.approx(10.0)
+
+
+def test_a_dicomdir_in_a_folder_is_not_read_as_a_slice(tmp_path: Path) -> None:
+    good = write_good_series(tmp_path / "IMAGES")
+    (tmp_path / "DICOMDIR").write_bytes(b"an index of the disc")
+
+    series = load_series(tmp_path)
+
+    assert series.sources == [str(p) for p in good] and series.skipped == []
 
 
 def test_it_falls_back_to_instance_number_without_position_or_orientation(tmp_path: Path) -> None:
@@ -316,6 +348,25 @@ def _multi_frame(path: Path) -> Path:
     return write_ct(path, frames=2, position=(0.0, 0.0, 99.0))
 
 
+def _patched(path: Path, *, meta: dict | None = None, **changes: str | None) -> Path:
+    """A CT file (at z = 99 mm) with attributes removed (None) or set to these bytes as
+    written, valid or not (backslashes part values)."""
+    ds = ct_dataset(position=(0.0, 0.0, 99.0))
+    for keyword, value in changes.items():
+        tag = Tag(pydicom.datadict.tag_for_keyword(keyword))
+        if value is None:
+            del ds[tag]
+        else:
+            vr = pydicom.datadict.dictionary_VR(tag)
+            raw = value.encode()
+            ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)  # type: ignore[assignment]
+    for keyword, value in (meta or {}).items():
+        setattr(ds.file_meta, keyword, value)
+    # explicit VR little endian, also for a transfer syntax pydicom does not know
+    ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    return path
+
+
 BAD_FILES = [
     pytest.param(_not_dicom, NotDicomError, "not a DICOM file", id="not-dicom"),
     pytest.param(_truncated, TruncatedFileError, "truncated", id="truncated"),
@@ -331,6 +382,66 @@ BAD_FILES = [
     ),
     pytest.param(_other_spacing, InconsistentGeometryError, "PixelSpacing", id="other-spacing"),
     pytest.param(_multi_frame, MultiFrameError, "multi-frame", id="multi-frame"),
+    pytest.param(
+        lambda p: _patched(p, ImagePositionPatient=None),
+        InconsistentGeometryError,
+        "no usable ImagePositionPatient, which the rest of the series has",
+        id="no-position",
+    ),
+    pytest.param(
+        lambda p: write_ct(p, position=(0.0, 0.0, 5.0)),
+        DuplicateSliceError,
+        "at the same ImagePositionPatient [0.0, 0.0, 5.0] as good1.dcm",
+        id="same-position",
+    ),
+    pytest.param(
+        lambda p: _patched(p, RescaleIntercept=None),
+        InvalidAttributeError,
+        "no usable RescaleIntercept",
+        id="no-intercept",
+    ),
+    pytest.param(
+        lambda p: _patched(p, RescaleSlope="0"),
+        InvalidAttributeError,
+        "RescaleSlope 0 is not a positive number",
+        id="zero-slope",
+    ),
+    pytest.param(
+        lambda p: _patched(p, PixelSpacing=None),
+        InconsistentGeometryError,
+        "no usable PixelSpacing",
+        id="no-spacing",
+    ),
+    pytest.param(
+        lambda p: _patched(p, ImageOrientationPatient="0\\0\\0\\0\\0\\0 "),
+        InconsistentGeometryError,
+        "not two orthogonal unit vectors",
+        id="degenerate-orientation",
+    ),
+    pytest.param(
+        lambda p: _patched(p, NumberOfFrames="ab"),
+        InvalidAttributeError,
+        "NumberOfFrames is not a number",
+        id="frames-not-a-number",
+    ),
+    pytest.param(
+        lambda p: _patched(p, Rows=None),
+        InconsistentGeometryError,
+        "no Rows/Columns",
+        id="no-rows",
+    ),
+    pytest.param(
+        lambda p: _patched(p, PhotometricInterpretation="RGB "),
+        UnsupportedEncodingError,
+        "PhotometricInterpretation RGB, SamplesPerPixel 1: not CT grey values",
+        id="colour",
+    ),
+    pytest.param(
+        lambda p: _patched(p, meta={"TransferSyntaxUID": "1.2.3.4.5"}),
+        UnsupportedEncodingError,
+        "transfer syntax 1.2.3.4.5",
+        id="unknown-transfer-syntax",
+    ),
 ]
 
 
