@@ -268,25 +268,6 @@ def interpolate_at(
     return volume[lower].to(dtype) * (1 - w) + volume[upper].to(dtype) * w
 
 
-def slice_context(
-    windowed: torch.Tensor, positions_mm: np.ndarray, config: PreprocessConfig, chunk: int = 32
-) -> torch.Tensor:
-    """Blend each slice with its neighbours: (1 - d) * slice + d * mean(below, above).
-
-    Done ``chunk`` slices at a time into one output tensor, so a long series needs its input
-    and output plus a few slices of neighbours, not five more copies of the volume (a 500-slice
-    series at 256 px: about 0.4 GB per copy)."""
-    degree = config.interpolation_degree
-    if degree == 0:
-        return windowed
-    out = torch.empty_like(windowed)
-    for start in range(0, len(windowed), chunk):
-        rows = slice(start, start + chunk)
-        below, above = neighbour_slices(windowed, positions_mm, config.context_mm, rows)
-        out[rows] = (1 - degree) * windowed[rows] + degree * 0.5 * (below + above)
-    return out
-
-
 def hu_from_windowed(image: np.ndarray, window: Window) -> np.ndarray:
     """Invert an 8-bit windowed picture to HU. Only the window's range survives: 0 means "at or
     below the window" and 255 "at or above"; training clips full-range CT the same way."""
@@ -300,8 +281,31 @@ def clip_to_window(hu: torch.Tensor, window: Window) -> torch.Tensor:
 
 
 def model_input(
-    hu_model_grid: torch.Tensor, positions_mm: np.ndarray, config: PreprocessConfig
+    hu_model_grid: torch.Tensor,
+    positions_mm: np.ndarray,
+    config: PreprocessConfig,
+    chunk: int = 32,
 ) -> torch.Tensor:
-    """(N, S, S) HU on the model grid -> (N, C, S, S) network input in [0, 1]."""
-    windowed = apply_windows(hu_model_grid, config.windows)  # (N, C, S, S)
-    return slice_context(windowed, positions_mm, config)
+    """(N, S, S) HU on the model grid -> (N, C, S, S) network input in [0, 1]: each slice's
+    windows blended with those of its neighbours ``context_mm`` below and above,
+    (1 - d) * slice + d * mean(below, above). The neighbours are interpolated by position in
+    HU and windowed after, exactly as training builds a slice (``data.slice_input``):
+    windowing clamps, so windowing first gives other values wherever a neighbour falls
+    between real slices (any spacing but 5 mm).
+
+    Done ``chunk`` slices at a time into one output tensor, so a long series needs its input
+    and output plus a few slices of neighbours (a 500-slice series at 256 px: about 0.4 GB
+    per output copy)."""
+    hu = hu_model_grid
+    windows, degree = config.windows, config.interpolation_degree
+    out = torch.empty((len(hu), len(windows), *hu.shape[1:]), dtype=torch.float32)
+    for start in range(0, len(hu), chunk):
+        rows = slice(start, start + chunk)
+        here = apply_windows(hu[rows].float(), windows)
+        if degree == 0:
+            out[rows] = here
+            continue
+        below, above = neighbour_slices(hu, positions_mm, config.context_mm, rows)
+        context = apply_windows(below.float(), windows) + apply_windows(above.float(), windows)
+        out[rows] = (1 - degree) * here + degree * 0.5 * context
+    return out

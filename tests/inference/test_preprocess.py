@@ -13,10 +13,10 @@ from inference.preprocess import (
     apply_windows,
     clip_to_window,
     hu_from_windowed,
+    model_input,
     neighbour_slices,
     resample_inplane,
     resample_mask,
-    slice_context,
     to_original,
 )
 
@@ -98,28 +98,43 @@ def test_the_border_slices_repeat_themselves_instead_of_inventing_anatomy() -> N
     assert above[2, 0].item() == 3.0
 
 
-def test_slice_context_blends_by_the_interpolation_degree() -> None:
-    volume = torch.tensor([0.0, 1.0, 0.0])[:, None]
-    config = PreprocessConfig(interpolation_degree=0.5, context_mm=5.0)
-    blended = slice_context(volume, np.array([0.0, 5.0, 10.0]), config)
-    assert blended[:, 0].tolist() == pytest.approx([0.25, 0.5, 0.25])
+def test_the_model_input_blends_each_slice_with_its_neighbours_by_the_degree() -> None:
+    hu = torch.tensor([0.0, 80.0, 0.0])[:, None, None]  # brain window 40/80: 0, 1, 0
+    config = PreprocessConfig(windows=(BRAIN,), interpolation_degree=0.5, context_mm=5.0)
+    blended = model_input(hu, np.array([0.0, 5.0, 10.0]), config)
+    assert blended[:, 0, 0, 0].tolist() == pytest.approx([0.25, 0.5, 0.25])
 
 
-def test_slice_context_in_chunks_equals_the_whole_volume_at_once() -> None:
+def test_the_model_input_in_chunks_equals_the_whole_volume_at_once() -> None:
     rng = np.random.default_rng(0)
-    volume = torch.from_numpy(rng.random((41, 3, 8, 8), dtype=np.float32))
+    hu = torch.from_numpy(rng.uniform(-200, 300, (41, 8, 8)).astype(np.float32))
     positions = np.cumsum(np.r_[0.0, rng.uniform(1.0, 6.0, 40)])  # uneven gaps
     config = PreprocessConfig(interpolation_degree=0.25, context_mm=5.0)
-    whole = slice_context(volume, positions, config, chunk=len(volume))
-    below, above = neighbour_slices(volume, positions, 5.0)
-    assert torch.equal(whole, 0.75 * volume + 0.25 * 0.5 * (below + above))
+    whole = model_input(hu, positions, config, chunk=len(hu))
     for chunk in (1, 4, 32):  # chunk borders fall inside the volume; neighbours cross them
-        assert torch.equal(slice_context(volume, positions, config, chunk=chunk), whole)
+        assert torch.equal(model_input(hu, positions, config, chunk=chunk), whole)
 
 
-def test_a_single_slice_has_itself_as_context() -> None:
-    volume = torch.ones(1, 3, 4, 4)
-    assert torch.equal(slice_context(volume, np.array([0.0]), PreprocessConfig()), volume)
+def test_prediction_builds_each_slice_exactly_as_training_does_at_any_spacing() -> None:
+    """Neighbours are interpolated in HU and windowed after, in both. Windowing first would
+    differ wherever a neighbour falls between real slices: here every gap is uneven and the
+    values cross the windows' bounds."""
+    from inference.data import Volume, slice_input
+
+    rng = np.random.default_rng(1)
+    hu = torch.from_numpy(rng.uniform(-300, 900, (9, 8, 8)).astype(np.float32)).half()
+    positions = np.cumsum(np.r_[0.0, rng.uniform(0.6, 4.0, 8)])
+    config = PreprocessConfig(image_size=8, interpolation_degree=0.25, context_mm=5.0)
+    volume = Volume(
+        key="s", patient_id="p", hu=hu, positions_mm=positions,
+        slice_labels=np.zeros((9, 6), np.float32), study_labels=np.zeros(6, np.float32),
+        masks=None, windowed_source=False, source="phantom",
+    )  # fmt: skip
+    predicted = model_input(hu.float(), positions, config)
+    trained = torch.stack([slice_input(volume, i, config, None)[0] for i in range(9)])
+    torch.testing.assert_close(predicted, trained, rtol=0, atol=1e-6)
+    single = model_input(hu[:1].float(), positions[:1], config)  # one slice: itself as context
+    torch.testing.assert_close(single, apply_windows(hu[:1].float(), config.windows))
 
 
 def _disc(size: int, radius_px: float) -> np.ndarray:
