@@ -294,10 +294,14 @@ def _destination(name: str) -> tuple[str, str, int] | None:
 ICH_RESULTS_DESTINATION = _destination("ICH_RESULTS_DESTINATION")
 
 # Logs never carry PHI: the app logs ids, never names, patient ids or file contents.
+# Library warnings reach the logs through logger py.warnings with their text withheld
+# (ichweb.logfilters): they quote the values they warn about, a patient name among them.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"withhold_warning_text": {"()": "ichweb.logfilters.WithholdWarningText"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {"py.warnings": {"filters": ["withhold_warning_text"]}},
     "root": {"handlers": ["console"], "level": env_str("ICH_LOG_LEVEL", "INFO")},
 }
