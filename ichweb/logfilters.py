@@ -14,8 +14,11 @@ class WithholdWarningText(logging.Filter):
     was raised, and its text is withheld."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "text_withheld", False):  # logging configured twice: filtered twice
+            return True
         match = _WARNING.match(record.getMessage())
         where = f"{match['category']} at {match['where']}" if match else "a warning"
         record.msg = f"{where} (text withheld: it may quote patient data)"
         record.args = ()
+        record.text_withheld = True
         return True

@@ -29,3 +29,20 @@ def test_a_library_warning_reaches_the_log_without_its_text(
     assert record.getMessage().startswith("UserWarning at ")
     assert "test_logging.py:" in record.getMessage()
     assert record.getMessage().endswith("(text withheld: it may quote patient data)")
+
+
+def test_a_warning_filtered_twice_keeps_its_category_and_place() -> None:
+    """Logging configured a second time (a test or a command doing it again) puts the filter
+    on the logger twice: the second pass leaves the first one's text as it is."""
+    from ichweb.logfilters import WithholdWarningText
+
+    record = logging.LogRecord(
+        "py.warnings", logging.WARNING, __file__, 1, "%s",
+        ("/x/highdicom/base.py:199: UserWarning: The string \"DOE JANE\" is odd\n  code\n",),
+        None,
+    )  # fmt: skip
+    for _ in range(2):
+        assert WithholdWarningText().filter(record)
+    assert record.getMessage() == (
+        "UserWarning at /x/highdicom/base.py:199 (text withheld: it may quote patient data)"
+    )
