@@ -29,6 +29,7 @@ class Collected:
     study_labels: list[np.ndarray] = field(default_factory=list)
     study_probs: list[np.ndarray] = field(default_factory=list)
     study_flags: list[np.ndarray] = field(default_factory=list)
+    study_thresholds: list[np.ndarray] = field(default_factory=list)  # those the flags used
     slice_labels: list[np.ndarray] = field(default_factory=list)
     slice_probs: list[np.ndarray] = field(default_factory=list)
     pointing_hits: dict[str, list[bool]] = field(default_factory=lambda: {c: [] for c in CLASSES})
@@ -92,6 +93,9 @@ def evaluate(
                 )
     if not items:
         raise ValueError("no items left to evaluate (all were used in training?)")
+    items, copies = one_per_group(items)
+    if copies:
+        print(f"{copies} copies of pictures already in the set are counted once")
     collected = [Collected() for _ in range(1 + len(others))]
     for item in progress(items, desc=f"evaluate {source.kind}", unit="item"):
         _evaluate_item(item, predictor, others, collected)
@@ -100,13 +104,34 @@ def evaluate(
         [predictor, *others], collected, [out_dir, *(o for _, o in also)], strict=True
     ):
         report = _report(p, source, c, bootstrap_rounds)
-        report["dataset"].update({"title": title, "note": note, "held_out_only": exclude_training})
+        report["dataset"].update(
+            {
+                "title": title,
+                "note": note,
+                "held_out_only": exclude_training,
+                "copies_left_out": copies,
+            }
+        )
         out.mkdir(parents=True, exist_ok=True)
         _roc_png(c, out / "roc_study.png", p)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "MODEL_CARD.md").write_text(model_card(p, [report]))
         reports.append(report)
     return reports[0]
+
+
+def one_per_group(items: Sequence[Any]) -> tuple[list[Any], int]:
+    """The items with each picture counted once, and how many copies were left out. A set of
+    pictures can hold several copies of one slice (roboflow-ich's `*_jpg.rf.*` files, named by
+    their ``group``): counted each time, one slice would weigh as several."""
+    kept, seen = [], set()
+    for item in items:
+        group = getattr(item, "group", "") if isinstance(item, datasets.SliceItem) else ""
+        if group and group in seen:
+            continue
+        seen.add(group)
+        kept.append(item)
+    return kept, len(items) - len(kept)
 
 
 def _held_out(items: Sequence[Any], predictor: Predictor) -> list[Any]:
@@ -147,13 +172,16 @@ def _collect(
     collected.study_labels.append(np.asarray(item.labels, np.float32))
     collected.study_probs.append(probs)
     collected.study_flags.append(np.array([prediction.flags[c] for c in CLASSES]))
+    collected.study_thresholds.append(np.array([prediction.thresholds[c] for c in CLASSES]))
     collected.slice_labels.append(slice_labels)
     collected.slice_probs.append(prediction.slice_probabilities)
     collected.per_study.append(
         {
             "item": datasets.item_key(item),
             "labels": {c: _int_or_none(item.labels[i]) for i, c in enumerate(CLASSES)},
-            "probabilities": {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)},
+            # six significant figures: rounding to places tied the small ones, and a ship
+            # rule's AUC from these would differ from the report's
+            "probabilities": {c: float(f"{probs[i]:.6g}") for i, c in enumerate(CLASSES)},
             "flags": prediction.flags,
             "flag_correct": {
                 c: (
@@ -227,6 +255,7 @@ def _pointing(
     masks = _masks(item, series)
     if masks is None:
         return
+    # a picture has no pixel spacing: its tolerances are in pixels (the report says so)
     spacing = float(np.mean(series.pixel_spacing_mm)) if series.pixel_spacing_mm else 1.0
     for name, heatmap in prediction.heatmaps.items():
         c = CLASSES.index(name)
@@ -317,7 +346,17 @@ def _round(value: float) -> float | None:
 
 
 def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int) -> dict[str, Any]:
-    thresholds = predictor.package.thresholds
+    # The operating points the flags used: the package's, or for a class a strip reader fuses,
+    # the ensemble's own on series no reader could read (pictures). One value per class where
+    # every item used the same, else NaN and the values listed.
+    used = np.stack(c.study_thresholds) if c.study_thresholds else np.empty((0, len(CLASSES)))
+    same = [len(np.unique(used[:, i])) <= 1 for i in range(len(CLASSES))]
+    thresholds = np.array(
+        [
+            (used[0, i] if len(used) else predictor.package.thresholds[i]) if same[i] else np.nan
+            for i in range(len(CLASSES))
+        ]
+    )
     patients = np.array(c.patients)
     study = _level(
         np.stack(c.study_labels),
@@ -327,6 +366,9 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
         np.stack(c.study_flags),
         groups=patients,
     )
+    for i, name in enumerate(CLASSES):
+        if not same[i]:
+            study[name]["thresholds_used"] = [_round(float(t)) for t in np.unique(used[:, i])]
     slices_l, slices_p = np.concatenate(c.slice_labels), np.concatenate(c.slice_probs)
     carried = predictor.package.slice_thresholds()
     slice_thresholds = np.full(len(CLASSES), 0.5) if carried is None else carried
@@ -370,6 +412,7 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
                 "slices": len(hits),
                 "hit_rate": _round(float(np.mean(hits))) if hits else None,
                 "tolerance_mm": POINTING_TOLERANCE_MM,
+                "tolerance_unit": "px" if source.kind in PICTURE_KINDS else "mm",
                 "strict_hit_rate": _round(float(np.mean(c.pointing_strict[name])))
                 if hits
                 else None,
@@ -443,7 +486,9 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "- Explanations: Grad-CAM at the last convolutional stage (output stride"
         f" {package.members[0].output_stride}); prediction basis from an atlas of confidently",
         "  correct training slices. Pointing game: a hit is an attention peak within"
-        f" {POINTING_TOLERANCE_MM} mm of the bleed on a correctly flagged slice.",
+        f" {POINTING_TOLERANCE_MM} mm of the bleed, on the positive slices the model scores at"
+        " least 0.5 for the class (pictures, which have no pixel spacing: within"
+        f" {POINTING_TOLERANCE_MM} px).",
         "",
         "## Training data",
         f"- Sources: {', '.join(training.get('sources', [])) or 'unknown'}; items per part:"
@@ -635,13 +680,14 @@ def _card_section(report: dict[str, Any]) -> list[str]:
         s = report["study_level"][c]
         pg = report["pointing_game"][c]
         ci = s["auc_95ci"]
-        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
         pointing = (
             "n/a"
             if pg["hit_rate"] is None
             else f"{pg['hit_rate']:.0%} of {pg['slices']} "
             f"(chance {pg.get('chance_rate') or 0:.0%}; "
-            f"within {pg.get('strict_tolerance_mm', 1.5)} mm: {pg.get('strict_hit_rate') or 0:.0%})"
+            f"within {pg.get('strict_tolerance_mm', 1.5)} {pg.get('tolerance_unit', 'mm')}:"
+            f" {pg.get('strict_hit_rate') or 0:.0%})"
         )
         if pg.get("misses"):
             pointing += (

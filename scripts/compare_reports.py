@@ -3,7 +3,7 @@
     .venv/bin/python scripts/compare_reports.py var/eval/a/report.json var/eval/b/report.json
 
 Prints one Markdown table row per report (model name and version, the data set's title), from
-the per-study probabilities the report lists (rounded to four places there), so models measured
+the per-study probabilities the report lists (six significant figures there), so models measured
 on the same data set compare on the same footing. A ship rule compares such rows on a selection
 set, never on the test sets the model card reports.
 

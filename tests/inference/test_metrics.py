@@ -200,3 +200,44 @@ def test_ich_card_and_evaluate_name_what_is_wrong_with_their_input(
     args = ["evaluate", str(tmp_path / "unused.pt"), str(tmp_path), "--kind", "image_folder"]
     assert main([*args, "--out", str(tmp_path / "eval")]) == 2
     assert "an image_folder set needs its labels CSV (`--labels`" in capsys.readouterr().err
+
+
+def test_copies_of_one_picture_count_once_and_the_report_names_the_thresholds_flags_used() -> None:
+    from types import SimpleNamespace
+
+    from inference.data import DataSource
+    from inference.datasets import SliceItem
+    from inference.evaluation import Collected, _card_section, _report, one_per_group
+    from inference.package import ModelPackage
+    from inference.preprocess import PreprocessConfig
+
+    zeros = np.zeros(6, np.float32)
+    items = [SliceItem(Path(f"{g}_{n}.jpg"), zeros, "p", [], g) for g in "ab" for n in range(3)]
+    kept, copies = one_per_group(items)
+    assert [i.group for i in kept] == ["a", "b"] and copies == 4
+
+    c = Collected()
+    for i in range(4):  # the first two flagged at one point, the last two at another for "any"
+        labels = np.array([i % 2] + [np.nan] * 5)
+        c.names.append(f"x{i}")
+        c.patients.append(f"x{i}")
+        c.study_labels.append(labels)
+        c.study_probs.append(np.full(6, 0.2 + 0.2 * i))
+        c.study_flags.append(np.zeros(6, bool))
+        c.study_thresholds.append(np.array([0.3 if i < 2 else 0.9, 0.5, 0.5, 0.5, 0.5, 0.5]))
+        c.slice_labels.append(labels[None])
+        c.slice_probs.append(np.full((1, 6), 0.2 + 0.2 * i))
+    package = ModelPackage("m", "1", PreprocessConfig(), [], None)
+    report = _report(
+        SimpleNamespace(name="m", version="1", package=package),  # type: ignore[arg-type]
+        DataSource(kind="yolo", path="x"),
+        c,
+        50,
+    )
+    study = report["study_level"]
+    assert study["any"]["threshold"] is None and study["any"]["thresholds_used"] == [0.3, 0.9]
+    assert study["subdural"]["threshold"] == 0.5 and "thresholds_used" not in study["subdural"]
+    assert report["pointing_game"]["any"]["tolerance_unit"] == "px"
+    study["any"]["auc_95ci"] = [None, None]  # every resample lacked a class
+    report["dataset"] = {"kind": "yolo", "path": "x", "items": 4}
+    assert any(line.startswith("| Any haemorrhage | 4 (2) | ") for line in _card_section(report))
