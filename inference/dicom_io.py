@@ -394,21 +394,18 @@ def _keep_consistent(slices: list[_Slice], reject: Any) -> list[_Slice]:
         slices = kept
     # A slice without a usable position in a series whose slices have one cannot be placed:
     # the fallback (InstanceNumber) is for series where no slice has a position.
-    placed = [_floats(item.ds, "ImagePositionPatient", 3) is not None for item in slices]
-    if any(placed):
-        for item, has_position in zip(list(slices), placed, strict=True):
-            if not has_position:
-                reason = "no usable ImagePositionPatient, which the rest of the series has"
-                reject(InconsistentGeometryError(item.source, reason))
-        slices = [item for item, has_position in zip(slices, placed, strict=True) if has_position]
+    points = [_floats(item.ds, "ImagePositionPatient", 3) for item in slices]
+    some_placed = any(p is not None for p in points)
     seen: set[str] = set()
     at: dict[tuple[float, ...], str] = {}
     unique = []
-    for item in slices:
+    for item, point in zip(slices, points, strict=True):
         uid = str(item.ds.get("SOPInstanceUID", ""))
-        point = _floats(item.ds, "ImagePositionPatient", 3)
         where = None if point is None else tuple(round(v, 2) for v in point)
-        if uid and uid in seen:
+        if some_placed and where is None:
+            reason = "no usable ImagePositionPatient, which the rest of the series has"
+            reject(InconsistentGeometryError(item.source, reason))
+        elif uid and uid in seen:
             reject(DuplicateSliceError(item.source, f"duplicate SOPInstanceUID {uid}"))
         elif where is not None and where in at:
             reason = f"at the same ImagePositionPatient {list(where)} as {Path(at[where]).name}"

@@ -349,14 +349,9 @@ def _report(predictor: Predictor, source: DataSource, c: Collected, rounds: int)
     # The operating points the flags used: the package's, or for a class a strip reader fuses,
     # the ensemble's own on series no reader could read (pictures). One value per class where
     # every item used the same, else NaN and the values listed.
-    used = np.stack(c.study_thresholds) if c.study_thresholds else np.empty((0, len(CLASSES)))
-    same = [len(np.unique(used[:, i])) <= 1 for i in range(len(CLASSES))]
-    thresholds = np.array(
-        [
-            (used[0, i] if len(used) else predictor.package.thresholds[i]) if same[i] else np.nan
-            for i in range(len(CLASSES))
-        ]
-    )
+    used = np.stack(c.study_thresholds or [predictor.package.thresholds])  # (items, 6)
+    same = (used == used[0]).all(axis=0)
+    thresholds = np.where(same, used[0], np.nan)
     patients = np.array(c.patients)
     study = _level(
         np.stack(c.study_labels),
