@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fusion_probe import out_of_fold_auc  # noqa: E402  (scripts/ is on sys.path when run)
+from fusion_probe import out_of_fold_auc  # scripts/ is on sys.path when run as a script
 
 from inference.constants import CLASSES
 from inference.convexity import readers_study_logits, strip_features
@@ -93,7 +93,9 @@ def main() -> None:
     ens = {"plain": np.stack(plain), "flip-averaged": np.stack(flipped)}
     ev, lab = np.stack(evidence), np.stack(labels)  # ev (S, R, 6)
     print(f"{len(items)} studies from {', '.join(map(str, args.sets))}; {args.model}")
-    print(f"{'class':<18}{'ensemble plain':>16}{'flip-averaged':>15}   fused (reader): plain -> flip")
+    print(
+        f"{'class':<18}{'ensemble plain':>16}{'flip-averaged':>15}   fused (reader): plain -> flip"
+    )
     for c, name in enumerate(CLASSES):
         known = ~np.isnan(lab[:, c])
         line = f"{name:<18}"
