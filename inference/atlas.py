@@ -99,13 +99,23 @@ def _correct_slices(
 
 
 def farthest_points(vectors: np.ndarray, k: int) -> list[int]:
-    """A diverse subset: the first point, then each time the one farthest from those chosen."""
+    """A diverse subset of up to k distinct points (unit vectors): the first point, then each
+    time the one farthest from those chosen. Copies of a chosen point are never chosen, so
+    fewer than k come back where fewer than k differ."""
+    if k < 1:
+        raise ValueError(f"an atlas keeps at least 1 slice per class, not {k}")
+    if len(vectors) == 0:
+        return []
     chosen = [0]
     distance = 1 - vectors @ vectors[0]
+    distance[0] = -np.inf
     while len(chosen) < min(k, len(vectors)):
         nxt = int(np.argmax(distance))
+        if distance[nxt] <= 1e-6:  # every point left is a copy of one chosen
+            break
         chosen.append(nxt)
         distance = np.minimum(distance, 1 - vectors @ vectors[nxt])
+        distance[chosen] = -np.inf
     return chosen
 
 

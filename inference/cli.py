@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         " the model trained on are used (its recorded training split)",
     )
     build.add_argument("--labels", type=Path, help="labels CSV for an image_folder --data")
-    build.add_argument("--per-class", type=int, default=12)
+    build.add_argument("--per-class", type=_positive_int, default=12)
     build.add_argument("--out", type=Path, help="where to write the model (default: in place)")
     build.set_defaults(run=_atlas_build)
 
@@ -340,6 +340,16 @@ def _evaluation_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a whole number of at least 1")
+    return number
+
+
 def _device_name(value: str) -> str:
     """cpu, cuda or cuda:N, as torch names them."""
     kind, _, index = value.partition(":")
@@ -357,8 +367,16 @@ def _predict(args: argparse.Namespace) -> None:
     )
     from inference.predictor import Predictor
 
-    if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
-        raise ValueError(f"--heatmaps {args.heatmaps}: a file, not a folder")
+    if args.heatmaps is not None:  # before the model loads and the study is read
+        if args.heatmaps.exists() and not args.heatmaps.is_dir():
+            raise ValueError(f"--heatmaps {args.heatmaps}: a file, not a folder")
+        try:
+            args.heatmaps.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise ValueError(f"--heatmaps {args.heatmaps}: cannot be made ({reason})") from None
+        if not os.access(args.heatmaps, os.W_OK):
+            raise ValueError(f"--heatmaps {args.heatmaps}: not writable")
     for path in args.paths:
         if not path.exists():
             raise ValueError(f"{path}: no such file or folder")
@@ -381,9 +399,9 @@ def _predict(args: argparse.Namespace) -> None:
     prediction = predictor.predict(series, heatmaps=args.heatmaps is not None)
     prediction.timings = {"read": read_s, **prediction.timings}
     prediction.timings["total"] += read_s
-    print(json.dumps(prediction.summary(), indent=2))
-    if args.heatmaps:
+    if args.heatmaps:  # first, so that printed JSON means everything asked for was done
         _write_overlays(prediction, series, args.heatmaps)
+    print(json.dumps(prediction.summary(), indent=2))
 
 
 def _write_overlays(prediction: Any, series: Any, out: Path) -> None:

@@ -14,13 +14,15 @@ import math
 import os
 import random
 import re
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import yaml
 
 from inference.constants import CLASSES, SUBTYPES
 from inference.dicom_io import DicomInputError, read_header
@@ -91,7 +93,9 @@ def pseudonym(key: str) -> str:
     (which can carry an identifier), and can still tell whether an item was one of them. It
     is a pseudonym, not anonymisation: whoever holds the data can recompute it. A recorded
     pseudonym maps to itself, so packages that recorded plain keys (before 2026-12-07) and
-    new ones compare alike."""
+    new ones compare alike; such a package records pseudonyms once it is saved again
+    (``ModelPackage.save``). The training record keeps the folders its config named as data
+    sources: name them without identifiers."""
     if key.startswith(PSEUDONYM_PREFIX):
         return key
     return PSEUDONYM_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -105,20 +109,58 @@ def recorded(keys: Iterable[str]) -> set[str]:
 # --- CSV and labels -------------------------------------------------------------------------------
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts with stripped keys and values."""
+class CsvRow(dict[str, str]):
+    """One CSV row: stripped column name -> stripped value, and the file line it began on."""
+
+    def __init__(self, values: dict[str, str], line: int) -> None:
+        super().__init__(values)
+        self.line = line
+
+
+def read_csv(path: Path) -> list[CsvRow]:
+    """Rows of a CSV file as dicts with stripped keys and values, each with its line number
+    (``row.line``, counting the header as line 1 and blank lines too). Rows with more fields
+    than the header, and text that is not UTF-8, are refused with the file and line named."""
     if not path.is_file():
         raise DatasetError(path, "file not found")
+    rows = []
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise DatasetError(path, "empty file (no header row)")
-        rows = [
-            {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            for row in reader
-            if any((v or "").strip() for v in row.values())
-        ]
+        reader = csv.DictReader(handle, restkey=_EXTRA_FIELDS)
+        try:
+            if not reader.fieldnames:
+                raise DatasetError(path, "empty file (no header row)")
+            for row in reader:
+                line = reader.line_num  # where the row ends (a quoted field may span lines)
+                extra = row.pop(_EXTRA_FIELDS, [])
+                if any(v.strip() for v in extra):  # empty trailing fields are harmless
+                    raise DatasetError(
+                        path,
+                        f"line {line}: {len(reader.fieldnames) + len(extra)}"
+                        f" fields where the header has {len(reader.fieldnames)}",
+                    )
+                values = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                if any(values.values()):
+                    rows.append(CsvRow(values, line))
+        except UnicodeDecodeError as error:
+            raise DatasetError(
+                path, f"not UTF-8 text ({error.reason} at byte {error.start})"
+            ) from None
+        except csv.Error as error:
+            raise DatasetError(path, f"line {reader.line_num}: not CSV ({error})") from None
     return rows
+
+
+_EXTRA_FIELDS = "\x00extra"
+
+
+def _unique_rows(rows: Sequence[CsvRow], key: Callable[[CsvRow], str], path: Path) -> None:
+    """Refuse two rows naming the same study, image or slice (with two sets of labels)."""
+    first: dict[str, int] = {}
+    for row in rows:
+        name = key(row)
+        if name in first:
+            raise DatasetError(path, f"line {row.line}: {name!r} repeats line {first[name]}")
+        first[name] = row.line
 
 
 def _columns(path: Path) -> list[str]:
@@ -135,17 +177,24 @@ def parse_label(value: str, *, path: Path, row: int, column: str) -> float:
         return 1.0
     if text in ("0", "0.0", "false"):
         return 0.0
-    raise DatasetError(path, f"row {row}, column {column!r}: label {value!r} is not 0 or 1")
+    raise DatasetError(path, f"line {row}, column {column!r}: label {value!r} is not 0 or 1")
 
 
 def labels_from_row(row: dict[str, str], *, path: Path, row_number: int) -> np.ndarray:
-    """(6,) float32 from the class columns present; 'any' derived from fully known subtypes."""
+    """(6,) float32 from the class columns present. An unknown 'any' becomes 1 where a subtype
+    is 1, and the subtypes' largest where all of them are known; an 'any' of 0 beside a subtype
+    of 1 is refused."""
     labels = np.full(len(CLASSES), np.nan, dtype=np.float32)
     for index, name in enumerate(CLASSES):
         if name in row:
             labels[index] = parse_label(row[name], path=path, row=row_number, column=name)
     subtypes = labels[1:]
-    if np.isnan(labels[0]) and not np.isnan(subtypes).any():
+    if (subtypes == 1).any():
+        if labels[0] == 0:
+            named = [n for n, v in zip(CLASSES[1:], subtypes, strict=True) if v == 1]
+            raise DatasetError(path, f"line {row_number}: 'any' is 0 but {named} is 1")
+        labels[0] = 1.0  # a known bleed of any subtype is a bleed
+    elif np.isnan(labels[0]) and not np.isnan(subtypes).any():
         labels[0] = float(subtypes.max())
     return labels
 
@@ -187,7 +236,10 @@ def read_phantom_dataset(root: str | os.PathLike[str]) -> list[StudyItem]:
     _check_columns(labels_csv, required=("study", *CLASSES), optional=("patient",))
     slice_labels = _phantom_slice_labels(root / "slice_labels.csv")
     items = []
-    for number, row in enumerate(read_csv(labels_csv), start=2):
+    rows = read_csv(labels_csv)
+    _unique_rows(rows, lambda row: row["study"], labels_csv)
+    for row in rows:
+        number = row.line
         study = row["study"]
         folder = _study_folder(root, study, labels_csv)
         masks = folder / "masks.npz"
@@ -211,9 +263,11 @@ def _phantom_slice_labels(path: Path) -> dict[str, dict[str, np.ndarray]] | None
         path, required=("study", "sop_instance_uid", *CLASSES), optional=("slice_index",)
     )
     by_study: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    for number, row in enumerate(read_csv(path), start=2):
+    rows = read_csv(path)
+    _unique_rows(rows, lambda row: f"{row['study']}/{row['sop_instance_uid']}", path)
+    for row in rows:
         by_study[row["study"]][row["sop_instance_uid"]] = labels_from_row(
-            row, path=path, row_number=number
+            row, path=path, row_number=row.line
         )
     return dict(by_study)
 
@@ -232,7 +286,10 @@ def read_study_folder(root: str | os.PathLike[str]) -> list[StudyItem]:
     read_csv(labels_csv)
     _check_columns(labels_csv, required=("study",), optional=("patient",))
     items = []
-    for number, row in enumerate(read_csv(labels_csv), start=2):
+    rows = read_csv(labels_csv)
+    _unique_rows(rows, lambda row: row["study"], labels_csv)
+    for row in rows:
+        number = row.line
         folder = _study_folder(root, row["study"], labels_csv)
         items.append(
             StudyItem(
@@ -257,8 +314,10 @@ def read_cq500(root: str | os.PathLike[str]) -> list[StudyItem]:
     if "name" not in columns or not any(re.match(r"R\d+:ICH$", c) for c in columns):
         raise DatasetError(reads_csv, "expected a 'name' column and reader columns like 'R1:ICH'")
     folders = _cq500_folders(root, {_cq500_key(row["name"]) for row in rows})
+    _unique_rows(rows, lambda row: _cq500_key(row["name"]), reads_csv)
     items = []
-    for number, row in enumerate(rows, start=2):
+    for row in rows:
+        number = row.line
         folder = folders.get(_cq500_key(row["name"]))
         if folder is None:
             continue
@@ -272,6 +331,12 @@ def read_cq500(root: str | os.PathLike[str]) -> list[StudyItem]:
         )
     if not items:
         raise DatasetError(root, "no study folder matches a name in reads.csv")
+    if len(items) < len(rows):
+        warnings.warn(
+            f"{reads_csv}: {len(rows) - len(items)} of {len(rows)} studies it lists have no"
+            f" folder under {root} and are left out",
+            stacklevel=2,
+        )
     return items
 
 
@@ -310,27 +375,55 @@ def _cq500_majority(
 
 
 def pick_series(study_folder: Path) -> list[Path]:
-    """Files of the thinnest axial series (ties: most files) among the folders of a study."""
+    """DICOM files of the thinnest axial series (ties: most files) among the folders of a
+    study. Files that are not DICOM (an index, a report) are left out of the ranking and of
+    the series, so a stray file can neither hide a folder's series nor enter it."""
     by_folder: dict[Path, list[Path]] = defaultdict(list)
     for path in _dicom_files(study_folder):
         by_folder[path.parent].append(path)
     if not by_folder:
         raise DatasetError(study_folder, "study folder holds no files")
-    return min(by_folder.values(), key=_series_rank)
+    ranked = [_series_rank(paths) for paths in by_folder.values()]
+    _, header_file, paths = min(ranked, key=lambda r: r[0])
+    if header_file is None:
+        raise DatasetError(study_folder, "study folder holds no DICOM file")
+    return [p for p in paths if _is_dicom(p)]
 
 
-def _series_rank(paths: list[Path]) -> tuple[int, float, int]:
+def _is_dicom(path: Path) -> bool:
+    """A DICOM file: the 'DICM' mark after the preamble, or (files without one) a header that
+    parses."""
     try:
-        header = read_header(paths[0])
-    except DicomInputError:
-        return (2, math.inf, -len(paths))
+        with path.open("rb") as handle:
+            if handle.read(132)[128:] == b"DICM":
+                return True
+        read_header(path)
+    except (OSError, DicomInputError):
+        return False
+    return True
+
+
+def _series_rank(
+    paths: list[Path],
+) -> tuple[tuple[int, float, int], Path | None, list[Path]]:
+    """(rank, the file read, paths): axial before other orientations before none, thinner
+    first, then more files. The rank is read from the folder's first file that is DICOM."""
+    header = None
+    for path in paths:
+        try:
+            header = read_header(path)
+        except DicomInputError:
+            continue
+        break
+    if header is None:
+        return (2, math.inf, -len(paths)), None, paths
     orientation = [float(v) for v in header.get("ImageOrientationPatient", [])] or None
     axial = orientation is not None and abs(np.cross(orientation[:3], orientation[3:])[2]) > 0.9
     try:
         thickness = float(header.get("SliceThickness"))
     except (TypeError, ValueError):
         thickness = math.inf
-    return (0 if axial else 1, thickness, -len(paths))
+    return (0 if axial else 1, thickness, -len(paths)), path, paths
 
 
 def read_rsna(root: str | os.PathLike[str]) -> list[StudyItem]:
@@ -345,8 +438,16 @@ def read_rsna(root: str | os.PathLike[str]) -> list[StudyItem]:
     image_labels = _rsna_image_labels(labels_csv)
     series: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     study_of: dict[str, tuple[str, str]] = {}
+    on_disk = _rsna_images(root)
+    absent = [image_id for image_id in image_labels if image_id not in on_disk]
+    if absent and len(absent) < len(image_labels):
+        warnings.warn(
+            f"{labels_csv}: {len(absent)} of {len(image_labels)} images it lists are not under"
+            f" {root} and are left out; a series' labels come from its images that are there",
+            stacklevel=2,
+        )
     for image_id in sorted(image_labels):
-        path = _rsna_image(root, image_id)
+        path = on_disk.get(image_id)
         if path is None:
             continue
         header = read_header(
@@ -370,10 +471,12 @@ def _rsna_image_labels(path: Path) -> dict[str, np.ndarray]:
     if columns[:2] != ["ID", "Label"]:
         raise DatasetError(path, f"expected columns ['ID', 'Label'], got {columns}")
     by_image: dict[str, np.ndarray] = {}
-    for number, row in enumerate(rows, start=2):
+    _unique_rows(rows, lambda row: row["ID"], path)
+    for row in rows:
+        number = row.line
         image_id, _, name = row["ID"].rpartition("_")
         if name not in CLASSES or not image_id:
-            raise DatasetError(path, f"row {number}: ID {row['ID']!r} is not ID_<image>_<class>")
+            raise DatasetError(path, f"line {number}: ID {row['ID']!r} is not ID_<image>_<class>")
         labels = by_image.setdefault(image_id, np.full(len(CLASSES), np.nan, dtype=np.float32))
         labels[CLASSES.index(name)] = parse_label(
             row["Label"], path=path, row=number, column="Label"
@@ -381,12 +484,15 @@ def _rsna_image_labels(path: Path) -> dict[str, np.ndarray]:
     return by_image
 
 
-def _rsna_image(root: Path, image_id: str) -> Path | None:
+def _rsna_images(root: Path) -> dict[str, Path]:
+    """ID_<image> -> its file (.dcm in any case) in the first of RSNA_IMAGE_FOLDERS holding it."""
+    found: dict[str, Path] = {}
     for folder in RSNA_IMAGE_FOLDERS:
-        path = root / folder / f"{image_id}.dcm"
-        if path.is_file():
-            return path
-    return None
+        if (root / folder).is_dir():
+            for path in sorted((root / folder).iterdir()):
+                if path.suffix.lower() == ".dcm" and path.is_file():
+                    found.setdefault(path.stem, path)
+    return found
 
 
 def _rsna_item(
@@ -423,6 +529,11 @@ def read_yolo_slices(root: str | os.PathLike[str]) -> list[SliceItem]:
     )
     if not images:
         raise DatasetError(root, "no images/ folder with images")
+    for folder in sorted({path.parent for path in images}):
+        if not (folder.parent / "labels").is_dir():
+            raise DatasetError(
+                folder, "has no labels/ folder beside it (every image would read as negative)"
+            )
     return [_yolo_item(path, class_map) for path in images]
 
 
@@ -432,12 +543,20 @@ def _yolo_item(image: Path, class_map: dict[int, int]) -> SliceItem:
     labels = np.zeros(len(CLASSES), dtype=np.float32)
     for subtype, *_ in boxes:
         labels[0] = labels[1 + subtype] = 1.0
+    patient, separator, _ = image.stem.partition("_")
+    if not separator or not patient:
+        raise DatasetError(
+            image,
+            "the patient cannot be read from the name (expected <patient>_<slice>..., as in"
+            " roboflow-ich); a split by file would put one patient's slices in two parts. Use"
+            " an image folder with a labels CSV and a patient column instead",
+        )
     return SliceItem(
         image_path=image,
         labels=labels,
-        patient_id=image.stem.split("_")[0],
+        patient_id=patient,
         boxes=boxes,
-        group=re.split(r"_(?:jpe?g|png|bmp|tiff?)\.rf\.", image.stem)[0],
+        group=re.split(r"_(?:jpe?g|png|bmp|tiff?)\.rf\.", image.stem, flags=re.IGNORECASE)[0],
     )
 
 
@@ -485,31 +604,22 @@ def _yolo_class_map(path: Path) -> dict[int, int]:
 
 
 def _yaml_names(path: Path) -> dict[int, str]:
-    """`names:` as a flow list, a block list or an index mapping (the forms YOLO tools write)."""
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines):
-        match = re.match(r"names\s*:\s*(.*)$", line)
-        if not match:
-            continue
-        inline = match.group(1).split("#")[0].strip()
-        if inline.startswith("["):
-            items = [_unquote(v) for v in inline.strip("[]").split(",") if v.strip()]
-            return dict(enumerate(items))
-        names: dict[int, str] = {}
-        for entry in lines[number + 1 :]:
-            if entry.strip() and not entry[0].isspace():
-                break
-            if item := re.match(r"\s*-\s*(.+)$", entry):
-                names[len(names)] = _unquote(item.group(1))
-            elif item := re.match(r"\s*(\d+)\s*:\s*(.+)$", entry):
-                names[int(item.group(1))] = _unquote(item.group(2))
-        if names:
-            return names
+    """`names:` of a YOLO data.yaml: a list, or a mapping of class index to name."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise DatasetError(path, f"not YAML ({str(error).splitlines()[0]})") from None
+    names = data.get("names") if isinstance(data, dict) else None
+    if isinstance(names, list) and names:
+        return {i: str(name) for i, name in enumerate(names)}
+    if isinstance(names, dict) and names:
+        try:
+            return {int(index): str(name) for index, name in names.items()}
+        except (TypeError, ValueError):
+            raise DatasetError(
+                path, f"`names` keys must be class numbers, not {list(names)}"
+            ) from None
     raise DatasetError(path, "no class `names` list")
-
-
-def _unquote(text: str) -> str:
-    return text.strip().strip("'\"").strip()
 
 
 def read_image_folder(
@@ -525,10 +635,13 @@ def read_image_folder(
     _check_columns(csv_path, required=("image",), optional=("patient", "group"))
     items = []
     patient_of_group: dict[str, str] = {}
-    for number, row in enumerate(read_csv(csv_path), start=2):
+    rows = read_csv(csv_path)
+    _unique_rows(rows, lambda row: Path(row["image"]).as_posix(), csv_path)
+    for row in rows:
+        number = row.line
         image = root / row["image"]
         if not image.is_file():
-            raise DatasetError(csv_path, f"row {number}: image {image} not found")
+            raise DatasetError(csv_path, f"line {number}: image {image} not found")
         key = Path(row["image"]).as_posix()  # unique where stems are not (p1/001, p2/001)
         group = row.get("group") or key
         # without a patient column, the copies of one slice (its group) are one patient, so
@@ -537,7 +650,7 @@ def read_image_folder(
         if patient_of_group.setdefault(group, patient) != patient:
             raise DatasetError(
                 csv_path,
-                f"row {number}: group {group!r} is patient {patient!r} here and"
+                f"line {number}: group {group!r} is patient {patient!r} here and"
                 f" {patient_of_group[group]!r} on an earlier row",
             )
         items.append(

@@ -35,6 +35,8 @@ class Atlas:
 
     def nearest(self, embedding: np.ndarray, class_index: int, k: int) -> list[tuple[int, float]]:
         """The k entries of ``class_index`` most similar (cosine) to ``embedding``."""
+        if k < 1:
+            raise ValueError(f"k is at least 1, not {k}")
         candidates = np.flatnonzero(self.classes == class_index)
         if len(candidates) == 0:
             return []
@@ -162,7 +164,7 @@ class ModelPackage:
             "calibration": torch.from_numpy(np.asarray(self.calibration, dtype=np.float64)),
             "thresholds": torch.from_numpy(np.asarray(self.thresholds, dtype=np.float64)),
             "atlas": None if self.atlas is None else self.atlas.to_state(),
-            "training": self.training,
+            "training": _pseudonymised(self.training),
             **{
                 slot: None if getattr(self, slot) is None else getattr(self, slot).to_state()
                 for slot in READER_SLOTS
@@ -180,13 +182,28 @@ class ModelPackage:
         except FileNotFoundError:
             raise
         except Exception as error:  # not a torch file, truncated, or not weights only
-            raise ValueError(f"{path}: not a readable model package ({error})") from None
-        if (
-            not isinstance(state, dict)
-            or state.get("format_version") != FORMAT_VERSION
-            or list(state.get("classes", [])) != list(CLASSES)
-        ):
-            raise ValueError(f"{path}: not an ICH model package of format {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path}: not a readable model package ({_load_problem(error)})"
+            ) from None
+        if not isinstance(state, dict) or list(state.get("classes", [])) != list(CLASSES):
+            raise ValueError(f"{path}: not an ICH model package")
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: a model package of format {version}; this version of ich reads"
+                f" format {FORMAT_VERSION}"
+                + (" (the package is newer: update ich)" if _newer(version) else "")
+            )
+        try:
+            return cls._from_state(state, device)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+            problem = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+            if isinstance(error, KeyError):
+                problem = f"no {problem}"
+            raise ValueError(f"{path}: a damaged model package ({problem})") from None
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any], device: torch.device | str) -> "ModelPackage":
         members = []
         for member in state["members"]:
             model = EfficientNetLite(
@@ -218,6 +235,39 @@ class ModelPackage:
                 for slot in READER_SLOTS
             },
         )
+
+
+def _pseudonymised(training: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The training record with every item of its split recorded as a pseudonym: a package
+    saved again (``ich atlas build``, ``ich convexity``) from one that recorded plain keys
+    (before 2026-12-07) no longer holds them."""
+    from inference.datasets import pseudonym
+
+    if not isinstance(training, dict) or not isinstance(training.get("split"), dict):
+        return training
+    split = {
+        part: [pseudonym(str(k)) for k in keys] if isinstance(keys, list) else keys
+        for part, keys in training["split"].items()
+    }
+    return {**training, "split": split}
+
+
+def _newer(version: object) -> bool:
+    return isinstance(version, int) and version > FORMAT_VERSION
+
+
+def _load_problem(error: Exception) -> str:
+    """A short reason torch.load failed, without its advice to load unsafely."""
+    text = str(error)
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, EOFError) or "Ran out of input" in text:
+        return "empty or truncated file"
+    if "weights_only" in text or "Unsupported global" in text:
+        return "it holds objects other than weights, which are not loaded (unsafe to unpickle)"
+    if isinstance(error, OSError) or "zip archive" in text or "PytorchStreamReader" in text:
+        return "truncated, or not a PyTorch file"
+    return "not a PyTorch file"
 
 
 def _stored_in_half(name: str, value: torch.Tensor) -> bool:

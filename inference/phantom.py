@@ -111,6 +111,9 @@ class PhantomStudy:
     size: str | None = None  # None for a negative study
     padded: bool = False
     noise_sigma_hu: float = 0.0
+    # generate_study's arguments that differ from their defaults ("" for a default study).
+    # They change the pixels of a study id, so they enter its UIDs (write_study).
+    variant: str = ""
 
     @property
     def n_slices(self) -> int:
@@ -1534,6 +1537,18 @@ def generate_study(
     """
     seed = int(seed)
     _check_extra_axial(extra_axial)
+    given = {
+        "subtypes": None if subtypes is None else ",".join(subtypes),
+        "size": size,
+        "n_slices": n_slices,
+        "mimics": mimics,
+        "slice_thickness_mm": slice_thickness_mm,
+        "favour": ",".join(favour) or None,
+        "extra_axial": None if extra_axial == "classic" else extra_axial,
+        "min_size": None if min_size == "tiny" else min_size,
+        "max_size": None if max_size == "large" else max_size,
+    }
+    variant = ";".join(f"{k}={v}" for k, v in given.items() if v is not None)
     choice = _rng(seed, 0)
     if subtypes is None:
         chosen = draw_subtypes(choice, favour)
@@ -1636,6 +1651,7 @@ def generate_study(
         size=size_used if labels["any"] else None,
         padded=head.padded,
         noise_sigma_hu=round(float(head.noise_sigma), 2),
+        variant=variant,
     )
 
 
@@ -1672,7 +1688,8 @@ def write_study(
 
     Returns the paths in slice order (index 0 = most inferior). With shuffle_names the file
     names IM0001.dcm... are handed out in a scrambled (deterministic) order, as some archives
-    do, so readers must sort by position. UIDs derive from the study id: reruns give the same.
+    do, so readers must sort by position. UIDs derive from the study id and the options that made
+    it (``variant``): reruns give the same, and one id drawn two ways does not share them.
     """
     from pydicom.dataset import Dataset as _Dataset
     from pydicom.dataset import FileMetaDataset
@@ -1683,9 +1700,9 @@ def write_study(
     sid = study.study_id
     key = _stable_int(sid, "meta")
     n = study.n_slices
-    study_uid = generate_uid(entropy_srcs=[sid, "study"])
-    series_uid = generate_uid(entropy_srcs=[sid, "series"])
-    frame_uid = generate_uid(entropy_srcs=[sid, "frame"])
+    study_uid = generate_uid(entropy_srcs=[*_uid_key(study), "study"])
+    series_uid = generate_uid(entropy_srcs=[*_uid_key(study), "series"])
+    frame_uid = generate_uid(entropy_srcs=[*_uid_key(study), "frame"])
     uids = sop_instance_uids(study)
     date = _dt.date(2024, 1, 1) + _dt.timedelta(days=key % 700)
     secs = 7 * 3600 + (key >> 12) % (15 * 3600)
@@ -1780,9 +1797,15 @@ def sop_instance_uids(study: PhantomStudy) -> list[str]:
     from pydicom.uid import generate_uid
 
     return [
-        str(generate_uid(entropy_srcs=[study.study_id, "sop", str(i)]))
+        str(generate_uid(entropy_srcs=[*_uid_key(study), "sop", str(i)]))
         for i in range(study.n_slices)
     ]
+
+
+def _uid_key(study: PhantomStudy) -> list[str]:
+    """What a study's UIDs derive from: its id, and the options that changed its pixels (a
+    default study keeps the UIDs it always had)."""
+    return [study.study_id, study.variant] if study.variant else [study.study_id]
 
 
 def _write_one(
@@ -1850,8 +1873,10 @@ def write_dataset(
     _check_extra_axial(extra_axial)
     if workers < 1:
         raise ValueError(f"workers is at least 1, not {workers}")
-    if n_studies < 1:
-        raise ValueError(f"studies is at least 1, not {n_studies}")
+    if not 1 <= n_studies <= 100000:
+        raise ValueError(f"studies is 1 to 100000, not {n_studies}")
+    if seed < 0:
+        raise ValueError(f"seed is 0 or more, not {seed}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(seed) * 100000 + i for i in range(n_studies)]

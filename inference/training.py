@@ -90,7 +90,10 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: Path) -> "TrainConfig":
         with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
+            try:
+                raw = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as error:
+                raise ValueError(f"{path}: not valid TOML ({error})") from None
         return cls.from_dict(raw, base=path.parent)
 
     @classmethod

@@ -136,8 +136,16 @@ def test_only_an_any_column_leaves_the_subtypes_unknown(tmp_path: Path) -> None:
         pytest.param("study,any,subdual\ns1,1,0", "unknown column(s) ['subdual']", id="typo"),
         pytest.param("name,any\ns1,1", "missing column(s) ['study']", id="no-study"),
         pytest.param("study,patient\ns1,p", "no class column", id="no-class"),
-        pytest.param("study,any\ns1,2", "row 2, column 'any': label '2' is not 0 or 1", id="two"),
+        pytest.param("study,any\ns1,2", "line 2, column 'any': label '2' is not 0 or 1", id="two"),
         pytest.param("study,any\ns9,1", "study 's9' has no folder", id="no-folder"),
+        pytest.param("study,any\n\ns1,2", "line 3, column 'any'", id="line-after-a-blank"),
+        pytest.param(
+            "study,any\ns1,1,1", "line 2: 3 fields where the header has 2", id="extra-field"
+        ),
+        pytest.param("study,any\ns1,1\ns1,0", "line 3: 's1' repeats line 2", id="repeated"),
+        pytest.param(
+            "study,any,subdural\ns1,0,1", "line 2: 'any' is 0 but ['subdural'] is 1", id="any-0"
+        ),
     ],
 )
 def test_a_bad_labels_csv_is_refused_naming_the_file_and_the_problem(
@@ -165,6 +173,26 @@ READS_HEADER = ",".join(
 )
 
 
+def test_a_labels_csv_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_bytes("study,any\nétude,1\n".encode("latin-1"))
+
+    with pytest.raises(DatasetError, match=r"labels\.csv: not UTF-8 text"):
+        read_study_folder(tmp_path)
+
+
+def test_an_empty_trailing_field_is_read_and_a_subtype_makes_an_unknown_any_positive(
+    tmp_path: Path,
+) -> None:
+    write_csv(tmp_path / "labels.csv", "study,any,subdural\ns1,,1,\ns2,,0,")
+    write_ct(tmp_path / "s1" / "1.dcm")
+    write_ct(tmp_path / "s2" / "1.dcm")
+
+    one, two = read_study_folder(tmp_path)
+
+    assert same(one.labels, labels(1, NAN, NAN, 1, NAN, NAN))
+    assert same(two.labels, labels(NAN, NAN, NAN, 0, NAN, NAN))
+
+
 def reads_row(name: str, *readers: str) -> str:
     """readers: per reader 7 digits for ICH IPH IVH SDH EDH SAH MassEffect."""
     return ",".join([name, "B1", *(",".join(reader) for reader in readers)])
@@ -185,7 +213,8 @@ def test_cq500_labels_are_the_majority_of_three_readers(tmp_path: Path) -> None:
     write_ct(tmp_path / "CQ500-CT-7" / "1.dcm")
     write_ct(tmp_path / "CQ500-CT-8" / "1.dcm")
 
-    ct7, ct8 = read_cq500(tmp_path)
+    with pytest.warns(UserWarning, match="1 of 3 studies it lists have no folder"):
+        ct7, ct8 = read_cq500(tmp_path)
 
     # CLASSES order: any, IPH, IVH, SDH, EDH, SAH
     assert same(ct7.labels, labels(1, 1, 0, 1, 0, 0))
@@ -258,7 +287,7 @@ def test_it_groups_rsna_images_into_series_with_study_and_slice_labels(tmp_path:
     for z, (image, series, study, patient, positive) in enumerate(layout):
         sops[image] = generate_uid()
         write_ct(
-            images / f"{image}.dcm",
+            images / f"{image}{'.DCM' if image == 'ID_bb02' else '.dcm'}",  # any case
             series_uid=series,
             study_uid=study,
             patient_id=patient,
@@ -269,7 +298,8 @@ def test_it_groups_rsna_images_into_series_with_study_and_slice_labels(tmp_path:
     rows += rsna_rows("ID_gone")  # listed, not downloaded
     write_csv(tmp_path / "stage_2_train.csv", "\n".join(rows))
 
-    items = {item.patient_id: item for item in read_rsna(tmp_path)}
+    with pytest.warns(UserWarning, match="1 of 6 images it lists are not under"):
+        items = {item.patient_id: item for item in read_rsna(tmp_path)}
 
     assert sorted(items) == ["ID_p1", "ID_p2"]
     first = items["ID_p1"]
@@ -280,12 +310,13 @@ def test_it_groups_rsna_images_into_series_with_study_and_slice_labels(tmp_path:
     assert same(first.slice_labels[sops["ID_aa02"]], labels(1, 0, 0, 1, 0, 0))
     assert same(first.slice_labels[sops["ID_aa01"]], labels(0, 0, 0, 0, 0, 0))
     assert same(items["ID_p2"].labels, labels(0, 0, 0, 0, 0, 0))
+    assert [p.name for p in items["ID_p2"].paths] == ["ID_bb01.dcm", "ID_bb02.DCM"]
 
 
 def test_an_rsna_id_without_a_known_class_is_refused(tmp_path: Path) -> None:
     write_csv(tmp_path / "stage_2_train.csv", "ID,Label\nID_aa01_bleed,1")
 
-    with pytest.raises(DatasetError, match="row 2: ID 'ID_aa01_bleed' is not ID_<image>_<class>"):
+    with pytest.raises(DatasetError, match="line 2: ID 'ID_aa01_bleed' is not ID_<image>_<class>"):
         read_rsna(tmp_path)
 
 
@@ -420,14 +451,14 @@ def test_an_image_folder_group_of_two_patients_is_refused(tmp_path: Path) -> Non
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(b"png")
     write_csv(tmp_path / "slices.csv", "image,patient,group,any\na.png,p1,g,1\nb.png,p2,g,1")
-    with pytest.raises(DatasetError, match="row 3: group 'g' is patient 'p2' here and 'p1'"):
+    with pytest.raises(DatasetError, match="line 3: group 'g' is patient 'p2' here and 'p1'"):
         read_image_folder(tmp_path, "slices.csv")
 
 
 def test_an_image_folder_row_pointing_to_a_missing_image_is_refused(tmp_path: Path) -> None:
     labels_csv = write_csv(tmp_path / "slices.csv", "image,any\nmissing.png,1")
 
-    with pytest.raises(DatasetError, match=r"slices\.csv: row 2: image .*missing\.png not found"):
+    with pytest.raises(DatasetError, match=r"slices\.csv: line 2: image .*missing\.png not found"):
         read_image_folder(tmp_path, labels_csv)
 
 
@@ -471,3 +502,70 @@ def test_split_by_patient_keeps_slice_items_of_one_patient_together() -> None:
 def test_split_by_patient_refuses_fractions_that_do_not_sum_to_one() -> None:
     with pytest.raises(ValueError, match="summing to 1"):
         split_by_patient([], fractions=(0.5, 0.2, 0.2))
+
+
+def test_a_stray_file_neither_hides_a_series_nor_enters_it(tmp_path: Path) -> None:
+    study = tmp_path / "S1"
+    (study / "axial").mkdir(parents=True)
+    (study / "axial" / "00index.txt").write_text("slice list\n")  # sorts first
+    thin = [write_ct(study / "axial" / f"IM{i}.dcm", thickness=1.0) for i in range(4)]
+    for i in range(2):
+        write_ct(study / "other" / f"IM{i}.dcm", thickness=5.0)
+    write_csv(tmp_path / "labels.csv", "study,any\nS1,0")
+
+    (item,) = read_study_folder(tmp_path)
+
+    assert item.paths == thin
+
+
+def test_a_folder_without_dicom_files_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "S1").mkdir()
+    (tmp_path / "S1" / "notes.txt").write_text("no images\n")
+    write_csv(tmp_path / "labels.csv", "study,any\nS1,0")
+
+    with pytest.raises(DatasetError, match=r"S1: study folder holds no DICOM file"):
+        read_study_folder(tmp_path)
+
+
+def write_yolo(root: Path, yaml_text: str, stems: list[str], labels_folder: bool = True) -> None:
+    write_csv(root / "data.yaml", yaml_text)
+    (root / "train" / "images").mkdir(parents=True)
+    for stem in stems:
+        (root / "train" / "images" / f"{stem}.jpg").write_bytes(b"jpeg")
+        if labels_folder:
+            write_csv(root / "train" / "labels" / f"{stem}.txt", "0 0.5 0.5 0.2 0.2")
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        pytest.param("names:\n- SDH\n- EDH\n", id="list-at-the-keys-indent"),
+        pytest.param("names:\n  - SDH  # subdural\n  - EDH\n", id="comments"),
+        pytest.param("names: {0: SDH, 1: EDH}\n", id="flow-mapping"),
+        pytest.param("names:\n  0: 'SDH'\n  1: \"EDH\"\n", id="block-mapping"),
+        pytest.param("nc: 2\nnames: ['SDH', 'EDH']\n", id="flow-list"),
+    ],
+)
+def test_yolo_class_names_are_read_from_any_yaml_form(tmp_path: Path, yaml_text: str) -> None:
+    write_yolo(tmp_path, yaml_text, ["3_1_JPG.rf.x1"])
+
+    (item,) = read_yolo_slices(tmp_path)
+
+    assert same(item.labels, labels(1, 0, 0, 1, 0, 0))
+    assert (item.patient_id, item.group) == ("3", "3_1")  # the copies' group in any case
+
+
+@pytest.mark.parametrize(
+    ("stems", "labels_folder", "problem"),
+    [
+        pytest.param(["3_1"], False, "has no labels/ folder beside it", id="no-labels-folder"),
+        pytest.param(["scan7"], True, "the patient cannot be read from the name", id="no-patient"),
+    ],
+)
+def test_a_yolo_set_that_would_mislabel_or_split_by_file_is_refused(
+    tmp_path: Path, stems: list[str], labels_folder: bool, problem: str
+) -> None:
+    write_yolo(tmp_path, "names: ['SDH']", stems, labels_folder)
+
+    with pytest.raises(DatasetError, match=problem):
+        read_yolo_slices(tmp_path)

@@ -161,6 +161,11 @@ def test_ich_predict_refuses_a_bad_model_device_or_heatmap_folder_without_a_trac
     a_file.write_text("")
     assert main(["predict", str(series), "--heatmaps", str(a_file)]) == 2
     assert "a file, not a folder" in capsys.readouterr().err
+    under_a_file = a_file / "sub"
+    assert main(["predict", str(series), "--heatmaps", str(under_a_file)]) == 2
+    captured = capsys.readouterr()
+    assert "sub: cannot be made (Not a directory)" in captured.err
+    assert captured.out == ""  # refused before any prediction
 
     with pytest.raises(SystemExit):  # argparse: only cpu, cuda or cuda:N
         main(["predict", str(series), "--device", "gpu"])
@@ -200,3 +205,79 @@ def test_the_atlas_returns_the_k_most_similar_entries_of_the_asked_class_only() 
     assert [s for _, s in found] == pytest.approx([1.0, 0.8, 0.6])
     assert atlas.nearest(np.array([1.0, 0.0]), class_index=3, k=3) == [(4, pytest.approx(1.0))]
     assert atlas.nearest(np.array([1.0, 0.0]), class_index=2, k=3) == []
+
+
+def test_a_damaged_newer_or_unsafe_package_is_refused_with_a_short_reason(tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    from inference.constants import CLASSES
+    from inference.models import EfficientNetLite
+    from inference.package import ModelPackage
+    from inference.preprocess import PreprocessConfig
+
+    good = tmp_path / "good.pt"
+    members = [EfficientNetLite("efficientnet_lite0").eval()]
+    ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None).save(good)
+    state = torch.load(good, weights_only=True)
+    del state["members"][0]["state"]["conv_stem.weight"]
+    torch.save(state, tmp_path / "no-weight.pt")
+    torch.save({"format_version": 1, "classes": list(CLASSES)}, tmp_path / "empty-state.pt")
+    torch.save({"format_version": 9, "classes": list(CLASSES)}, tmp_path / "newer.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:50000])
+
+    class Unsafe:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / "unsafe.pt").write_bytes(pickle.dumps(Unsafe()))
+
+    for name, reason in [
+        ("no-weight", "a damaged model package (Error(s) in loading state_dict"),
+        ("empty-state", "a damaged model package (no 'members')"),
+        ("newer", "a model package of format 9; this version of ich reads format 1 (the"),
+        ("empty", "not a readable model package (empty or truncated file)"),
+        ("cut", "not a readable model package (truncated, or not a PyTorch file)"),
+        ("unsafe", "not a readable model package (it holds objects other than weights"),
+    ]:
+        with pytest.raises(ValueError) as raised:
+            ModelPackage.load(tmp_path / f"{name}.pt")
+        assert f"{name}.pt: {reason}" in str(raised.value)
+        assert "weights_only" not in str(raised.value)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_atlas_picks_distinct_slices_and_asks_for_at_least_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from inference.atlas import farthest_points
+    from inference.cli import main
+
+    a, b, c = np.eye(3, dtype=np.float32)
+    assert farthest_points(np.stack([a, a, b]), 3) == [0, 2]  # a copy is never picked twice
+    assert farthest_points(np.stack([a, b, c, a]), 3) == [0, 1, 2]
+    assert farthest_points(np.stack([a, b]), 1) == [0]
+    with pytest.raises(ValueError, match="at least 1 slice per class, not 0"):
+        farthest_points(np.stack([a, b]), 0)
+    with pytest.raises(SystemExit):
+        main(["atlas", "build", "--model", "m.pt", "--data", "phantom:x", "--per-class", "0"])
+    assert "'0': a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_a_package_saved_again_records_its_items_as_pseudonyms(tmp_path: Path) -> None:
+    from inference.datasets import pseudonym, recorded
+    from inference.models import EfficientNetLite
+    from inference.package import ModelPackage
+    from inference.preprocess import PreprocessConfig
+
+    members = [EfficientNetLite("efficientnet_lite0").eval()]
+    package = ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None)
+    package.training = {"split": {"train": ["CQ500-CT-7", pseudonym("p2/001.png")], "n": 3}}
+    package.save(tmp_path / "m.pt")
+
+    split = ModelPackage.load(tmp_path / "m.pt").training["split"]
+    assert split["train"] == [pseudonym("CQ500-CT-7"), pseudonym("p2/001.png")]
+    assert split["n"] == 3
+    assert "CQ500" not in (tmp_path / "m.pt").read_bytes().decode("latin-1")
+    assert recorded(split["train"]) == recorded(["CQ500-CT-7", "p2/001.png"])

@@ -113,6 +113,26 @@ def test_the_same_seed_gives_the_same_volume_labels_and_uids(tmp_path: Path) -> 
     assert not np.array_equal(other.hu, a.hu)
 
 
+def test_one_study_id_drawn_with_other_options_gets_other_uids_and_a_default_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    from inference.phantom import sop_instance_uids
+
+    plain = generate_study(11, n_slices=3)
+    typical = generate_study(11, n_slices=3, extra_axial="typical", max_size="small")
+    assert plain.study_id == typical.study_id
+    assert typical.variant == "n_slices=3;extra_axial=typical;max_size=small"
+    assert not set(sop_instance_uids(plain)) & set(sop_instance_uids(typical))
+    (a,) = write_study(plain, tmp_path / "a")[:1]
+    (b,) = write_study(typical, tmp_path / "b")[:1]
+    assert pydicom.dcmread(a).StudyInstanceUID != pydicom.dcmread(b).StudyInstanceUID
+    # a default study keeps the UIDs sets written before the variant entered them
+    assert generate_study(11).variant == ""
+    assert sop_instance_uids(generate_study(11))[0] == str(
+        pydicom.uid.generate_uid(entropy_srcs=["phantom-00011", "sop", "0"])
+    )
+
+
 @pytest.mark.parametrize("subtype", SUBTYPES)
 def test_a_requested_subtype_appears_in_the_mask_and_labels_at_blood_density(subtype: str) -> None:
     study = generate_study(21, subtypes=[subtype], size="medium", n_slices=12)
@@ -345,7 +365,9 @@ def test_ich_phantom_refuses_fewer_than_one_study_and_writes_nothing(
 ) -> None:
     from inference.cli import main
 
-    for count in ("0", "-1"):
+    for count in ("0", "-1", "100001"):
         assert main(["phantom", "--out", str(tmp_path / "x"), "--studies", count]) == 2
-        assert f"studies is at least 1, not {count}" in capsys.readouterr().err
+        assert f"studies is 1 to 100000, not {count}" in capsys.readouterr().err
+    assert main(["phantom", "--out", str(tmp_path / "x"), "--seed", "-1"]) == 2
+    assert "seed is 0 or more, not -1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

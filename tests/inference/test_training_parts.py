@@ -163,6 +163,13 @@ def test_a_config_names_the_setting_it_does_not_know(config: dict, message: str)
     assert message in str(error.value)
 
 
+def test_a_config_that_is_not_toml_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("epochs = \n")
+    with pytest.raises(ValueError, match=r"bad\.toml: not valid TOML \(Invalid value"):
+        TrainConfig.from_toml(path)
+
+
 def test_a_config_reads_the_window_of_its_pictures_as_a_window() -> None:
     config = TrainConfig.from_dict({"preprocess": {"windowed_source": [35, 90]}})
     assert config.preprocess.windowed_source.level == 35
