@@ -295,13 +295,24 @@ ICH_RESULTS_DESTINATION = _destination("ICH_RESULTS_DESTINATION")
 
 # Logs never carry PHI: the app logs ids, never names, patient ids or file contents.
 # Library warnings reach the logs through logger py.warnings with their text withheld
-# (ichweb.logfilters): they quote the values they warn about, a patient name among them.
+# (ichweb.logfilters): they quote the values they warn about, a patient name among them. So do
+# the DICOM libraries' own log records, and a logged exception keeps its type and traceback but
+# not its message (ichweb.logfilters.WithholdPatientData, on the handler).
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "filters": {"withhold_warning_text": {"()": "ichweb.logfilters.WithholdWarningText"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {
+        "withhold_warning_text": {"()": "ichweb.logfilters.WithholdWarningText"},
+        "withhold_patient_data": {"()": "ichweb.logfilters.WithholdPatientData"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["withhold_patient_data"],
+        }
+    },
     "loggers": {"py.warnings": {"filters": ["withhold_warning_text"]}},
     "root": {"handlers": ["console"], "level": env_str("ICH_LOG_LEVEL", "INFO")},
 }

@@ -236,5 +236,4 @@ def result_payload(result: AIResult, request: Request) -> dict:
             for name, entries in result.prediction_basis.items()
         },
         "dicom": request.build_absolute_uri(reverse("api-result-dicom", args=[result.pk])),
-        "notice": "Triage support, not diagnosis: a clinician reads the full images.",
     }

@@ -9,6 +9,7 @@ SNOMED codes; Yes/No and units use SNOMED CT and UCUM.
 import io
 import logging
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -53,7 +54,9 @@ def _instances(result: AIResult) -> list[Instance]:
 def structured_report(result: AIResult) -> pydicom.Dataset:
     """TID 1500: per class a measurement group with the probability, the flag and the key slice."""
     instances = _instances(result)
-    headers = [pydicom.dcmread(media_path(i.path), stop_before_pixels=True) for i in instances]
+    headers = [
+        _conformant(pydicom.dcmread(media_path(i.path), stop_before_pixels=True)) for i in instances
+    ]
     by_uid = {h.SOPInstanceUID: h for h in headers}
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -84,10 +87,44 @@ def structured_report(result: AIResult) -> pydicom.Dataset:
     )
 
 
+# Patient and study attributes a derived object copies from the images (type 2: present, may
+# be empty). Ingest stores what the scanner sent; a value these objects cannot carry is left
+# empty in them rather than failing the export (the images themselves are not changed).
+_COPIED_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+_DATE = re.compile(r"\d{8}")
+_TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+
+
+def _conformant(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """The image's header with every copied type 2 attribute present, and a birth date, study
+    date or time, or sex the standard does not allow (as some scanners send) left empty."""
+    for keyword in _COPIED_TYPE_2:
+        if keyword not in dataset:
+            setattr(dataset, keyword, "")
+    for keyword in ("PatientBirthDate", "StudyDate"):
+        if not _DATE.fullmatch(str(dataset.get(keyword, "") or "")) and dataset.get(keyword):
+            setattr(dataset, keyword, "")
+    if not _TIME.fullmatch(str(dataset.get("StudyTime", "") or "")) and dataset.get("StudyTime"):
+        dataset.StudyTime = ""
+    if str(dataset.get("PatientSex", "") or "") not in ("", "M", "F", "O"):
+        dataset.PatientSex = ""
+    return dataset
+
+
 def _group(
     result: AIResult,
     finding: Finding,
-    by_uid: dict[str, pydicom.FileDataset],
+    by_uid: dict[str, pydicom.Dataset],
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     label = HaemorrhageClass(finding.haemorrhage_class).label
@@ -107,7 +144,19 @@ def _group(
                 value=round(float(finding.probability), 4),
                 unit=NO_UNITS,
                 algorithm_id=algorithm,
-            )
+            ),
+            *(
+                [
+                    hd.sr.Measurement(
+                        name=CodedConcept("ICH-OP", SCHEME, "Operating point of the flag"),
+                        value=round(float(result.thresholds[finding.haemorrhage_class]), 4),
+                        unit=NO_UNITS,
+                        algorithm_id=algorithm,
+                    )
+                ]
+                if finding.haemorrhage_class in result.thresholds
+                else []
+            ),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
@@ -132,7 +181,7 @@ def heatmap_series(result: AIResult) -> list[pydicom.Dataset]:
         ]
         if not maps:
             continue
-        source = pydicom.dcmread(media_path(instance.path))
+        source = _conformant(pydicom.dcmread(media_path(instance.path)))
         images.append(_overlay(source, np.max(maps, axis=0) / 255, series_uid, number))
     return images
 

@@ -20,7 +20,7 @@ class StudyStatus(models.TextChoices):
     QUEUED = "queued", "Queued for AI"
     SCORING = "scoring", "AI scoring"
     SCORED = "scored", "AI scored"
-    FAILED = "failed", "AI failed"
+    FAILED = "failed", "AI unavailable"
     NOT_ELIGIBLE = "not_eligible", "Not eligible for AI"
 
 
@@ -172,7 +172,14 @@ class AIResult(models.Model):
     heatmaps = models.JSONField(default=dict, blank=True)
     prediction_basis = models.JSONField(default=dict, blank=True)
     timings = models.JSONField(default=dict, blank=True)
+    # the operating point each class's flag used (the package's, or for a class a strip reader
+    # fuses but could not read on this series, the ensemble's own), as the predictor returned it
+    thresholds = models.JSONField(default=dict, blank=True)
+    # slices of the series that could not be read and were left out: [{sop_instance_uid, reason}]
+    skipped = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
+    # why the result could not be written as DICOM (SR and heatmap series); empty when it was
+    export_error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -200,7 +207,9 @@ class Finding(models.Model):
     result = models.ForeignKey(AIResult, on_delete=models.PROTECT, related_name="findings")
     haemorrhage_class = models.CharField(max_length=32, choices=HaemorrhageClass.choices)
     probability = models.FloatField()
-    flagged = models.BooleanField(help_text="Above the model's operating point for this class.")
+    flagged = models.BooleanField(
+        help_text="At or above the model's operating point for this class."
+    )
     key_instance = models.ForeignKey(
         Instance, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )

@@ -26,6 +26,7 @@ from worklist.models import (
     Study,
     StudyStatus,
 )
+from worklist.serializers import TRIAGE_NOTICE
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 HEAD_BODY_PARTS = {"", "HEAD", "BRAIN", "SKULL", "HEADNECK", "HEAD_NECK"}
@@ -61,6 +62,7 @@ class ScoringOutput:
     basis: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # class -> entries
     basis_images: dict[str, list[np.ndarray]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {sop_instance_uid, reason}
 
 
 def scoring_series(study: Study) -> Series | None:
@@ -197,6 +199,8 @@ def _scoring_finish_record(
         name: output.sop_instance_uids[index] for name, index in output.key_slices.items()
     }
     result.timings = output.timings
+    result.thresholds = output.thresholds
+    result.skipped = output.skipped
     result.model_name, result.model_version = output.model_name, output.model_version
     result.status, result.finished_at = AIResultStatus.SUCCEEDED, timezone.now()
     result.save()
@@ -216,7 +220,7 @@ FAILURE_REASON_CHARS = 600
 
 @transaction.atomic
 def study_scoring_fail(*, study_id: int, error: str, result_id: int | None = None) -> None:
-    """The study stays listed, marked "AI failed" with the reason, in arrival order.
+    """The study stays listed, marked "AI unavailable" with the reason, in arrival order.
 
     Only a study waiting for this run fails: one reopened by a late instance meanwhile is
     scored again, and a newer run speaks for the study."""
@@ -238,6 +242,19 @@ def study_scoring_fail(*, study_id: int, error: str, result_id: int | None = Non
     events.send_event(
         events.STUDY_FAILED, {"study_id": study.pk, "status": study.status, "error": reason}
     )
+
+
+@transaction.atomic
+def study_rescore(*, study_id: int) -> bool:
+    """Queues a study whose scoring failed (a model that could not be loaded, a fault since
+    mended) for scoring again. False when it is not in "AI unavailable"."""
+    study = Study.objects.select_for_update().get(pk=study_id)
+    if study.status != StudyStatus.FAILED:
+        return False
+    study.transition_to(StudyStatus.QUEUED)
+    events.send_event(events.STUDY_SCORING, {"study_id": study.pk, "status": study.status})
+    transaction.on_commit(lambda: _enqueue_scoring(study.pk))
+    return True
 
 
 def priority_of(output: ScoringOutput) -> float:
@@ -303,6 +320,7 @@ def _summary(
         "priority": study.priority,
         "eligible": eligible,
         "result_id": result.pk if result else None,
+        "notice": TRIAGE_NOTICE,
         "findings": [
             {
                 "class": f.haemorrhage_class,

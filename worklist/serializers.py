@@ -41,8 +41,15 @@ class FindingSerializer(serializers.ModelSerializer):
         fields = ("id", "haemorrhage_class", "probability", "flagged", "key_instance")
 
 
+TRIAGE_NOTICE = "Triage support, not diagnosis: a clinician reads the full images."
+
+
 class AIResultSerializer(serializers.ModelSerializer):
     findings = FindingSerializer(many=True, read_only=True)
+    notice = serializers.SerializerMethodField()
+
+    def get_notice(self, result: AIResult) -> str:
+        return TRIAGE_NOTICE
 
     class Meta:
         model = AIResult
@@ -54,10 +61,14 @@ class AIResultSerializer(serializers.ModelSerializer):
             "class_probabilities",
             "key_slices",
             "timings",
+            "thresholds",
+            "skipped",
             "error",
+            "export_error",
             "created_at",
             "finished_at",
             "findings",
+            "notice",
         )
 
 

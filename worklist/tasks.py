@@ -7,6 +7,7 @@ worker process and kept warm (CUDA when present).
 import logging
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from celery import shared_task
@@ -65,8 +66,11 @@ def score_study(self: Any, study_id: int) -> str:
         model = predictor()
     except Exception as error:  # a missing or broken model: every study would wait for ever
         logger.exception("the model could not be loaded")
+        # inference says what is wrong with the package (damaged, newer format, missing): a
+        # path and a reason, no patient data
+        problem = str(error) if isinstance(error, ValueError | OSError) else type(error).__name__
         scoring.study_scoring_fail(
-            study_id=study_id, error=f"the model could not be loaded: {type(error).__name__}"
+            study_id=study_id, error=f"the model could not be loaded: {problem}"
         )
         return "failed"
     result = scoring.study_scoring_start(
@@ -74,6 +78,8 @@ def score_study(self: Any, study_id: int) -> str:
     )
     if result is None:
         return "not waiting for scoring"
+    from inference.dicom_io import DicomInputError
+
     try:
         output = _run_model(model, scoring.scoring_instances(result.study))
     except OperationalError:
@@ -83,15 +89,37 @@ def score_study(self: Any, study_id: int) -> str:
             study_id=study_id, result_id=result.pk, error="scoring timed out"
         )
         return "failed"
+    except DicomInputError as error:  # the series itself: inference names the file and reason
+        logger.warning("study %s cannot be scored: %s", study_id, type(error).__name__)
+        scoring.study_scoring_fail(study_id=study_id, result_id=result.pk, error=str(error))
+        return "failed"
     except Exception as error:  # the study must show why, never vanish
         logger.exception("scoring study %s failed", study_id)
         scoring.study_scoring_fail(
-            study_id=study_id, result_id=result.pk, error=f"{type(error).__name__}: {error}"
+            study_id=study_id, result_id=result.pk, error=_internal_error(error, self)
         )
         return "failed"
-    scoring.study_scoring_finish(result_id=result.pk, output=output)
+    try:
+        scoring.study_scoring_finish(result_id=result.pk, output=output)
+    except OperationalError:
+        raise
+    except Exception as error:  # e.g. a full disk: fail with a reason, never stay "scoring"
+        logger.exception("storing the result of study %s failed", study_id)
+        error_text = f"the result could not be stored: {_internal_error(error, self)}"
+        scoring.study_scoring_fail(study_id=study_id, result_id=result.pk, error=error_text)
+        return "failed"
     export_results.delay(result.pk)
     return "scored"
+
+
+def _internal_error(error: BaseException, task: Any) -> str:
+    """What users see of a failure that is not the study's fault: its kind and where the log
+    has the rest. Its message stays out of the database and the live updates (it may quote
+    what it failed on, a header value among them)."""
+    return (
+        f"internal error ({type(error).__name__}); the worker log has the details under"
+        f" task {task.request.id}"
+    )
 
 
 @shared_task(
@@ -105,22 +133,63 @@ def export_results(result_id: int) -> int:
     from worklist import dicom_results
 
     result = AIResult.objects.get(pk=result_id)
-    paths = dicom_results.write_results(result)
-    return dicom_results.send_results(paths)
+    try:
+        paths = dicom_results.write_results(result)
+    except OperationalError:
+        raise
+    except Exception as error:  # said on the result; the log has the traceback, not the text
+        logger.exception("writing the DICOM results of result %s failed", result_id)
+        AIResult.objects.filter(pk=result_id).update(
+            export_error=f"the DICOM results could not be written ({type(error).__name__})"
+        )
+        return 0
+    AIResult.objects.filter(pk=result_id).exclude(export_error="").update(export_error="")
+    sent = dicom_results.send_results(paths)
+    if sent:  # patient data left for another system: audited as any export is
+        from worklist.models import AuditAction
+        from worklist.services import audit_record
+
+        ae_title, host, port = settings.ICH_RESULTS_DESTINATION or ("", "", 0)  # sent: set
+        audit_record(
+            action=AuditAction.EXPORT,
+            user=None,
+            address=None,
+            study=result.study,
+            obj=result,
+            details={
+                "what": "ai result as DICOM, sent by C-STORE",
+                "to": f"{ae_title}@{host}:{port}",
+                "files": sent,
+            },
+        )
+    return sent
 
 
 def _run_model(model: Any, instances: list[Instance]) -> scoring.ScoringOutput:
-    from inference.dicom_io import load_series
+    from inference.dicom_io import DicomInputError, load_series
 
     if not instances:
         raise ValueError("no CT image instances to score")
     # Ingest checks pixel data without decoding it; a slice that fails to decode is left out
     # here rather than failing the study (a series with no readable slice still fails).
     started = time.perf_counter()
-    series = load_series([instance_file_path(i) for i in instances], skip_bad=True)
+    uid_of = {str(instance_file_path(i)): i.sop_instance_uid for i in instances}
+    series = load_series(list(map(Path, uid_of)), skip_bad=True)
     read = time.perf_counter() - started
-    if series.skipped:
-        logger.warning("%d of %d slices could not be read", len(series.skipped), len(instances))
+    skipped = [
+        {"sop_instance_uid": uid_of.get(s.source, Path(s.source).stem), "reason": s.reason}
+        for s in series.skipped
+    ]
+    if skipped:
+        logger.warning("%d of %d slices could not be read", len(skipped), len(instances))
+        readable = len(instances) - len(skipped)
+        if readable < scoring.MIN_SLICES or readable < len(instances) / 2:
+            first = "; ".join(f"{s['sop_instance_uid']}: {s['reason']}" for s in skipped[:3])
+            raise DicomInputError(
+                "series",
+                f"only {readable} of {len(instances)} slices could be read, too few to score"
+                f" it (at least {scoring.MIN_SLICES} and half are needed); {first}",
+            )
     prediction = model.predict(series)
     prediction.timings = {"read": read, **prediction.timings}
     prediction.timings["total"] += read
@@ -154,6 +223,7 @@ def _run_model(model: Any, instances: list[Instance]) -> scoring.ScoringOutput:
         basis=basis,
         basis_images=images,
         timings=prediction.timings,
+        skipped=skipped,
     )
 
 

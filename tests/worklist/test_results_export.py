@@ -14,7 +14,7 @@ import pytest
 from django.test import override_settings
 
 from tests.factories import scoring_output
-from tests.worklist.dicom_samples import phantom_series, stub_scheduling
+from tests.worklist.dicom_samples import part10, phantom_series, stub_scheduling
 from worklist import dicom_results, scoring
 from worklist.ingest import IngestStatus, instance_ingest
 from worklist.models import AIResult, IngestSource, Study, StudyStatus
@@ -132,3 +132,107 @@ def test_a_peer_that_refuses_the_files_raises_with_their_status(
             dicom_results.send_results(paths)
     finally:
         server.shutdown()
+
+
+def _scored(monkeypatch: pytest.MonkeyPatch, edit: object = None) -> AIResult:
+    """A phantom study ingested for real (each header changed by ``edit``) and scored."""
+    stub_scheduling(monkeypatch)
+    uids = []
+    for data in phantom_series(3):
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        if callable(edit):
+            edit(dataset)
+        outcome = instance_ingest(
+            data=part10(dataset), source=IngestSource.UPLOAD, address="10.0.0.9"
+        )
+        assert outcome.status == IngestStatus.STORED
+        uids.append(dataset.SOPInstanceUID)
+    study = Study.objects.get()
+    study.transition_to(StudyStatus.QUEUED)
+    result = scoring.study_scoring_start(study_id=study.pk, model_name="m", model_version="1")
+    assert result is not None
+    output = scoring_output(uids, heatmap=np.full((3, 512, 512), 200, np.uint8))
+    output.thresholds["subdural"] = 0.0993
+    return scoring.study_scoring_finish(result_id=result.pk, output=output)
+
+
+def test_images_with_header_values_a_report_cannot_carry_are_still_exported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scanners send birth dates as 1970-01-01, sex as U, no accession number: highdicom
+    refuses to copy such values into the report; they are left empty there instead."""
+
+    def odd(dataset: pydicom.Dataset) -> None:
+        dataset.PatientBirthDate = "1970-01-01"
+        dataset.PatientSex = "U"
+        del dataset.AccessionNumber
+
+    result = _scored(monkeypatch, odd)
+
+    paths = dicom_results.write_results(result)
+
+    report = pydicom.dcmread(paths[0])
+    assert report.Modality == "SR" and len(paths) == 4
+    assert (report.PatientBirthDate, report.PatientSex, report.AccessionNumber) == ("", "", "")
+    assert report.PatientID == pydicom.dcmread(paths[1]).PatientID != ""
+
+
+def test_the_report_states_the_operating_point_each_flag_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = _scored(monkeypatch)
+
+    report = dicom_results.structured_report(result)
+
+    points = {}
+    for item in _walk(report.ContentSequence):
+        if item.ConceptNameCodeSequence[0].CodeValue == "ICH-OP":
+            points[len(points)] = float(item.MeasuredValueSequence[0].NumericValue)
+    assert sorted(points.values()) == sorted([0.5] * 5 + [0.0993])
+
+
+def _walk(sequence: pydicom.Sequence) -> Iterator[pydicom.Dataset]:
+    for item in sequence:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
+
+
+def test_an_export_that_cannot_be_written_says_so_on_the_result(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worklist.tasks import export_results
+
+    result = _scored(monkeypatch)
+    blocked = dicom_results.heatmap_series_dir(result)
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("a file where the series folder goes")  # a real failure, no stub
+
+    assert export_results(result.pk) == 0
+
+    result.refresh_from_db()
+    assert result.export_error == "the DICOM results could not be written (FileExistsError)"
+    blocked.unlink()
+    export_results(result.pk)  # a retry that works clears it
+    result.refresh_from_db()
+    assert result.export_error == "" and dicom_results.sr_path(result).exists()
+
+
+def test_results_sent_to_the_pacs_are_audited(
+    pacs: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worklist.models import AuditAction, AuditEvent
+    from worklist.tasks import export_results
+
+    port, _ = pacs
+    result = _scored(monkeypatch)
+    with override_settings(ICH_RESULTS_DESTINATION=("PACS", "127.0.0.1", port)):
+        assert export_results(result.pk) == 4  # the SR and three heatmap slices
+
+    (event,) = AuditEvent.objects.filter(action=AuditAction.EXPORT)
+    assert event.study == result.study and event.object_id == str(result.pk)
+    assert event.details == {
+        "what": "ai result as DICOM, sent by C-STORE",
+        "to": f"PACS@127.0.0.1:{port}",
+        "files": 4,
+    }

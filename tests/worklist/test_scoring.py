@@ -373,6 +373,12 @@ def test_a_study_sent_by_c_store_is_scored_and_announced_live(
     payload = _result_api(ed_client, study)
     assert payload["id"] == result.pk
     assert len(payload["findings"]) == 6
+    # the operating points the flags used, as the predictor returned them, and the notice
+    assert set(payload["thresholds"]) == set(HaemorrhageClass.values)
+    assert payload["thresholds"] == result.thresholds
+    assert payload["skipped"] == [] and payload["export_error"] == ""
+    assert payload["notice"].startswith("Triage support, not diagnosis")
+    assert event["notice"] == payload["notice"]
     uids = [row["sop_instance_uid"] for row in payload["slice_probabilities"]]
     assert len(uids) == 24 == len(set(uids))
     assert all(set(HaemorrhageClass.values) <= set(row) for row in payload["slice_probabilities"])
@@ -519,6 +525,71 @@ def test_a_study_whose_files_are_corrupt_fails_with_the_reason_and_stays_listed(
     listed = ed_client.get("/api/studies/").json()["results"]
     assert [s["status"] for s in listed if s["id"] == study.pk] == [StudyStatus.FAILED]
     assert _result_api(ed_client, study)["error"] == result.error
+
+
+@pytest.mark.parametrize(("damaged", "scored"), [(2, True), (7, False)])
+def test_slices_that_cannot_be_read_are_left_out_and_named_or_fail_the_study_when_too_many(
+    pipeline: Pipeline,
+    worklist: WorklistSocket,
+    ed_client: Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    damaged: int,
+    scored: bool,
+) -> None:
+    schedule = scheduling.schedule_completeness_check
+    stub_scheduling(monkeypatch)  # hold the check back while the files are damaged
+    paths = write_study(_phantom(106 + damaged, 10), tmp_path)
+    _send(pipeline.port, paths)
+    study = _study_of(paths[0])
+    stored = sorted((pipeline.media_root / "studies" / study.study_instance_uid).rglob("*.dcm"))
+    for instance_path in stored[:damaged]:
+        instance_path.write_bytes(instance_path.read_bytes()[:2000])  # a disk fault after ingest
+    bad = {p.stem for p in stored[:damaged]}  # stored as <SOPInstanceUID>.dcm
+
+    schedule(study.pk)
+    event = worklist.wait_for("study.scored" if scored else "study.failed", study)
+
+    result = AIResult.objects.get(study=study)
+    if scored:
+        assert result.status == AIResultStatus.SUCCEEDED
+        assert {s["sop_instance_uid"] for s in result.skipped} == bad
+        assert all("truncated or corrupt" in s["reason"] for s in result.skipped)
+        assert len(result.slice_probabilities) == 10 - damaged
+        assert _result_api(ed_client, study)["skipped"] == result.skipped
+    else:
+        assert result.status == AIResultStatus.FAILED
+        assert "only 3 of 10 slices could be read, too few to score it" in result.error
+        assert event["error"] == result.error
+        assert _status(study) == StudyStatus.FAILED
+
+
+def test_a_result_that_cannot_be_stored_fails_the_study_with_a_reason(
+    pipeline: Pipeline, worklist: WorklistSocket, tmp_path: Path
+) -> None:
+    """A fault after the model ran (here the results folder is a file: as a full disk, a real
+    OSError in the worker) fails the study at once, never leaving it "scoring" for the sweep."""
+    results = pipeline.media_root / "results"
+    aside = pipeline.media_root / "results-aside"
+    if results.exists():
+        results.rename(aside)
+    results.write_text("not a folder")
+    try:
+        paths = write_study(_phantom(109, 8), tmp_path)
+        _send(pipeline.port, paths)
+        study = _study_of(paths[0])
+        event = worklist.wait_for("study.failed", study)
+    finally:
+        results.unlink()
+        if aside.exists():
+            aside.rename(results)
+
+    result = AIResult.objects.get(study=study)
+    assert result.status == AIResultStatus.FAILED
+    assert result.error.startswith("the result could not be stored: internal error (")
+    assert "the worker log has the details under task " in result.error
+    assert event["error"] == result.error
+    assert _status(study) == StudyStatus.FAILED
 
 
 @pytest.mark.timeout(600)

@@ -3,6 +3,8 @@
 The end-to-end path with a real worker and model is in test_scoring.py.
 """
 
+from typing import Any
+
 import pytest
 import redis
 from django.conf import settings
@@ -117,3 +119,36 @@ def test_the_dicom_download_is_empty_until_the_report_is_written() -> None:
     dicom_results.heatmap_series_dir(result).mkdir(parents=True)
     (dicom_results.heatmap_series_dir(result) / "0001.dcm").write_bytes(b"half an export")
     assert dicom_results.results_zip(result) == b""
+
+
+def test_rescore_queues_failed_studies_again_and_leaves_the_rest(
+    monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any
+) -> None:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    queued: list[int] = []  # no worker here: a queued task would reach a later test's worker
+    monkeypatch.setattr(scoring, "_enqueue_scoring", queued.append)
+    failed, _ = _queued_study()
+    result = _start(failed)
+    scoring.study_scoring_fail(study_id=failed.pk, result_id=result.pk, error="model missing")
+    scored, uids = _queued_study()
+    scoring.study_scoring_finish(result_id=_start(scored).pk, output=scoring_output(uids))
+
+    out = StringIO()
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("rescore", "--failed", stdout=out)
+
+    assert queued == [failed.pk]
+    failed.refresh_from_db()
+    scored.refresh_from_db()
+    assert (failed.status, scored.status) == (StudyStatus.QUEUED, StudyStatus.SCORED)
+    assert "queued 1 of 1 studies" in out.getvalue()
+    out = StringIO()
+    call_command("rescore", str(scored.pk), stdout=out)
+    assert "left as they are: " + str(scored.pk) in out.getvalue()
+    with pytest.raises(CommandError, match="no study with id 999999"):
+        call_command("rescore", "999999")
+    with pytest.raises(CommandError, match="name study ids or --failed"):
+        call_command("rescore")
