@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     heads.add_argument("--out", type=Path, required=True, help="the model package to write")
     heads.add_argument("--version", required=True, help="version of the new package")
-    heads.add_argument("--folds", type=int, default=5)
+    heads.add_argument("--folds", type=_at_least_2, default=5)
     heads.add_argument(
         "--l2",
         type=float,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         help="L2 weight to cross-validate; repeatable (default: 0.001, 0.01 and 0.1)",
     )
     heads.add_argument("--seed", type=int, default=0)
-    heads.add_argument("--threads", type=int, default=0, help="0: every core")
+    heads.add_argument("--threads", type=_non_negative_int, default=0, help="0: every core")
     heads.add_argument(
         "--attention-weight",
         type=float,
@@ -205,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     convexity.add_argument("--out", type=Path, required=True, help="the model package to write")
     convexity.add_argument("--version", required=True, help="version of the new package")
-    convexity.add_argument("--epochs", type=int, help="default 6")
-    convexity.add_argument("--steps", type=int, help="batches per epoch (default 150)")
-    convexity.add_argument("--batch", type=int, help="default 32")
+    convexity.add_argument("--epochs", type=_positive_int, help="default 6")
+    convexity.add_argument("--steps", type=_positive_int, help="batches per epoch (default 150)")
+    convexity.add_argument("--batch", type=_positive_int, help="default 32")
     convexity.add_argument("--lr", type=float, help="default 2e-3")
-    convexity.add_argument("--width", type=int, help="channels of the first stage (default 16)")
+    convexity.add_argument(
+        "--width", type=_positive_int, help="channels of the first stage (default 16)"
+    )
     convexity.add_argument("--seed", type=int, default=0)
-    convexity.add_argument("--threads", type=int, default=0, help="0: every core")
+    convexity.add_argument("--threads", type=_non_negative_int, default=0, help="0: every core")
     convexity.add_argument(
         "--classes",
         metavar="CLASS,...",
@@ -338,6 +340,19 @@ def _evaluation_report(path: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path}: not a report of `ich evaluate` (no {', '.join(missing)})")
     return report
+
+
+def _at_least_2(value: str) -> int:
+    number = _positive_int(value)
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: at least 2")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    if value.strip() == "0":
+        return 0
+    return _positive_int(value)
 
 
 def _positive_int(value: str) -> int:

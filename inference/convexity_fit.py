@@ -183,8 +183,21 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
     return w.detach().numpy()
 
 
-def _folds(count: int, k: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(count) % k
+# A fusion is kept only where it ranks the fit studies better than the ensemble out of fold.
+# (A test of what splitting a reader keeps turns this off, so that its tiny network's fusions,
+# which rank six studies no better, are there to compare.)
+KEEP_ONLY_BETTER = True
+
+
+def _folds(count: int, k: int, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
+    """Fold of each of ``count`` studies; with ``groups`` (a patient per study) one patient's
+    studies share a fold. Patients are dealt in order of first appearance, so where every
+    study is its own patient the folds are those of the plain permutation."""
+    if groups is None:
+        return np.random.default_rng(seed).permutation(count) % k
+    order: dict[str, int] = {}
+    index = np.array([order.setdefault(g, len(order)) for g in groups])
+    return (np.random.default_rng(seed).permutation(len(order)) % k)[index]
 
 
 def fit_fusion(
@@ -196,6 +209,7 @@ def fit_fusion(
     seed: int = 0,
     classes: tuple[str, ...] = EXTRA_AXIAL,
     fuse: tuple[str, ...] | None = None,
+    patients: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Per class that reads strip evidence: the fusion fitted on every study, and, out of fold,
     whether it ranks the studies better than the ensemble alone; only then is it kept.
@@ -203,10 +217,17 @@ def fit_fusion(
     ensemble (S, 6) calibrated logits, strips (S, C) study strip logits of ``classes`` (NaN
     where no slice was readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not
     fused), the out-of-fold study logits (S, 6) of what was kept, and the record. ``fuse``
-    limits the classes that may be fused (None: every class with strip evidence)."""
+    limits the classes that may be fused (None: every class with strip evidence); ``patients``
+    (one per study) keeps a patient's studies in one fold."""
+    if not np.isfinite(ensemble).all():
+        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(ensemble))[:, 0]})
+        raise ValueError(f"the ensemble's logits are not finite for fit studies {bad[:10]}")
+    if np.isinf(strips).any():
+        bad = sorted({int(i) for i in np.argwhere(np.isinf(strips))[:, 0]})
+        raise ValueError(f"the strip logits are infinite for fit studies {bad[:10]}")
     evidence = strip_features(np.nan_to_num(strips, nan=0.0), classes)  # (S, 6)
     readable = ~np.isnan(strips).any(axis=1)
-    assignment = _folds(len(labels), folds, seed)
+    assignment = _folds(len(labels), folds, seed, patients)
     fusion = np.full((len(CLASSES), 3), np.nan)
     out_of_fold = ensemble.copy()
     record: dict[str, Any] = {}
@@ -226,7 +247,7 @@ def fit_fusion(
         before = roc_auc(y[known], ensemble[known, c])
         after = roc_auc(y[known], oof[known])
         record[name] = {"ensemble_auc": before, "fused_auc_out_of_fold": after}
-        if after > before:
+        if after > before or not KEEP_ONLY_BETTER:
             fusion[c] = _fit_logistic(x[known], y[known])
             out_of_fold[:, c] = oof
             record[name]["weights"] = [float(v) for v in fusion[c]]
@@ -281,6 +302,12 @@ def check_slot(
         unknown = sorted(set(fuse) - set(CLASSES))
         if unknown or not fuse:
             raise ValueError(f"--fuse names classes of {', '.join(CLASSES)}; got {tuple(fuse)}")
+        unread = sorted(set(fuse) - evidence_classes(classes))
+        if unread:
+            raise ValueError(
+                f"--fuse {', '.join(unread)}: the strip network reads {', '.join(classes)}"
+                f" (and so any), not {', '.join(unread)}"
+            )
     name = f"{package.name} {package.version}"
     if slot != SLOTS[0]:
         if package.convexity is None:
@@ -334,6 +361,10 @@ def add_convexity(
     if source is not None:
         classes = source.reader.net.classes
     check_slot(package, slot, fuse, classes)
+    for items, what in ((train_items, "training"), (fit_items, "fit")):
+        keys = [datasets.item_key(i) for i in items]
+        if len(set(keys)) < len(keys):
+            raise ValueError(f"a {what} study is given twice (one set named twice?)")
     old = getattr(package, slot)
     if old is not None:  # replaced: its classes start again from the flags they had before it
         if old.ensemble_thresholds is None:
@@ -378,13 +409,27 @@ def add_convexity(
         Predictor(package, torch.device("cpu")), reader, fit_items, earlier, cache
     )
     fusion, out_of_fold, per_class = fit_fusion(
-        ensemble, strips, labels, seed=seed, classes=classes, fuse=fuse
+        ensemble,
+        strips,
+        labels,
+        seed=seed,
+        classes=classes,
+        fuse=fuse,
+        patients=[i.patient_id for i in fit_items],
     )
+    if fuse is not None and not per_class:
+        raise ValueError(
+            f"no class of --fuse {', '.join(fuse)} has both positive and negative fit studies"
+            " the strips can read: nothing to fit"
+        )
     reader.fusion = fusion
     probabilities = 1.0 / (1.0 + np.exp(-out_of_fold))
     fused = ~np.isnan(fusion).any(axis=1)
+    # A fused class's flag is chosen on the studies its fused score is used on: those the
+    # strips read (a series they cannot read is flagged at the ensemble's own threshold).
+    readable = ~np.isnan(strips).any(axis=1)
     for c in np.flatnonzero(fused):
-        known = ~np.isnan(labels[:, c])
+        known = ~np.isnan(labels[:, c]) & readable
         package.thresholds[c] = threshold_for_sensitivity(
             labels[known, c] == 1, probabilities[known, c], target_sensitivity
         )
@@ -412,8 +457,10 @@ def add_convexity(
     # the points they replace did, for when this reader is replaced in turn).
     chosen_on = package.training.setdefault("operating_points_on_validation", {})
     record["operating_points_before"] = {n: chosen_on[n] for n in fused_names if n in chosen_on}
-    for name, r in operating_point_record(probabilities, labels, package.thresholds).items():
-        if name in fused_names and chosen_on:
+    on_readable = labels.copy()
+    on_readable[np.ix_(~readable, fused)] = np.nan  # as the thresholds were chosen
+    for name, r in operating_point_record(probabilities, on_readable, package.thresholds).items():
+        if name in fused_names:
             chosen_on[name] = r
     split = package.training.setdefault("split", {})
     split[slot] = sorted(train_keys | {datasets.pseudonym(datasets.item_key(i)) for i in fit_items})

@@ -18,6 +18,7 @@ members), the least recently used entries going first. A damaged entry is comput
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -54,6 +55,10 @@ def networks_fingerprint(members: Sequence[EfficientNetLite], device: torch.devi
     return digest.hexdigest()
 
 
+_ENTRY = re.compile(r"[0-9a-f]{40}\.npy")
+_TEMPORARY = re.compile(r"tmp\w{8}\.tmp")  # tempfile.mkstemp's names
+
+
 class FeatureCache:
     def __init__(self, root: Path, max_bytes: int = DEFAULT_MB * 2**20) -> None:
         self.root = Path(root)
@@ -72,8 +77,10 @@ class FeatureCache:
         try:
             limit = int(megabytes) if megabytes else DEFAULT_MB
         except ValueError:
-            message = f"{ENV_MB} is a whole number of megabytes, not {megabytes!r}"
-            raise ValueError(message) from None
+            limit = 0
+        if limit < 1:
+            message = f"{ENV_MB} is a whole number of megabytes (1 or more), not {megabytes!r}"
+            raise ValueError(message)
         return cls(Path(where) if where else default_dir(), limit * 2**20)
 
     def key(self, fingerprint: str, x: torch.Tensor) -> str:
@@ -112,7 +119,7 @@ class FeatureCache:
         that cannot be written (a read-only home, a full disk) is warned about, not fatal."""
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # derived from pixels
             handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         except OSError as error:
             self._warn(error)
@@ -133,13 +140,18 @@ class FeatureCache:
         self.prune()
 
     def prune(self) -> None:
+        """Trims the cache to its bound, least recently used first. Only the cache's own files
+        are touched (an entry's name is its 40-digit hash under a folder of its first two),
+        whatever else the folder it was pointed at holds."""
         stale = time.time() - 3600
-        for path in self.root.glob("*/*.tmp"):  # left by a process that died writing
+        for path in self.root.glob("[0-9a-f][0-9a-f]/*.tmp"):  # left by a process that died
             with suppress(OSError):
-                if path.stat().st_mtime < stale:
+                if _TEMPORARY.fullmatch(path.name) and path.stat().st_mtime < stale:
                     path.unlink()
         entries = []
-        for path in self.root.glob("*/*.npy"):
+        for path in self.root.glob("[0-9a-f][0-9a-f]/*.npy"):
+            if not _ENTRY.fullmatch(path.name) or not path.name.startswith(path.parent.name):
+                continue
             try:
                 stat = path.stat()
             except OSError:  # removed by another process

@@ -377,6 +377,17 @@ def refit_heads(
     package's training."""
     if package.aggregator is not None:
         raise ValueError("refit-heads needs a model whose study level is the maximum over slices")
+    if package.readers():
+        raise ValueError(
+            f"{package.name} {package.version} has strip readers, fitted on its present heads:"
+            " refit the heads of the package they were added to, then add the readers again"
+            " (ich convexity)"
+        )
+    if folds < 2:
+        raise ValueError(f"refit-heads needs at least 2 folds, not {folds}")
+    patients = len({v.patient_id for v in volumes})
+    if patients < folds:
+        raise ValueError(f"{folds} folds need at least {folds} patients, got {patients}")
     if len(volumes) < 2 * folds:
         raise ValueError(f"refit-heads needs at least {2 * folds} studies, got {len(volumes)}")
     unlabelled = [v.key for v in volumes if np.isnan(v.slice_labels).all()]

@@ -480,8 +480,33 @@ def test_fusion_limited_to_some_classes_fits_them_as_the_full_fit_does() -> None
             np.testing.assert_array_equal(oof[:, c], full_oof[:, c])
 
 
+def test_fusion_folds_keep_a_patients_studies_together() -> None:
+    from inference.convexity_fit import _folds
+
+    plain = _folds(12, 5, seed=3)
+    np.testing.assert_array_equal(_folds(12, 5, 3, [f"p{i}" for i in range(12)]), plain)
+    grouped = _folds(12, 5, 3, ["a", "b", "a", "c", "b", "d", "e", "a", "f", "g", "h", "i"])
+    assert grouped[0] == grouped[2] == grouped[7] and grouped[1] == grouped[4]
+    assert len(set(grouped)) == 5
+
+
+def test_fusion_refuses_scores_that_are_not_finite() -> None:
+    ensemble, strips, labels = _fit_data()
+    broken = ensemble.copy()
+    broken[3, SUBDURAL] = np.nan
+    with pytest.raises(ValueError, match=r"not finite for fit studies \[3\]"):
+        fit_fusion(broken, strips, labels)
+    infinite = strips.copy()
+    infinite[5, 0] = np.inf
+    with pytest.raises(ValueError, match=r"infinite for fit studies \[5\]"):
+        fit_fusion(ensemble, infinite, labels)
+
+
 def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra_axial_sets: tuple[Path, Path]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra_axial_sets: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`--net-from`: a trained strip network is fused again without training. The first
     reader refitted with its own network for "any" and epidural, and the same network added as
@@ -494,6 +519,9 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     from inference.predictor import default_model_path
 
     train, fit = extra_axial_sets  # their ensemble embeddings are cached by the test above
+    # On six fit studies the ensemble ranks as well as any fusion could, so a fusion would
+    # never be kept and every row compared below would be NaN: here each is kept, as fitted.
+    monkeypatch.setattr("inference.convexity_fit.KEEP_ONLY_BETTER", False)
     training = ["--epochs", "1", "--steps", "2", "--batch", "4"]
     fits = ["--fit", f"phantom:{fit}", "--threads", "1"]
     # the shipped package before any crescent reader, its first reader trained again
@@ -506,6 +534,7 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     assert original.training["convexity"]["net"]["epochs"] == 1  # given
     assert original.training["convexity"]["net"]["width"] == 16  # train_net's default
     fused = {CLASSES[c] for c in original.convexity.fused_classes()}
+    assert fused == {"any", "subdural", "epidural"}
     base = ["convexity", str(one), *fits, "--version", "2"]
     bad = tmp_path / "bad"
     # a package whose reader trained on a study of the ensemble, one whose training sets are
@@ -527,6 +556,14 @@ def test_a_network_taken_from_a_reader_splits_it_into_two_that_score_as_it_did(
     for extra, error in (
         (["--train", f"phantom:{train}", "--net-from", f"{one}:convexity"], "or --net-from"),
         (["--net-from", f"{one}:sulcus"], "expected PACKAGE:SLOT"),
+        (
+            ["--net-from", f"{one}:convexity", "--fuse", "subarachnoid"],
+            "--fuse subarachnoid: the strip network reads subdural, epidural",
+        ),
+        (
+            ["--net-from", f"{one}:convexity", "--fit", f"phantom:{fit}"],
+            "a fit study is given twice",
+        ),
         (["--net-from", f"{one}:crescent"], "has no crescent reader"),
         (["--net-from", f"{one}:convexity", "--classes", "subdural"], "not subdural"),
         (["--net-from", f"{one}:convexity", "--epochs", "2"], "--epochs would train one"),

@@ -2,6 +2,7 @@
 and `ich atlas build` read instead of running the networks again."""
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ def _members(seed: int = 0) -> list[EfficientNetLite]:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(root.glob("*/*.npy"))
+    """The cache's entries: a 40-digit hash under a folder of its first two."""
+    return sorted(p for p in root.glob("*/*.npy") if re.fullmatch(r"[0-9a-f]{40}\.npy", p.name))
 
 
 def test_a_second_pass_reads_what_the_first_computed_and_a_new_head_reads_it_too(
@@ -107,8 +109,17 @@ def test_the_cache_keeps_to_its_bound_dropping_the_least_recently_used(tmp_path:
     (first,) = _files(tmp_path)
     member_outputs(members, inputs[1], CPU, **args)
     os.utime(first, (1, 1))  # long unused
+    # files that are not the cache's, in a folder it was pointed at, are never pruned
+    (tmp_path / "ab").mkdir(exist_ok=True)
+    theirs = [tmp_path / "ab" / "volume.npy", tmp_path / "patient01" / "x.npy"]
+    theirs += [tmp_path / "ab" / "notes.tmp"]
+    for path in theirs:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"\0" * (3 * entry_bytes))
+        os.utime(path, (1, 1))  # older than every entry, and over the bound on their own
     member_outputs(members, inputs[2], CPU, **args)
     assert len(_files(tmp_path)) == 2 and not first.exists()
+    assert all(path.exists() for path in theirs)
 
 
 def test_the_environment_names_the_folder_or_turns_it_off(
@@ -121,9 +132,10 @@ def test_the_environment_names_the_folder_or_turns_it_off(
     monkeypatch.setenv("ICH_FEATURE_CACHE", "off")
     assert FeatureCache.from_env() is None
     monkeypatch.setenv("ICH_FEATURE_CACHE", str(tmp_path))
-    monkeypatch.setenv("ICH_FEATURE_CACHE_MB", "lots")
-    with pytest.raises(ValueError, match="whole number of megabytes"):
-        FeatureCache.from_env()
+    for value in ("lots", "0", "-5"):
+        monkeypatch.setenv("ICH_FEATURE_CACHE_MB", value)
+        with pytest.raises(ValueError, match=r"whole number of megabytes \(1 or more\)"):
+            FeatureCache.from_env()
 
 
 def test_the_predictors_ensemble_scores_are_the_same_read_from_the_cache(tmp_path: Path) -> None:

@@ -180,17 +180,28 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], small_shipped: Path
 ) -> None:
     from inference.cli import main
+    from inference.package import READER_SLOTS
     from inference.phantom import write_dataset
     from inference.predictor import Predictor
 
     fresh = tmp_path / "fresh"
     write_dataset(fresh, 6, seed=77, progress=False, favour=["subdural"])
     out = tmp_path / "out"
+    # its strip readers' fusions were fitted on the present heads: refused, nothing read
+    refused = ["refit-heads", str(small_shipped), "--data", f"phantom:{fresh}", "--out", str(out)]
+    assert main([*refused, "--version", "9.9.9"]) == 2
+    assert "has strip readers, fitted on its present heads" in capsys.readouterr().err
+    assert not out.exists()
+    bare = ModelPackage.load(small_shipped)  # the ensemble as it was before its readers
+    bare.thresholds = bare.ensemble_thresholds()
+    for slot in READER_SLOTS:
+        setattr(bare, slot, None)
+    bare.save(tmp_path / "bare.pt")
     assert (
         main(
             [
                 "refit-heads",
-                str(small_shipped),
+                str(tmp_path / "bare.pt"),
                 "--data",
                 f"phantom:{fresh}",
                 "--out",
@@ -218,7 +229,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
     package = ModelPackage.load(out / "model.pt")
     record = package.training["heads_refit"]
     assert package.version == "9.9.9" and record["studies"] == 6
-    assert record["from"].endswith(ModelPackage.load(small_shipped).version)
+    assert record["from"].endswith(bare.version)
     assert set(record["cross_validated_study_auc"]) == {"0.01", "0.1"}
     # the attention term's slices and the out-of-fold share of Grad-CAM peaks near the bleed
     assert 4 <= record["attention_slices"]["slices"] <= 4 * len(CLASSES)
@@ -266,7 +277,7 @@ def test_ich_refit_heads_writes_a_calibrated_package_and_refuses_seen_studies(
         main(
             [
                 "refit-heads",
-                str(small_shipped),
+                str(tmp_path / "bare.pt"),
                 "--data",
                 f"phantom:{seen}",
                 "--out",

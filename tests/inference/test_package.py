@@ -281,3 +281,22 @@ def test_a_package_saved_again_records_its_items_as_pseudonyms(tmp_path: Path) -
     assert split["n"] == 3
     assert "CQ500" not in (tmp_path / "m.pt").read_bytes().decode("latin-1")
     assert recorded(split["train"]) == recorded(["CQ500-CT-7", "p2/001.png"])
+
+
+def test_settings_that_would_write_a_useless_package_are_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from inference.cli import main
+
+    heads = ["refit-heads", "m.pt", "--data", "phantom:x", "--out", "o", "--version", "1"]
+    convexity = ["convexity", "m.pt", "--fit", "phantom:x", "--out", "o", "--version", "1"]
+    for args, said in [
+        ([*heads, "--folds", "1"], "'1': at least 2"),
+        ([*heads, "--threads", "-1"], "'-1': a whole number of at least 1"),
+        ([*convexity, "--batch", "0"], "'0': a whole number of at least 1"),
+        ([*convexity, "--epochs", "0"], "'0': a whole number of at least 1"),
+        ([*convexity, "--width", "x"], "'x': a whole number of at least 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(args)
+        assert said in capsys.readouterr().err, args
