@@ -225,6 +225,8 @@ ICH_SCORING_STUCK_MINUTES = env_int("ICH_SCORING_STUCK_MINUTES", 15, minimum=12)
 ICH_MODEL_PATH = os.environ.get("ICH_MODEL_PATH") or None  # None: the shipped model
 if ICH_MODEL_PATH and not Path(ICH_MODEL_PATH).is_file():
     raise ImproperlyConfigured(f"ICH_MODEL_PATH={ICH_MODEL_PATH!r} is not a file.")
+# Each worker process loads the model as it starts (and /healthz reports whether it could).
+ICH_PRELOAD_MODEL = env_bool("ICH_PRELOAD_MODEL", True)
 CELERY_TASK_ROUTES = {"worklist.tasks.score_study": {"queue": "gpu"}}
 # With acks_late, a task whose worker died (SIGKILL, OOM, power loss) stays unacknowledged in
 # Redis until the visibility timeout passes, then goes back to its queue. Kombu's default is an
@@ -313,6 +315,10 @@ LOGGING = {
             "filters": ["withhold_patient_data"],
         }
     },
-    "loggers": {"py.warnings": {"filters": ["withhold_warning_text"]}},
+    "loggers": {
+        "py.warnings": {"filters": ["withhold_warning_text"]},
+        # pynetdicom's INFO is a line per PDU; what the receiver does is logged by worklist
+        "pynetdicom": {"level": "WARNING"},
+    },
     "root": {"handlers": ["console"], "level": env_str("ICH_LOG_LEVEL", "INFO")},
 }

@@ -263,11 +263,10 @@ def _load_problem(error: Exception) -> str:
         return "permission denied"
     if isinstance(error, EOFError) or "Ran out of input" in text:
         return "empty or truncated file"
-    if "weights_only" in text or "Unsupported global" in text:
-        return "it holds objects other than weights, which are not loaded (unsafe to unpickle)"
     if isinstance(error, OSError) or "zip archive" in text or "PytorchStreamReader" in text:
         return "truncated, or not a PyTorch file"
-    return "not a PyTorch file"
+    # garbage, or a pickle that names code to run: torch reads weights only and runs nothing
+    return "not a PyTorch file of weights (only weights are read; nothing in it was run)"
 
 
 def _stored_in_half(name: str, value: torch.Tensor) -> bool:

@@ -30,14 +30,25 @@ def _worker() -> dict[str, Any]:
     return {"ok": bool(replies), "workers": len(replies)}
 
 
-CHECKS = {"database": _database, "redis": _redis, "worker": _worker}
+def _model() -> dict[str, Any]:
+    """Whether the workers could load the model, as the last one to try said (a worker loads
+    it as it starts). Unknown until a worker has tried: not a failure."""
+    from worklist.scheduling import model_status
+
+    status = model_status()
+    if status is None:
+        return {"ok": True, "loaded": "no worker has loaded it yet"}
+    return status
+
+
+CHECKS = {"database": _database, "redis": _redis, "worker": _worker, "model": _model}
 
 
 def health_report() -> dict[str, Any]:
     """Runs every check; a check that raises is reported as down with the exception's class only."""
     checks: dict[str, Any] = {}
     for name, check in CHECKS.items():
-        if name == "worker" and not checks["redis"]["ok"]:
+        if name in ("worker", "model") and not checks["redis"]["ok"]:
             checks[name] = {"ok": False, "error": "broker unreachable"}
             continue
         try:

@@ -85,3 +85,20 @@ def count_scoring_attempt(result_id: int) -> int:
     pipeline.expire(key, 7 * 24 * 3600)
     attempts, _ = pipeline.execute()
     return int(attempts)
+
+
+MODEL_STATUS_KEY = "ich:model-status"
+
+
+def model_status_set(status: dict[str, object]) -> None:
+    """What the last worker that loaded (or failed to load) the model found, for /healthz."""
+    import json
+
+    _redis().set(MODEL_STATUS_KEY, json.dumps(status))
+
+
+def model_status() -> dict[str, object] | None:
+    import json
+
+    raw = _redis().get(MODEL_STATUS_KEY)
+    return None if raw is None else json.loads(raw)

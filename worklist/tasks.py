@@ -6,12 +6,14 @@ worker process and kept warm (CUDA when present).
 
 import logging
 import time
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 from django.conf import settings
 from django.db import OperationalError
 from django.utils import timezone
@@ -30,11 +32,35 @@ def predictor() -> Any:
     if _predictor is None:
         from inference.predictor import Predictor
 
-        _predictor = Predictor.load(settings.ICH_MODEL_PATH or None)
+        try:
+            _predictor = Predictor.load(settings.ICH_MODEL_PATH or None)
+        except Exception as error:
+            with suppress(Exception):  # the status is for /healthz; the study says it too
+                scheduling.model_status_set({"ok": False, "error": model_problem(error)})
+            raise
         logger.info(
             "model %s %s loaded on %s", _predictor.name, _predictor.version, _predictor.device
         )
+        with suppress(Exception):
+            scheduling.model_status_set(
+                {"ok": True, "model": f"{_predictor.name} {_predictor.version}"}
+            )
     return _predictor
+
+
+def model_problem(error: BaseException) -> str:
+    """Why the model could not be loaded: inference says what is wrong with the package
+    (damaged, newer format, missing), a path and a reason with no patient data."""
+    return str(error) if isinstance(error, ValueError | OSError) else type(error).__name__
+
+
+@worker_process_init.connect
+def _load_the_model_at_start(**_: Any) -> None:
+    """Each worker process loads the model as it starts, so the first study does not wait for
+    it and /healthz knows at once whether it loads."""
+    if settings.ICH_PRELOAD_MODEL:
+        with suppress(Exception):  # said by model_status and on the first study
+            predictor()
 
 
 @shared_task(acks_late=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
@@ -66,11 +92,8 @@ def score_study(self: Any, study_id: int) -> str:
         model = predictor()
     except Exception as error:  # a missing or broken model: every study would wait for ever
         logger.exception("the model could not be loaded")
-        # inference says what is wrong with the package (damaged, newer format, missing): a
-        # path and a reason, no patient data
-        problem = str(error) if isinstance(error, ValueError | OSError) else type(error).__name__
         scoring.study_scoring_fail(
-            study_id=study_id, error=f"the model could not be loaded: {problem}"
+            study_id=study_id, error=f"the model could not be loaded: {model_problem(error)}"
         )
         return "failed"
     result = scoring.study_scoring_start(

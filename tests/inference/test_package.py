@@ -239,7 +239,7 @@ def test_a_damaged_newer_or_unsafe_package_is_refused_with_a_short_reason(tmp_pa
         ("newer", "a model package of format 9; this version of ich reads format 1 (the"),
         ("empty", "not a readable model package (empty or truncated file)"),
         ("cut", "not a readable model package (truncated, or not a PyTorch file)"),
-        ("unsafe", "not a readable model package (it holds objects other than weights"),
+        ("unsafe", "not a readable model package (not a PyTorch file of weights (only weights"),
     ]:
         with pytest.raises(ValueError) as raised:
             ModelPackage.load(tmp_path / f"{name}.pt")

@@ -177,8 +177,12 @@ def test_the_predictor_explains_a_flagged_study(
         assert heatmap.shape == (n, 512, 512) and heatmap.dtype == np.uint8
         assert heatmap[prediction.key_slices[name]].max() > 0
     assert set(prediction.prediction_basis) == flagged
+    atlas = predictor.package.atlas
+    assert atlas is not None
+    in_atlas = {CLASSES[int(c)] for c in atlas.classes}  # classes it kept slices of
     for name, basis in prediction.prediction_basis.items():
-        assert basis and all(entry.labels[name] == 1 for entry in basis), name
+        assert bool(basis) == (name in in_atlas), name
+        assert all(entry.labels[name] == 1 for entry in basis), name
         similarities = [entry.similarity for entry in basis]
         assert similarities == sorted(similarities, reverse=True)
     summary = prediction.summary()
