@@ -136,8 +136,15 @@ def _current_run(study: Study) -> AIResult | None:
     )
 
 
-def _is_latest(result: AIResult) -> bool:
+def is_latest(result: AIResult) -> bool:
     return not AIResult.objects.filter(study_id=result.study_id, pk__gt=result.pk).exists()
+
+
+def running_result_id(study_id: int) -> int | None:
+    """The running result of the study's present scoring run, if one was started."""
+    study = Study.objects.get(pk=study_id)
+    run = _current_run(study) if study.status == StudyStatus.SCORING else None
+    return None if run is None else run.pk
 
 
 def scoring_instances(study: Study) -> list[Instance]:
@@ -204,7 +211,7 @@ def _scoring_finish_record(
     result.model_name, result.model_version = output.model_name, output.model_version
     result.status, result.finished_at = AIResultStatus.SUCCEEDED, timezone.now()
     result.save()
-    if not _is_latest(result):
+    if not is_latest(result):
         return result  # superseded by a newer run of the reopened study: that one speaks for it
     study.priority = priority_of(output)
     if study.status == StudyStatus.SCORING:
@@ -233,7 +240,7 @@ def study_scoring_fail(*, study_id: int, error: str, result_id: int | None = Non
         AIResult.objects.filter(pk=result_id, status=AIResultStatus.RUNNING).update(
             status=AIResultStatus.FAILED, error=reason, finished_at=timezone.now()
         )
-        current = _is_latest(AIResult.objects.get(pk=result_id))
+        current = is_latest(AIResult.objects.get(pk=result_id))
     if not current or study.status not in (StudyStatus.QUEUED, StudyStatus.SCORING):
         return
     study.transition_to(StudyStatus.FAILED)

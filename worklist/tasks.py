@@ -93,7 +93,9 @@ def score_study(self: Any, study_id: int) -> str:
     except Exception as error:  # a missing or broken model: every study would wait for ever
         logger.exception("the model could not be loaded")
         scoring.study_scoring_fail(
-            study_id=study_id, error=f"the model could not be loaded: {model_problem(error)}"
+            study_id=study_id,
+            error=f"the model could not be loaded: {model_problem(error)}",
+            result_id=scoring.running_result_id(study_id),  # a redelivered run's, if any
         )
         return "failed"
     result = scoring.study_scoring_start(
@@ -156,6 +158,8 @@ def export_results(result_id: int) -> int:
     from worklist import dicom_results
 
     result = AIResult.objects.get(pk=result_id)
+    if not scoring.is_latest(result):  # a late instance made a newer run: that one is sent
+        return 0
     try:
         paths = dicom_results.write_results(result)
     except OperationalError:

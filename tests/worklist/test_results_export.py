@@ -236,3 +236,23 @@ def test_results_sent_to_the_pacs_are_audited(
         "to": f"PACS@127.0.0.1:{port}",
         "files": 4,
     }
+
+
+def test_a_result_a_newer_run_replaced_is_not_exported(
+    pacs: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worklist.tasks import export_results
+
+    port, received = pacs
+    older = _scored(monkeypatch)
+    study = older.study
+    study.refresh_from_db()
+    study.transition_to(StudyStatus.RECEIVING)  # a late instance
+    study.transition_to(StudyStatus.QUEUED)
+    newer = scoring.study_scoring_start(study_id=study.pk, model_name="m", model_version="1")
+    assert newer is not None and newer.pk > older.pk
+
+    with override_settings(ICH_RESULTS_DESTINATION=("PACS", "127.0.0.1", port)):
+        assert export_results(older.pk) == 0
+
+    assert not dicom_results.sr_path(older).exists() and not list(received.iterdir())

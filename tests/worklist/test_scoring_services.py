@@ -152,3 +152,19 @@ def test_rescore_queues_failed_studies_again_and_leaves_the_rest(
         call_command("rescore", "999999")
     with pytest.raises(CommandError, match="name study ids or --failed"):
         call_command("rescore")
+
+
+def test_a_model_that_cannot_load_closes_a_redelivered_runs_result_too() -> None:
+    """score_study fails a study whose model cannot be loaded with the running result of a
+    run a lost worker had started (running_result_id), so no result stays "running"."""
+    study, _ = _queued_study()
+    assert scoring.running_result_id(study.pk) is None  # queued: no run yet
+    result = _start(study)
+    assert scoring.running_result_id(study.pk) == result.pk
+    scoring.study_scoring_fail(
+        study_id=study.pk,
+        error="the model could not be loaded: x",
+        result_id=scoring.running_result_id(study.pk),
+    )
+    result.refresh_from_db()
+    assert result.status == AIResultStatus.FAILED and result.finished_at is not None
