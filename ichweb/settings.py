@@ -317,8 +317,10 @@ LOGGING = {
     },
     "loggers": {
         "py.warnings": {"filters": ["withhold_warning_text"]},
-        # pynetdicom's INFO is a line per PDU; what the receiver does is logged by worklist
+        # pynetdicom's and highdicom's INFO is a line per PDU or attribute copied (its text
+        # withheld); what the receiver and the export do is logged by worklist
         "pynetdicom": {"level": "WARNING"},
+        "highdicom": {"level": "WARNING"},
     },
     "root": {"handlers": ["console"], "level": env_str("ICH_LOG_LEVEL", "INFO")},
 }
