@@ -84,12 +84,13 @@ def _worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start_celery_worker(
-    *, env: dict[str, str] | None = None, task_events: bool = False
+    *, env: dict[str, str] | None = None, task_events: bool = False, loglevel: str = "WARNING"
 ) -> tuple[subprocess.Popen, str]:
     """A real Celery worker process (solo pool, queues default and gpu) that answers a ping.
 
     ``env``: variables added to the test database, Redis and media root of ``_worker_env``.
-    ``task_events``: the worker publishes task events (tests count the tasks it received)."""
+    ``task_events``: the worker publishes task events (tests count the tasks it received).
+    ``loglevel``: INFO lists every task received and finished (shown when a test fails)."""
     name = f"test-{os.getpid()}-{time.monotonic_ns()}@localhost"
     command = [
         sys.executable,
@@ -105,7 +106,7 @@ def start_celery_worker(
         "--hostname",
         name,
         "--loglevel",
-        "WARNING",
+        loglevel,
         "--without-mingle",
         "--without-gossip",
         *(["--task-events"] if task_events else []),

@@ -193,7 +193,7 @@ def pipeline(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) ->
     events.start()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(settings, "MEDIA_ROOT", media_root)  # the worker inherits it
-        worker, name = start_celery_worker(env=_worker_env(), task_events=True)
+        worker, name = start_celery_worker(env=_worker_env(), task_events=True, loglevel="INFO")
     state = Pipeline(int(server.server_address[1]), media_root, events, worker, name)
     try:
         yield state
@@ -331,7 +331,14 @@ class WorklistSocket:
             arrived = self._changed.wait_for(
                 lambda: len(self.of(event_type, study)) >= count, timeout=timeout
             )
-        assert arrived, f"no {event_type} #{count} for study {study.pk} within {timeout:.0f} s"
+        if not arrived:  # what the study went through, to tell a lost check from a lost run
+            seen = [e["type"] for e in self.events if e.get("study_id") == study.pk]
+            study.refresh_from_db()
+            runs = list(AIResult.objects.filter(study=study).values_list("status", "error"))
+            raise AssertionError(
+                f"no {event_type} #{count} for study {study.pk} within {timeout:.0f} s;"
+                f" events {seen}; status {study.status}; results {runs}"
+            )
         return self.of(event_type, study)[count - 1]
 
 
