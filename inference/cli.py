@@ -477,6 +477,15 @@ def _atlas_build(args: argparse.Namespace) -> None:
     print(f"atlas of {len(package.atlas.classes)} slices written into {target}")
 
 
+def _check_out_folder(out: Path, model: Path) -> None:
+    """Before any work: --out is a folder the new package's model.pt can go in, and not the
+    package being built on (which would be overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
+    if (out / "model.pt").resolve() == Path(model).resolve():
+        raise ValueError(f"--out {out}: would overwrite {model}, the package it builds on")
+
+
 def _convexity(args: argparse.Namespace) -> None:
     import torch
 
@@ -485,6 +494,7 @@ def _convexity(args: argparse.Namespace) -> None:
     from inference.datasets import item_key, pseudonym, recorded
     from inference.package import ModelPackage
 
+    _check_out_folder(args.out, args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     if bool(args.train) == bool(args.net_from):
@@ -649,6 +659,7 @@ def _refit_heads(args: argparse.Namespace) -> None:
     from inference.package import ModelPackage
     from inference.progress import progress
 
+    _check_out_folder(args.out, args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     package = ModelPackage.load(args.model)

@@ -300,3 +300,24 @@ def test_settings_that_would_write_a_useless_package_are_refused_before_any_work
         with pytest.raises(SystemExit):
             main(args)
         assert said in capsys.readouterr().err, args
+
+
+def test_a_new_package_may_not_overwrite_the_one_it_builds_on_or_go_under_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inference.cli import main
+
+    model = tmp_path / "run" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes(b"a package")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for command in (
+        ["refit-heads", str(model), "--data", "phantom:x", "--version", "2"],
+        ["convexity", str(model), "--fit", "phantom:x", "--train", "phantom:y", "--version", "2"],
+    ):
+        assert main([*command, "--out", str(model.parent)]) == 2
+        assert "would overwrite" in capsys.readouterr().err
+        assert main([*command, "--out", str(a_file)]) == 2
+        assert "a file, not a folder" in capsys.readouterr().err
+    assert model.read_bytes() == b"a package"
