@@ -52,7 +52,20 @@ class IchAdminSite(admin.AdminSite):
 
 
 admin_site = IchAdminSite(name="admin")
-admin_site.register(User, UserAdmin)
+
+
+class IchUserAdmin(UserAdmin):
+    """An admin who is not a superuser manages accounts and roles, but cannot make anyone (or
+    themselves) a superuser or hand out single permissions: those stay with superusers."""
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = tuple(super().get_readonly_fields(request, obj))
+        if request.user.is_superuser:
+            return fields
+        return (*fields, "is_superuser", "user_permissions")
+
+
+admin_site.register(User, IchUserAdmin)
 admin_site.register(Group, GroupAdmin)
 
 
@@ -73,15 +86,15 @@ class StudyAdmin(ReadOnlyAdmin):
     list_filter = ("status", "review_state")
     search_fields = ("accession_number", "study_instance_uid")
 
-    def change_view(self, request: HttpRequest, object_id: str, *args: Any, **kwargs: Any) -> Any:
-        """Opening a study in the admin shows PHI, so it is audited like the API."""
-        if object_id.isdigit() and Study.objects.filter(pk=object_id).exists():
+    def get_object(self, request: HttpRequest, object_id: str, from_field: Any = None) -> Any:
+        """Opening a study in the admin shows PHI, so it is audited like the API: whenever the
+        admin finds the study, however its id was written (1, +1, 0_1)."""
+        study = super().get_object(request, object_id, from_field)
+        if study is not None:
             services.study_open(
-                study_id=int(object_id),
-                user=request.user,
-                address=services.client_address(request),
+                study_id=study.pk, user=request.user, address=services.client_address(request)
             )
-        return super().change_view(request, object_id, *args, **kwargs)
+        return study
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
         services.worklist_open(user=request.user, address=services.client_address(request))

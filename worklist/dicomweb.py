@@ -532,6 +532,20 @@ def instance_json(request: Request, instance: Instance) -> dict[str, Any]:
     }
 
 
+_QUERY_PARAMETERS = {"limit", "offset", "includefield", "fuzzymatching"}
+
+
+def _query_key(key: str) -> str:
+    """A query key as the audit row keeps it: an attribute (keyword or tag) or a QIDO
+    parameter; anything else (a value sent as a bare key, maybe a name) is not kept."""
+    from pydicom.datadict import keyword_dict
+
+    name = key.split(".")[0]
+    if key in _QUERY_PARAMETERS or name in keyword_dict or re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        return key
+    return "(other)"
+
+
 def _audit(request: Request, action: str, *, study: Study | None = None, **details: Any) -> None:
     services.audit_record(
         action=action,
@@ -548,14 +562,26 @@ def query(
     request: Request, *, level: str, rows: QuerySet[Any], serialise: Callable[..., dict[str, Any]]
 ) -> Response:
     page = _paged(request, rows)
-    study = page[0] if len(page) == 1 and isinstance(page[0], Study) else None
+    # the studies whose patient data the answer discloses, whatever its level
+    disclosed = sorted(
+        {
+            row.pk
+            if isinstance(row, Study)
+            else row.study_id
+            if isinstance(row, Series)
+            else row.series.study_id
+            for row in page
+        }
+    )
+    study = Study.objects.get(pk=disclosed[0]) if len(disclosed) == 1 else None
     _audit(
         request,
         AuditAction.DICOMWEB_QUERY,
         study=study,
         level=level,
-        keys=sorted(request.query_params.keys()),
+        keys=sorted(_query_key(k) for k in request.query_params),
         results=len(page),
+        study_ids=disclosed,
     )
     return Response([serialise(request, row) for row in page])
 

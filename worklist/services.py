@@ -138,9 +138,13 @@ def result_image_fetch(
         relative = result.heatmaps.get(class_name, {}).get(key)
     else:
         entries = result.prediction_basis.get(class_name, [])
-        relative = entries[int(key)]["image"] if key.isdigit() and int(key) < len(entries) else None
+        rank = key.isascii() and key.isdigit()  # "²" is a digit to isdigit, not to int
+        relative = entries[int(key)]["image"] if rank and int(key) < len(entries) else None
     if relative is None:
         raise AIResult.DoesNotExist(f"no {kind} image {class_name}/{key}")
+    path = media_path(relative)
+    if not path.is_file():  # nothing is shown, so nothing is audited
+        raise AIResult.DoesNotExist(f"the {kind} image {class_name}/{key} is missing")
     audit_record(
         action=AuditAction.IMAGES_FETCHED,
         user=user,
@@ -149,7 +153,7 @@ def result_image_fetch(
         obj=result,
         details={"kind": kind, "class": class_name},
     )
-    return media_path(relative)
+    return path
 
 
 @transaction.atomic

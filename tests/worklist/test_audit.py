@@ -111,6 +111,19 @@ class TestPatientDataAccessIsAudited:
         assert ed_client.get(reverse("api-study-detail", args=[999999])).status_code == 404
         assert _actions() == []
 
+    def test_a_result_image_that_is_not_there_is_a_404_and_not_audited(
+        self, ed_client: Client, settings
+    ) -> None:
+        result = AIResultFactory(
+            heatmaps={"any": {"1.2.3": "results/1/heatmaps/any/0000.png"}},  # never written
+            prediction_basis={"any": [{"image": "results/1/basis/any/0.png"}]},
+        )
+        for kind, key in (("heatmaps", "1.2.3"), ("basis", "0"), ("basis", "\u00b2")):
+            url = reverse("api-result-image", args=[result.pk, kind, "any", key])
+            response = ed_client.get(url)
+            assert response.status_code == 404, (kind, key, response.content)
+        assert _actions() == []
+
 
 class TestReviewsAreAudited:
     def test_confirming_a_finding_saves_the_review_and_one_event(
@@ -209,3 +222,39 @@ class TestAdminsReadAndExportTheLog:
         url = reverse("admin:worklist_auditevent_delete", args=[event.pk])
         assert admin_client_.post(url, {"post": "yes"}).status_code == 403
         assert AuditEvent.objects.filter(pk=event.pk).exists()
+
+    @pytest.mark.parametrize("written", ["{pk}", "+{pk}", "0_{pk}", "{pk}%20"])
+    def test_the_admin_audits_a_study_it_shows_however_its_id_is_written(
+        self, admin_client_: Client, written: str
+    ) -> None:
+        study = StudyFactory()
+        url = f"/admin/worklist/study/{written.format(pk=study.pk)}/change/"
+        response = admin_client_.get(url)
+        assert response.status_code == 200  # the study and its PHI are shown
+        (event,) = AuditEvent.objects.filter(action=AuditAction.STUDY_OPENED)
+        assert event.study == study
+
+    def test_an_admin_who_is_not_a_superuser_cannot_make_anyone_one(
+        self, admin_client_: Client
+    ) -> None:
+        from django.contrib.auth import get_user_model
+
+        me = get_user_model().objects.get(pk=admin_client_.session["_auth_user_id"])
+        assert not me.is_superuser
+        url = reverse("admin:auth_user_change", args=[me.pk])
+        page = admin_client_.get(url).content.decode()
+        assert 'name="is_superuser"' not in page and 'name="user_permissions"' not in page
+        form = {
+            "username": me.username,
+            "is_active": "on",
+            "is_staff": "on",
+            "is_superuser": "on",
+            "groups": list(me.groups.values_list("pk", flat=True)),
+            "last_login_0": "",
+            "last_login_1": "",
+            "date_joined_0": "2026-01-01",
+            "date_joined_1": "00:00:00",
+        }
+        admin_client_.post(url, form)
+        me.refresh_from_db()
+        assert not me.is_superuser

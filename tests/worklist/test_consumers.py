@@ -77,3 +77,54 @@ def test_a_saved_review_reaches_an_open_worklist_through_redis(ed_client: Client
         "class": "subdural",
         "decision": "rejected",
     }
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ("logout", CLOSE_UNAUTHENTICATED),
+        ("deactivate", CLOSE_UNAUTHENTICATED),
+        ("lose the role", CLOSE_FORBIDDEN),
+    ],
+)
+def test_an_open_worklist_closes_once_its_session_or_user_may_no_longer_see_it(
+    client_as: Any, monkeypatch: pytest.MonkeyPatch, change: str, code: int
+) -> None:
+    """Checked at connect and again before events are forwarded (here before each one)."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    monkeypatch.setattr("worklist.consumers.RECHECK_SECONDS", 0.0)
+    client = client_as("ed_physician")
+    user = get_user_model().objects.get(pk=client.session["_auth_user_id"])
+    finding = FindingFactory()
+    reviewer = UserFactory(role="radiologist")
+
+    def review() -> None:
+        services.finding_review(
+            finding=finding, reviewer=reviewer, decision="rejected", comment="", address=None
+        )
+
+    def make_the_change() -> None:
+        if change == "logout":
+            client.logout()  # deletes the session the socket was opened with
+        elif change == "deactivate":
+            type(user).objects.filter(pk=user.pk).update(is_active=False)
+        else:
+            user.groups.remove(*Group.objects.all())
+
+    async def scenario() -> tuple[dict, Any]:
+        communicator = WebsocketCommunicator(application, "/ws/worklist/", headers=_headers(client))
+        connected, _ = await communicator.connect()
+        assert connected
+        await database_sync_to_async(review)()
+        before = await communicator.receive_json_from(timeout=5)  # still allowed: forwarded
+        await database_sync_to_async(make_the_change)()
+        await database_sync_to_async(review)()
+        closed = await communicator.receive_output(timeout=5)
+        await communicator.disconnect()
+        return before, closed
+
+    before, closed = async_to_sync(scenario)()
+    assert before["type"] == "review.saved"
+    assert closed == {"type": "websocket.close", "code": code}  # and no event after the change

@@ -259,11 +259,34 @@ class TestQidoRs:
         )
 
     def test_a_query_is_audited_with_its_keys_but_not_their_values(self, ed_client: Client) -> None:
-        _stored_study()
+        study = _stored_study()
         ed_client.get("/dicomweb/studies", {"PatientID": PATIENT_ID})
-        event = AuditEvent.objects.get(action=AuditAction.DICOMWEB_QUERY)
-        assert event.details == {"level": "studies", "keys": ["PatientID"], "results": 1}
-        assert PATIENT_ID not in json.dumps(event.details)
+        ed_client.get(f"/dicomweb/studies?{PATIENT_ID}")  # a value sent as a bare key
+        first, second = AuditEvent.objects.filter(action=AuditAction.DICOMWEB_QUERY).order_by("id")
+        assert first.details == {
+            "level": "studies",
+            "keys": ["PatientID"],
+            "results": 1,
+            "study_ids": [study.pk],
+        }
+        assert first.study == study
+        assert second.details["keys"] == ["(other)"]
+        for event in (first, second):
+            assert PATIENT_ID not in json.dumps(event.details)
+
+    def test_a_series_or_instance_query_is_audited_against_its_study(
+        self, ed_client: Client
+    ) -> None:
+        study = _stored_study()
+        series = ed_client.get(f"/dicomweb/studies/{study.study_instance_uid}/series").json()
+        series_uid = series[0]["0020000E"]["Value"][0]
+        url = f"/dicomweb/studies/{study.study_instance_uid}/series/{series_uid}/instances"
+        ed_client.get(url)
+        events = AuditEvent.objects.filter(action=AuditAction.DICOMWEB_QUERY).order_by("id")
+        assert [(e.details["level"], e.study) for e in events] == [
+            ("series", study),
+            ("instances", study),
+        ]
 
     def test_a_bad_date_is_a_400(self, ed_client: Client) -> None:
         assert ed_client.get("/dicomweb/studies", {"StudyDate": "yesterday"}).status_code == 400
