@@ -222,6 +222,23 @@ MEDIA_ROOT = Path(env_str("ICH_MEDIA_ROOT", str(VAR_DIR / "media")))
 ICH_MAX_WAIT_MINUTES = env_int("ICH_MAX_WAIT_MINUTES", 30, minimum=1)
 ICH_STUDY_QUIET_SECONDS = env_int("ICH_STUDY_QUIET_SECONDS", 5, minimum=0, maximum=3600)
 ICH_SCORING_STUCK_MINUTES = env_int("ICH_SCORING_STUCK_MINUTES", 15, minimum=12)
+
+
+def _trusted_proxies() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in env_list("ICH_TRUSTED_PROXIES", []):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"ICH_TRUSTED_PROXIES: {item!r} is not an IP address or network."
+            ) from None
+    return tuple(networks)
+
+
+# Proxies whose X-Forwarded-For is believed: the audit log then records the client the proxy
+# saw, not the proxy (the right-most address that is not itself a trusted proxy).
+ICH_TRUSTED_PROXIES = _trusted_proxies()
 ICH_MODEL_PATH = os.environ.get("ICH_MODEL_PATH") or None  # None: the shipped model
 if ICH_MODEL_PATH and not Path(ICH_MODEL_PATH).is_file():
     raise ImproperlyConfigured(f"ICH_MODEL_PATH={ICH_MODEL_PATH!r} is not a file.")

@@ -2,11 +2,13 @@
 
 import csv
 import io
+import ipaddress
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.contrib import auth
 from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
@@ -31,8 +33,32 @@ from worklist.roles import ADMIN, ROLES
 
 
 def client_address(request: HttpRequest) -> str | None:
-    """REMOTE_ADDR as the server saw it; X-Forwarded-For is only trusted behind a known proxy."""
-    return request.META.get("REMOTE_ADDR") or None
+    """REMOTE_ADDR as the server saw it; behind a proxy listed in ICH_TRUSTED_PROXIES, the
+    right-most X-Forwarded-For address that is not itself a trusted proxy (what the nearest
+    untrusted hop claimed cannot be checked further)."""
+    remote = request.META.get("REMOTE_ADDR") or None
+    if remote is None or not _trusted(remote):
+        return remote
+    forwarded = [a.strip() for a in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+    for address in reversed([a for a in forwarded if a]):
+        if not _trusted(address):
+            return address if _is_ip(address) else remote
+    return remote
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _trusted(address: str) -> bool:
+    if not _is_ip(address):
+        return False
+    ip = ipaddress.ip_address(address)
+    return any(ip in network for network in settings.ICH_TRUSTED_PROXIES)
 
 
 def audit_record(
