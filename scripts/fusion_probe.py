@@ -26,9 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.constants import CLASSES
-from inference.convexity import readers_study_logits, strip_features
+from inference.convexity import ConvexityReader, readers_study_logits, strip_features
 from inference.datasets import read_phantom_dataset
-from inference.dicom_io import load_series
+from inference.dicom_io import CTSeries, load_series
 from inference.metrics import roc_auc
 from inference.package import READER_SLOTS
 from inference.predictor import Predictor
@@ -67,6 +67,17 @@ def out_of_fold_auc(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> floa
     return roc_auc(y, oof)
 
 
+def reader_evidence(readers: list[ConvexityReader], series: CTSeries) -> list[np.ndarray]:
+    """Each reader's study evidence per class (6,), NaN where it could not read the series."""
+    read = readers_study_logits(readers, series.hu, series.pixel_spacing_mm)
+    return [
+        np.full(len(CLASSES), np.nan)
+        if logits is None
+        else strip_features(logits[None], reader.net.classes)[0]
+        for reader, logits in zip(readers, read, strict=True)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
@@ -84,15 +95,7 @@ def main() -> None:
     for item in progress(items, desc="score studies", unit="study"):
         series = load_series(item.paths)
         ensemble.append(predictor.ensemble_logits(series))
-        read = readers_study_logits(readers, series.hu, series.pixel_spacing_mm)
-        evidence.append(
-            [
-                np.full(len(CLASSES), np.nan)
-                if logits is None
-                else strip_features(logits[None], reader.net.classes)[0]
-                for reader, logits in zip(readers, read, strict=True)
-            ]
-        )
+        evidence.append(reader_evidence(readers, series))
         labels.append(np.asarray(item.labels, np.float64))
     ens, ev, lab = np.stack(ensemble), np.stack(evidence), np.stack(labels)  # ev (S, R, 6)
     print(f"{len(items)} studies from {', '.join(map(str, args.sets))}; {args.model}")

@@ -29,10 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fusion_probe import out_of_fold_auc  # scripts/ is on sys.path when run as a script
+from fusion_probe import (
+    out_of_fold_auc,
+    reader_evidence,
+)  # scripts/ is on sys.path when run as a script
 
 from inference.constants import CLASSES
-from inference.convexity import readers_study_logits, strip_features
 from inference.datasets import read_phantom_dataset
 from inference.dicom_io import load_series
 from inference.feature_cache import member_outputs
@@ -80,15 +82,7 @@ def main() -> None:
         a, b = study_logits_both(predictor, series)
         plain.append(a)
         flipped.append(b)
-        read = readers_study_logits(readers, series.hu, series.pixel_spacing_mm)
-        evidence.append(
-            [
-                np.full(len(CLASSES), np.nan)
-                if logits is None
-                else strip_features(logits[None], reader.net.classes)[0]
-                for reader, logits in zip(readers, read, strict=True)
-            ]
-        )
+        evidence.append(reader_evidence(readers, series))
         labels.append(np.asarray(item.labels, np.float64))
     ens = {"plain": np.stack(plain), "flip-averaged": np.stack(flipped)}
     ev, lab = np.stack(evidence), np.stack(labels)  # ev (S, R, 6)

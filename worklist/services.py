@@ -182,6 +182,24 @@ def result_image_fetch(
     return path
 
 
+def result_sent_audit(*, result: AIResult, files: int) -> None:
+    """The result's DICOM files went by C-STORE to ICH_RESULTS_DESTINATION: audited as an
+    export by the system (no user, no address)."""
+    ae_title, host, port = settings.ICH_RESULTS_DESTINATION or ("", "", 0)
+    audit_record(
+        action=AuditAction.EXPORT,
+        user=None,
+        address=None,
+        study=result.study,
+        obj=result,
+        details={
+            "what": "ai result as DICOM, sent by C-STORE",
+            "to": f"{ae_title}@{host}:{port}",
+            "files": files,
+        },
+    )
+
+
 @transaction.atomic
 def result_dicom_export(*, result_id: int, user: Any, address: str | None) -> bytes:
     """The SR and heatmap series of a result as a zip; the export is audited."""

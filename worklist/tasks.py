@@ -173,22 +173,9 @@ def export_results(result_id: int) -> int:
     AIResult.objects.filter(pk=result_id).exclude(export_error="").update(export_error="")
     sent = dicom_results.send_results(paths)
     if sent:  # patient data left for another system: audited as any export is
-        from worklist.models import AuditAction
-        from worklist.services import audit_record
+        from worklist.services import result_sent_audit
 
-        ae_title, host, port = settings.ICH_RESULTS_DESTINATION or ("", "", 0)  # sent: set
-        audit_record(
-            action=AuditAction.EXPORT,
-            user=None,
-            address=None,
-            study=result.study,
-            obj=result,
-            details={
-                "what": "ai result as DICOM, sent by C-STORE",
-                "to": f"{ae_title}@{host}:{port}",
-                "files": sent,
-            },
-        )
+        result_sent_audit(result=result, files=sent)
     return sent
 
 
