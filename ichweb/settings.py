@@ -64,6 +64,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
+    "worklist.middleware.AuditDeniedMiddleware",
 ]
 
 ROOT_URLCONF = "ichweb.urls"

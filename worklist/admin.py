@@ -135,6 +135,16 @@ def export_csv(
     return response
 
 
+def _admin_filters(request: HttpRequest) -> dict[str, str]:
+    """The audit-log list's filters as given, values kept for the user, action and date filters
+    only: a search box or a stray parameter could hold anything, a patient's name included."""
+    kept = ("username", "action", "created_at")
+    return {
+        key: str(value) if key.split("__")[0] in kept else "(given)"
+        for key, value in request.GET.items()
+    }
+
+
 @admin.register(AuditEvent, site=admin_site)
 class AuditEventAdmin(ReadOnlyAdmin):
     list_display = ("created_at", "username", "action", "object_type", "object_id", "study")
@@ -142,6 +152,28 @@ class AuditEventAdmin(ReadOnlyAdmin):
     search_fields = ("username", "study__study_instance_uid", "object_id")
     date_hierarchy = "created_at"
     actions = (export_csv,)
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        """Reading the audit log is audited, as in the API (the export is audited as such)."""
+        if request.method == "GET":
+            services.audit_viewed(
+                user=request.user,
+                address=services.client_address(request),
+                filters=_admin_filters(request),
+                what="admin list",
+            )
+        return super().changelist_view(request, extra_context)
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: Any = None) -> Any:
+        event = super().get_object(request, object_id, from_field)
+        if event is not None:
+            services.audit_viewed(
+                user=request.user,
+                address=services.client_address(request),
+                filters={"id": event.pk},
+                what="admin event",
+            )
+        return event
 
 
 @admin.register(QuarantinedFile, site=admin_site)

@@ -126,9 +126,14 @@ class AuditEventListView(generics.ListAPIView):
         return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
-        return selectors.audit_events(
-            **_validated(AuditFilterSerializer, self.request.query_params)
+        filters = _validated(AuditFilterSerializer, self.request.query_params)
+        services.audit_viewed(
+            user=self.request.user,
+            address=services.client_address(self.request),
+            filters=filters,
+            what="api",
         )
+        return selectors.audit_events(**filters)
 
 
 class AuditEventExportView(APIView):

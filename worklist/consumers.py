@@ -8,6 +8,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.backends.base import SessionBase
 
+from worklist import services
 from worklist.events import WORKLIST_GROUP
 from worklist.roles import ED_PHYSICIAN, has_role
 
@@ -27,6 +28,7 @@ class WorklistConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         if not await database_sync_to_async(has_role)(user, self.required_role):
+            await database_sync_to_async(self._audit_refusal)(user)
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self._checked_at = time.monotonic()
@@ -45,6 +47,20 @@ class WorklistConsumer(AsyncJsonWebsocketConsumer):
                 return
             self._checked_at = time.monotonic()
         await self.send_json(message["event"])
+
+    def _audit_refusal(self, user: Any) -> None:
+        client = self.scope.get("client") or (None, None)
+        headers = self.scope.get("headers") or []
+        forwarded = b",".join(v for k, v in headers if k == b"x-forwarded-for").decode("latin-1")
+        services.access_denied_audit(
+            user=user,
+            address=services.address_seen(client[0], forwarded),
+            details={
+                "channel": "websocket",
+                "method": "CONNECT",
+                "path": self.scope.get("path", ""),
+            },
+        )
 
     def _still_allowed(self) -> int | None:
         """None while the session and its user may still see the worklist, else the close

@@ -282,6 +282,8 @@ class AuditAction(models.TextChoices):
     INSTANCE_QUARANTINED = "instance.quarantined", "Instance refused and quarantined"
     DICOMWEB_QUERY = "dicomweb.query", "DICOMweb query (QIDO-RS)"
     DICOMWEB_RETRIEVE = "dicomweb.retrieve", "DICOMweb retrieve (WADO-RS)"
+    ACCESS_DENIED = "access.denied", "Access refused to a logged-in user"
+    AUDIT_VIEWED = "audit.viewed", "Audit log viewed"
 
 
 class AuditEvent(models.Model):

@@ -36,10 +36,17 @@ def client_address(request: HttpRequest) -> str | None:
     """REMOTE_ADDR as the server saw it; behind a proxy listed in ICH_TRUSTED_PROXIES, the
     right-most X-Forwarded-For address that is not itself a trusted proxy (what the nearest
     untrusted hop claimed cannot be checked further)."""
-    remote = request.META.get("REMOTE_ADDR") or None
+    return address_seen(
+        request.META.get("REMOTE_ADDR") or None, request.META.get("HTTP_X_FORWARDED_FOR", "")
+    )
+
+
+def address_seen(remote: str | None, forwarded_for: str) -> str | None:
+    """``client_address`` from the peer's address and its X-Forwarded-For header (a WebSocket's
+    ASGI scope has both too)."""
     if remote is None or not _trusted(remote):
         return remote
-    forwarded = [a.strip() for a in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+    forwarded = [a.strip() for a in forwarded_for.split(",")]
     for address in reversed([a for a in forwarded if a]):
         if not _trusted(address):
             return address if _is_ip(address) else remote
@@ -81,6 +88,23 @@ def audit_record(
         object_id=str(obj.pk) if obj is not None else "",
         client_address=address,
         details=details or {},
+    )
+
+
+def access_denied_audit(*, user: Any, address: str | None, details: dict[str, Any]) -> None:
+    """A logged-in user was refused: a missing role, a CSRF failure, a WebSocket without the
+    role. ``details`` names the channel, method and path; never a query string, which may
+    carry a patient's name."""
+    audit_record(action=AuditAction.ACCESS_DENIED, user=user, address=address, details=details)
+
+
+def audit_viewed(*, user: Any, address: str | None, filters: dict[str, Any], what: str) -> None:
+    """Reading the audit log is itself audited (it names users, studies and addresses)."""
+    audit_record(
+        action=AuditAction.AUDIT_VIEWED,
+        user=user,
+        address=address,
+        details={"what": what, "filters": {k: str(v) for k, v in filters.items()}},
     )
 
 

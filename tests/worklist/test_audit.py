@@ -258,3 +258,63 @@ class TestAdminsReadAndExportTheLog:
         admin_client_.post(url, form)
         me.refresh_from_db()
         assert not me.is_superuser
+
+
+class TestRefusalsAndReadingTheLogAreAudited:
+    def test_a_logged_in_user_refused_for_their_role_is_audited_without_the_query(
+        self, ed_client: Client
+    ) -> None:
+        response = ed_client.get(reverse("api-audit-list"), {"username": "DOE^JANE"})
+        assert response.status_code == 403
+        (event,) = AuditEvent.objects.all()
+        assert event.action == AuditAction.ACCESS_DENIED
+        assert event.user is not None and event.username == event.user.username
+        assert event.client_address == "127.0.0.1"
+        assert event.details == {"channel": "http", "method": "GET", "path": "/api/audit/events/"}
+        assert "DOE" not in str(event.details)
+
+    def test_a_write_refused_to_a_user_without_a_role_is_audited(self, client_as) -> None:
+        finding_url = reverse("api-finding-review", args=[1])
+        assert client_as(None).post(finding_url, {"decision": "confirmed"}).status_code == 403
+        (event,) = AuditEvent.objects.all()
+        assert (event.action, event.details["method"]) == (AuditAction.ACCESS_DENIED, "POST")
+
+    def test_an_anonymous_refusal_names_nobody_and_is_not_written(self) -> None:
+        assert Client().get(reverse("api-audit-list")).status_code == 401
+        assert not AuditEvent.objects.exists()
+
+    def test_an_allowed_request_writes_no_refusal(self, ed_client: Client) -> None:
+        assert ed_client.get(reverse("api-study-list")).status_code == 200
+        assert _actions() == [AuditAction.WORKLIST_VIEWED]
+
+    def test_reading_the_log_through_the_api_is_audited_with_its_filters(
+        self, admin_client_: Client
+    ) -> None:
+        response = admin_client_.get(reverse("api-audit-list"), {"username": "bob"})
+        assert response.status_code == 200
+        (event,) = AuditEvent.objects.all()
+        assert event.action == AuditAction.AUDIT_VIEWED
+        assert event.details == {"what": "api", "filters": {"username": "bob"}}
+
+    def test_a_refused_filter_reads_nothing_and_writes_nothing(self, admin_client_: Client) -> None:
+        assert admin_client_.get(reverse("api-audit-list"), {"since": "x"}).status_code == 400
+        assert not AuditEvent.objects.exists()
+
+    def test_reading_the_log_in_the_admin_is_audited_and_a_search_is_not_copied(
+        self, admin_client_: Client
+    ) -> None:
+        url = reverse("admin:worklist_auditevent_changelist")
+        response = admin_client_.get(url, {"q": "DOE^JANE", "action__exact": "auth.login"})
+        assert response.status_code == 200
+        (event,) = AuditEvent.objects.filter(action=AuditAction.AUDIT_VIEWED)
+        assert event.details == {
+            "what": "admin list",
+            "filters": {"q": "(given)", "action__exact": "auth.login"},
+        }
+
+    def test_opening_one_event_in_the_admin_is_audited(self, admin_client_: Client) -> None:
+        shown = AuditEvent.objects.create(action=AuditAction.LOGIN, username="bob")
+        url = reverse("admin:worklist_auditevent_change", args=[shown.pk])
+        assert admin_client_.get(url).status_code == 200
+        (event,) = AuditEvent.objects.filter(action=AuditAction.AUDIT_VIEWED)
+        assert event.details == {"what": "admin event", "filters": {"id": str(shown.pk)}}

@@ -10,6 +10,7 @@ from ichweb.asgi import application
 from tests.factories import FindingFactory, UserFactory
 from worklist import services
 from worklist.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED
+from worklist.models import AuditAction, AuditEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,8 +37,17 @@ def test_an_anonymous_websocket_is_closed_with_4401() -> None:
     assert _connect(None) == (False, CLOSE_UNAUTHENTICATED)
 
 
-def test_a_user_without_a_role_is_closed_with_4403(client_as) -> None:
+def test_a_user_without_a_role_is_closed_with_4403_and_audited(client_as) -> None:
     assert _connect(client_as(None)) == (False, CLOSE_FORBIDDEN)
+    (event,) = AuditEvent.objects.all()
+    assert event.action == AuditAction.ACCESS_DENIED and event.user is not None
+    assert event.details == {"channel": "websocket", "method": "CONNECT", "path": "/ws/worklist/"}
+
+
+def test_an_anonymous_or_allowed_websocket_writes_no_refusal(ed_client: Client) -> None:
+    assert _connect(None) == (False, CLOSE_UNAUTHENTICATED)
+    assert _connect(ed_client)[0] is True
+    assert not AuditEvent.objects.filter(action=AuditAction.ACCESS_DENIED).exists()
 
 
 def test_a_websocket_from_another_origin_is_refused(ed_client: Client) -> None:

@@ -123,15 +123,17 @@ def test_a_wrong_role_gets_403_and_the_right_role_gets_in(
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("path", "name", "role"), PROTECTED, ids=[p[0] for p in PROTECTED])
-def test_a_user_without_a_role_is_refused_whatever_the_method(
+def test_a_role_below_the_views_is_refused_whatever_the_method(
     path: str, name: str, role: str, client_as: Any
 ) -> None:
-    """Writes too (POST, PUT, PATCH, DELETE): a logged-in user without a role gets nothing.
-    (Which role each method needs, e.g. a radiologist for STOW-RS and reviews, is tested with
-    the views; the WebSocket's refusals are in test_consumers.py.)"""
+    """Writes too (POST, PUT, PATCH, DELETE): no role, or a role below the one the view
+    declares, gets nothing. A method may need more than the view's role (a radiologist for
+    STOW-RS and reviews; tested with the views), never less. The WebSocket's refusals are in
+    test_consumers.py."""
     if role == AUTHENTICATED:
         pytest.skip("open to every logged-in user")
-    client = client_as(None)
-    for method in (client.post, client.put, client.patch, client.delete):
-        status = method(path).status_code
-        assert status in (403, 405), f"{method.__name__.upper()} {path} as no role: {status}"
+    for wrong in [None, *ROLES[: ROLES.index(role)]]:
+        client = client_as(wrong)
+        for method in (client.post, client.put, client.patch, client.delete):
+            status = method(path).status_code
+            assert status in (403, 405), f"{method.__name__.upper()} {path} as {wrong}: {status}"
