@@ -105,6 +105,10 @@ demo-model: setup
 	  --favour subdural,epidural
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-test --studies 60 --seed 1001
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-test-large --studies 240 --seed 1002
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-test-typical --studies 60 --seed 1003 \
+	  --extra-axial typical
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-test-large-typical --studies 240 \
+	  --seed 1004 --extra-axial typical
 	$(BIN)/ich train --config configs/demo-stage1.toml --out $(DEMO_RUN)-stage1
 	$(BIN)/ich train --config configs/demo-stage2.toml --out $(DEMO_RUN)-stage2 \
 	  --init-from $(DEMO_RUN)-stage1/model.pt
@@ -148,6 +152,11 @@ demo-model-measure: setup
 	  --out $(DEMO_EVAL)/phantom --title "60 held-out phantom studies (seed 1001)"
 	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test-large --kind phantom \
 	  --out $(DEMO_EVAL)/phantom-large --title "240 held-out phantom studies (seed 1002)"
+	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test-typical --kind phantom \
+	  --out $(DEMO_EVAL)/phantom-typical --title "60 held-out phantom studies, typical shapes (seed 1003)"
+	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(ICH_VAR_DIR)/data/phantom-test-large-typical \
+	  --kind phantom --out $(DEMO_EVAL)/phantom-large-typical \
+	  --title "240 held-out phantom studies, typical shapes (seed 1004)"
 	$(BIN)/ich evaluate $(DEMO_MODEL_RUN)/model.pt $(REAL_DATA)/roboflow-ich --kind yolo \
 	  --out $(DEMO_EVAL)/roboflow --title "roboflow-ich slices of held-out patients" \
 	  --note "Real CT, windowed 8-bit slices (CC BY 4.0); patients in the model's test split only."
@@ -158,11 +167,15 @@ demo-model-measure: setup
 	cp $(DEMO_MODEL_RUN)/model.pt models/ich-demo/model.pt
 	cp $(DEMO_EVAL)/phantom/report.json models/ich-demo/eval-phantom.json
 	cp $(DEMO_EVAL)/phantom-large/report.json models/ich-demo/eval-phantom-large.json
+	cp $(DEMO_EVAL)/phantom-typical/report.json models/ich-demo/eval-phantom-typical.json
+	cp $(DEMO_EVAL)/phantom-large-typical/report.json models/ich-demo/eval-phantom-large-typical.json
 	cp $(DEMO_EVAL)/roboflow/report.json models/ich-demo/eval-roboflow.json
 	cp $(DEMO_EVAL)/cq500/report.json models/ich-demo/eval-cq500.json
 	cp $(DEMO_EVAL)/phantom/roc_study.png models/ich-demo/roc-phantom.png
 	$(BIN)/ich card models/ich-demo/model.pt models/ich-demo/eval-phantom.json \
-	  models/ich-demo/eval-phantom-large.json models/ich-demo/eval-roboflow.json models/ich-demo/eval-cq500.json --out models/ich-demo/MODEL_CARD.md
+	  models/ich-demo/eval-phantom-large.json models/ich-demo/eval-phantom-typical.json \
+	  models/ich-demo/eval-phantom-large-typical.json models/ich-demo/eval-roboflow.json \
+	  models/ich-demo/eval-cq500.json --out models/ich-demo/MODEL_CARD.md
 
 bench: setup
 	$(BIN)/python bench/inference.py
