@@ -20,16 +20,27 @@ from typing import Any, BinaryIO
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from inference.constants import AIR_HU, CT_IMAGE_STORAGE
 
 PADDING_HU_LIMIT = -1500.0  # at or below: scanner padding (-2000, -3024 after rescale), not tissue
 GEOMETRY_TOLERANCE = 1e-3
+DUPLICATE_POSITION_MM = 0.01  # two slices closer than this along the normal are one place
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR
-_PARSE_ERRORS = (EOFError, struct.error, ValueError, TypeError, KeyError, IndexError, OSError)
+_PARSE_ERRORS = (
+    EOFError,
+    struct.error,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OSError,
+    NotImplementedError,  # an unknown VR, e.g. a corrupt byte in a VR
+    BytesLengthException,
+)
 
 
 class DicomInputError(ValueError):
@@ -200,6 +211,7 @@ def _without_file_header(name: str, handle: BinaryIO, **dcmread_kwargs: Any) -> 
 
 def _read_slice(name: str, data: bytes) -> _Slice:
     ds = _parse(name, data)
+    _convert_every_element(name, ds)
     if ds.get("SOPClassUID") == MEDIA_STORAGE_DIRECTORY:
         raise NotDicomError(name, "a DICOMDIR (the index of a disc), not an image")
     modality = str(ds.get("Modality", "")).upper()
@@ -222,6 +234,21 @@ def _read_slice(name: str, data: bytes) -> _Slice:
     return _Slice(name, ds)
 
 
+def _convert_every_element(name: str, ds: Dataset) -> None:
+    """pydicom converts an element's value when it is first read. Read each one here, so a
+    corrupt header byte refuses this file (which ``skip_bad`` can skip), not the series later."""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception as error:  # pydicom's value conversions raise many kinds
+            raise TruncatedFileError(
+                name, f"corrupt header element {tag} ({type(error).__name__})"
+            ) from None
+        if element.VR == "SQ":
+            for item in element.value or []:
+                _convert_every_element(name, item)
+
+
 def _check_image_header(name: str, ds: Dataset) -> None:
     """What every slice needs before its pixels are decoded: its size, grey values, the rescale
     to Hounsfield units, its pixel spacing and, where given, a usable orientation."""
@@ -242,16 +269,33 @@ def _check_image_header(name: str, ds: Dataset) -> None:
             raise InvalidAttributeError(
                 name, f"no usable {keyword}: stored values cannot be turned into Hounsfield units"
             )
-    slope = float(ds.RescaleSlope)
-    if not np.isfinite(slope) or slope <= 0 or not np.isfinite(float(ds.RescaleIntercept)):
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    if not np.isfinite(slope) or slope <= 0:
         raise InvalidAttributeError(name, f"RescaleSlope {slope:g} is not a positive number")
+    if not np.isfinite(intercept):
+        raise InvalidAttributeError(name, f"RescaleIntercept {intercept:g} is not a finite number")
+    for keyword in ("BitsStored", "PixelRepresentation"):
+        if _given(ds, keyword) and _optional_int(ds.get(keyword)) is None:
+            raise InvalidAttributeError(name, f"{keyword} is not a whole number")
+    for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
+        if _given(ds, keyword) and _optional_int(ds.get(keyword)) is None:
+            raise InvalidAttributeError(name, f"{keyword} is not a whole number")
     spacing = _spacing(ds)
     if spacing is None or min(spacing) <= 0:
         raise InconsistentGeometryError(name, "no usable PixelSpacing (two positive numbers)")
-    if "ImageOrientationPatient" in ds and _normal(_orientation(ds)) is None:
+    # An empty orientation (some de-identification tools blank it) counts as a missing one.
+    if _given(ds, "ImageOrientationPatient") and _normal(_orientation(ds)) is None:
         raise InconsistentGeometryError(
             name, "ImageOrientationPatient is not two orthogonal unit vectors"
         )
+
+
+def _given(ds: Dataset, keyword: str) -> bool:
+    """The element is there with a value (not absent, not empty)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return False
+    return not (hasattr(value, "__len__") and not isinstance(value, str) and len(value) == 0)
 
 
 def _decode(item: _Slice) -> None:
@@ -312,7 +356,7 @@ def load_series(
         # rest; files of other series (dropped below) do not count against it.
         if per_series[series] > max_slices:
             raise TooManySlicesError(name, f"more than {max_slices} CT files of one series")
-    slices = _keep_consistent(slices, reject)
+    slices = _keep_consistent(name, slices, reject)
     _check_count(name, slices, skipped, max_slices)
     decoded = []
     for item in slices:
@@ -373,7 +417,7 @@ def _short(reason: str, limit: int = 100) -> str:
     return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
-def _keep_consistent(slices: list[_Slice], reject: Any) -> list[_Slice]:
+def _keep_consistent(name: str, slices: list[_Slice], reject: Any) -> list[_Slice]:
     """Drop (or refuse) files unlike the majority in series, size, orientation or spacing."""
     checks = [
         ("SeriesInstanceUID", _series_uid, MixedSeriesError, _equal),
@@ -392,10 +436,18 @@ def _keep_consistent(slices: list[_Slice], reject: Any) -> list[_Slice]:
                 reason = f"{label} {value} differs from the series' {majority}"
                 reject(error_type(item.source, reason))
         slices = kept
-    # A slice without a usable position in a series whose slices have one cannot be placed:
-    # the fallback (InstanceNumber) is for series where no slice has a position.
+    # A slice without a usable position in a series whose slices mostly have one cannot be
+    # placed: the fallback (InstanceNumber) is for series where no slice has a position. A
+    # series where only a minority has one cannot be ordered with confidence either way.
     points = [_floats(item.ds, "ImagePositionPatient", 3) for item in slices]
-    some_placed = any(p is not None for p in points)
+    placed = sum(p is not None for p in points)
+    if placed > 0 and placed * 2 <= len(points):
+        raise InconsistentGeometryError(
+            name,
+            f"only {placed} of {len(points)} slices have a usable ImagePositionPatient: "
+            "the slices cannot be put in order",
+        )
+    some_placed = placed > 0
     seen: set[str] = set()
     at: dict[tuple[float, ...], str] = {}
     unique = []
@@ -415,7 +467,24 @@ def _keep_consistent(slices: list[_Slice], reject: Any) -> list[_Slice]:
             if where is not None:
                 at[where] = item.source
             unique.append(item)
-    return unique
+    return _one_per_position(unique, reject)
+
+
+def _one_per_position(slices: list[_Slice], reject: Any) -> list[_Slice]:
+    """Two slices at one place along the slice normal (an in-plane origin shifted, or the same
+    InstanceNumber twice without positions) would repeat a slice: keep the first."""
+    if len(slices) < 2:
+        return slices
+    positions = _positions(slices)
+    kept: list[tuple[float, _Slice]] = []
+    for item, position in sorted(zip(slices, positions, strict=True), key=lambda p: p[1]):
+        if kept and abs(position - kept[-1][0]) < DUPLICATE_POSITION_MM:
+            reason = f"at the same place along the slice normal as {Path(kept[-1][1].source).name}"
+            reject(DuplicateSliceError(item.source, reason))
+        else:
+            kept.append((position, item))
+    chosen = {id(item) for _, item in kept}
+    return [item for item in slices if id(item) in chosen]
 
 
 def _majority(values: list[Any]) -> Any:
@@ -470,8 +539,13 @@ def _build(slices: list[_Slice], skipped: list[SkippedFile]) -> CTSeries:
     slices = [slices[i] for i in order]
     first = slices[0].ds
     spacing = _spacing(first) or (1.0, 1.0)  # every slice has one (_check_image_header)
+    rows, columns = _size(first)
+    hu = np.empty((len(slices), rows, columns), dtype=np.float32)  # (N, H, W)
+    for index, item in enumerate(slices):
+        hu[index] = _to_hu(item)
+        item.pixels = None  # decoded values are not needed twice
     return CTSeries(
-        hu=np.stack([_to_hu(item) for item in slices]),  # (N, H, W)
+        hu=hu,
         positions_mm=np.asarray([positions[i] for i in order], dtype=np.float64),
         pixel_spacing_mm=(spacing[0], spacing[1]),
         study_instance_uid=str(first.get("StudyInstanceUID", "")),

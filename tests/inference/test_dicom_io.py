@@ -367,6 +367,25 @@ def _patched(path: Path, *, meta: dict | None = None, **changes: str | None) -> 
     return path
 
 
+def _unknown_vr(path: Path) -> Path:
+    """A corrupt byte in an element's VR: ImagePositionPatient's DS written as 'DX'. pydicom
+    reads the file and fails only when the value is first used."""
+    data = bytearray(ct_bytes(position=(0.0, 0.0, 99.0)))
+    at = data.index(b"\x20\x00\x32\x00DS")
+    data[at + 4 : at + 6] = b"DX"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _padding_as_text(path: Path) -> Path:
+    """PixelPaddingValue's VR corrupted from SS to IS: its two bytes become text, not a number."""
+    data = bytearray(ct_bytes(position=(0.0, 0.0, 99.0), padding=-2000))
+    at = data.index(b"\x28\x00\x20\x01SS")
+    data[at + 4 : at + 6] = b"IS"
+    path.write_bytes(bytes(data))
+    return path
+
+
 BAD_FILES = [
     pytest.param(_not_dicom, NotDicomError, "not a DICOM file", id="not-dicom"),
     pytest.param(_truncated, TruncatedFileError, "truncated", id="truncated"),
@@ -435,6 +454,30 @@ BAD_FILES = [
         UnsupportedEncodingError,
         "PhotometricInterpretation RGB, SamplesPerPixel 1: not CT grey values",
         id="colour",
+    ),
+    pytest.param(
+        lambda p: _patched(p, RescaleIntercept="inf"),
+        InvalidAttributeError,
+        "RescaleIntercept inf is not a finite number",
+        id="infinite-intercept",
+    ),
+    pytest.param(
+        _padding_as_text,
+        InvalidAttributeError,
+        "PixelPaddingValue is not a whole number",
+        id="padding-not-a-number",
+    ),
+    pytest.param(
+        _unknown_vr,
+        TruncatedFileError,
+        "corrupt header element (0020,0032) (NotImplementedError)",
+        id="corrupt-vr",
+    ),
+    pytest.param(
+        lambda p: write_ct(p, position=(0.3, 0.0, 5.0)),
+        DuplicateSliceError,
+        "at the same place along the slice normal as good1.dcm",
+        id="same-place-other-origin",
     ),
     pytest.param(
         lambda p: _patched(p, meta={"TransferSyntaxUID": "1.2.3.4.5"}),
@@ -591,6 +634,49 @@ def test_a_duplicate_copy_of_a_slice_is_skipped(tmp_path: Path) -> None:
 
     assert len(series.sop_instance_uids) == 1
     assert "duplicate SOPInstanceUID" in series.skipped[0].reason
+
+
+def test_a_series_where_only_a_minority_of_slices_has_a_position_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The fallback (InstanceNumber) is for series without positions; one stray position must
+    not make the other nine "unplaceable" and leave a one-slice series."""
+    write_ct(tmp_path / "a.dcm", position=(0.0, 0.0, 0.0), instance=1)
+    for i in range(2, 6):
+        _patched(tmp_path / f"b{i}.dcm", ImagePositionPatient=None, InstanceNumber=f"{i} ")
+
+    for skip_bad in (False, True):
+        with pytest.raises(InconsistentGeometryError, match="only 1 of 5 slices"):
+            load_series(tmp_path, skip_bad=skip_bad)
+
+
+def test_two_slices_with_one_instance_number_and_no_positions_keep_one(tmp_path: Path) -> None:
+    for i, name in enumerate(("a", "b", "c")):
+        write_ct(tmp_path / f"{name}.dcm", position=None, orientation=None, instance=i + 1)
+    twin = write_ct(tmp_path / "d.dcm", position=None, orientation=None, instance=2)
+
+    series = load_series(tmp_path, skip_bad=True)
+
+    assert series.instance_numbers == [1, 2, 3]
+    assert [s.source for s in series.skipped] == [str(twin)]
+    with pytest.raises(DuplicateSliceError, match=r"same place along the slice normal as b\.dcm"):
+        load_series(tmp_path)
+
+
+def test_an_empty_orientation_counts_as_a_missing_one(tmp_path: Path) -> None:
+    """Some de-identification tools blank ImageOrientationPatient: the slices still sort by
+    the direction their positions spread along, as without the element."""
+    for i in range(3):
+        _patched(
+            tmp_path / f"s{i}.dcm",
+            ImageOrientationPatient="",
+            ImagePositionPatient=f"0\\0\\{5 * (2 - i)}",
+        )
+
+    series = load_series(tmp_path)
+
+    assert series.positions_mm.tolist() == pytest.approx([0.0, 5.0, 10.0])
+    assert series.sources[0].endswith("s2.dcm")
 
 
 # --- Real CQ500 studies ---------------------------------------------------------------------------
