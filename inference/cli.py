@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also score items the model was trained or validated on",
     )
-    evaluate.add_argument("--bootstrap", type=int, default=1000)
+    evaluate.add_argument("--bootstrap", type=_positive_int, default=1000)
     evaluate.add_argument("--title", help="how the model card names this data set")
     evaluate.add_argument("--note", help="a sentence for the model card about this data set")
     evaluate.add_argument(
@@ -323,7 +323,20 @@ def _card(args: argparse.Namespace) -> None:
     from inference.predictor import Predictor
 
     reports = [_evaluation_report(path) for path in args.reports]
-    args.out.write_text(model_card(Predictor.load(args.model), reports))
+    predictor = Predictor.load(args.model)
+    for path, report in zip(args.reports, reports, strict=True):
+        measured = report["model"]
+        if not isinstance(measured, dict) or (measured.get("name"), measured.get("version")) != (
+            predictor.name,
+            predictor.version,
+        ):
+            name = measured.get("name") if isinstance(measured, dict) else measured
+            version = measured.get("version") if isinstance(measured, dict) else ""
+            raise ValueError(
+                f"{path}: measured on {name} {version}, not on {predictor.name} "
+                f"{predictor.version}: a card shows only its own model's figures"
+            )
+    args.out.write_text(model_card(predictor, reports))
     print(f"model card written to {args.out}")
 
 

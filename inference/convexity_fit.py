@@ -459,7 +459,10 @@ def add_convexity(
     record["operating_points_before"] = {n: chosen_on[n] for n in fused_names if n in chosen_on}
     on_readable = labels.copy()
     on_readable[np.ix_(~readable, fused)] = np.nan  # as the thresholds were chosen
-    for name, r in operating_point_record(probabilities, on_readable, package.thresholds).items():
+    on_fit = operating_point_record(
+        probabilities, on_readable, package.thresholds, gate_by_any=False
+    )
+    for name, r in on_fit.items():
         if name in fused_names:
             chosen_on[name] = r
     split = package.training.setdefault("split", {})

@@ -468,13 +468,13 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "sooner. It never replaces a clinician's reading of the full images. Not a medical device.",
         "",
         "## Model",
-        f"- Ensemble of {len(package.members)} ImageNet-initialised 2D CNNs ({members});",
+        f"- Ensemble of {len(package.members)} {_initialised(training)} 2D CNNs ({members});",
         f"  windows {windows} (level/width) as channels; slice interpolation degree"
         f" {package.preprocess.interpolation_degree}; {package.preprocess.image_size} px at"
         f" {package.preprocess.spacing_mm} mm.",
         *_training_stages(training),
         f"- Study level: {study_level} (mean validation study AUC: {chosen_on or 'n/a'}),",
-        f"  Platt-calibrated on the validation studies of {', '.join(calibrated_on)};"
+        f"  {_calibrated(package)} on the validation studies of {', '.join(calibrated_on)};"
         " operating points chosen for sensitivity"
         f" {config.get('target_sensitivity', 0.95)} on the validation studies of"
         f" {', '.join(config.get('operating_point_sources') or ['every source'])}.",
@@ -495,8 +495,12 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "",
         "## Operating points (calibrated probability)",
         "",
-        'A subtype is flagged only when "any" is flagged too; sensitivity and specificity below',
-        "are those of the flags.",
+        " ".join(
+            [
+                'A subtype is flagged only when "any" is flagged too.',
+                _gating_note(training.get("operating_points_on_validation")),
+            ]
+        ).strip(),
         "",
     ]
     lines += _operating_point_table(
@@ -514,6 +518,38 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "  trained and evaluated on real clinical data with radiologist labels.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _initialised(training: dict[str, Any]) -> str:
+    pretrained = training.get("config", {}).get("pretrained", True)
+    return "ImageNet-initialised" if pretrained else "randomly initialised (no ImageNet weights)"
+
+
+def _calibrated(package: Any) -> str:
+    """What calibration the package holds: a class left at slope 1 and offset 0 was not fitted
+    (a validation set too small or too odd to calibrate on keeps the plain sigmoid)."""
+    plain = [
+        CLASS_LABELS[c]
+        for c, (a, b) in zip(CLASSES, np.asarray(package.calibration), strict=True)
+        if a == 1.0 and b == 0.0
+    ]
+    if not plain:
+        return "Platt-calibrated"
+    if len(plain) == len(CLASSES):
+        return "not calibrated (the Platt fit was refused for every class)"
+    return f"Platt-calibrated except {', '.join(plain)} (fit refused: plain sigmoid)"
+
+
+def _gating_note(on_validation: dict[str, dict[str, Any]] | None) -> str:
+    if not on_validation:
+        return ""
+    if all(r.get("gated_by_any") for r in on_validation.values()):
+        return "The validation sensitivity and specificity below are those of the flags."
+    return (
+        "The validation sensitivity and specificity below were recorded for each class on its "
+        'own, before the "any" gate (this model predates recording them as flags): a subtype\'s '
+        "flag can be less sensitive than its row says."
+    )
 
 
 def _operating_point_table(
@@ -718,7 +754,7 @@ def _slice_table(report: dict[str, Any]) -> list[str]:
     for c in CLASSES:
         s = report["slice_level"][c]
         ci = s["auc_95ci"]
-        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
         lines.append(
             f"| {CLASS_LABELS[c]} | {s['n']} ({s['positives']}) | {auc} | "
             f"{'n/a' if thresholds[c] is None else format(thresholds[c], '.3g')} | "

@@ -75,6 +75,9 @@ def _bootstrap(
     if groups is not None and len(np.unique(np.asarray(groups))) < n:
         _, group_of = np.unique(np.asarray(groups), return_inverse=True)
         members = [np.flatnonzero(group_of == g) for g in range(int(group_of.max()) + 1)]
+    if rounds < 1 or (n if members is None else len(members)) < 2:
+        # One case or one group resamples to itself every time: no interval, not a 0-wide one.
+        return point, float("nan"), float("nan")
 
     def draw() -> np.ndarray:
         if members is None:
@@ -115,14 +118,32 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Op
     return OperatingPoint(threshold, sensitivity, specificity, pos, neg)
 
 
+THRESHOLD_MARGIN_LOGIT = 1e-3
+
+
 def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity is at least ``target`` (0.5 without positives)."""
+    """A threshold on probabilities whose sensitivity is at least ``target`` (0.5 without
+    positives): just under the lowest positive score it must flag, by half the gap to the next
+    lower score but at most THRESHOLD_MARGIN_LOGIT in logit. Exactly at that score, the same
+    study scored a hair lower elsewhere (the predictor's path, another machine's rounding)
+    would lose its flag; within the gap, every study chosen on keeps its side."""
     labels = np.asarray(labels, dtype=bool)
-    positive_scores = np.sort(np.asarray(scores)[labels])[::-1]
+    scores = np.asarray(scores, dtype=np.float64)
+    positive_scores = np.sort(scores[labels])[::-1]
     if len(positive_scores) == 0:
         return 0.5
     needed = int(np.ceil(target * len(positive_scores)))
-    return float(positive_scores[max(needed, 1) - 1])
+    lowest = float(positive_scores[max(needed, 1) - 1])
+    below = scores[scores < lowest]
+    floor = _logit(lowest) - THRESHOLD_MARGIN_LOGIT
+    if len(below):
+        floor = max(floor, (_logit(lowest) + _logit(float(below.max()))) / 2)
+    return min(lowest, float(1.0 / (1.0 + np.exp(-floor))))
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return float(np.log(p / (1 - p)))
 
 
 def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:

@@ -128,9 +128,29 @@ class TrainConfig:
         for key in ("architectures", "split", "operating_point_sources"):
             if key in raw:
                 raw[key] = tuple(raw[key])
-        return cls(
+        config = cls(
             sources=sources, preprocess=PreprocessConfig(**preprocess), augment=augment, **raw
         )
+        config.check_ranges()
+        return config
+
+    def check_ranges(self) -> None:
+        """Settings that would crash training (some only after hours) or train on nothing."""
+        for key in ("epochs", "samples_per_epoch", "batch_size", "patience"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be a whole number of at least 1, not {value!r}")
+        if self.aggregator != "max" and (
+            not isinstance(self.aggregator_epochs, int) or self.aggregator_epochs < 1
+        ):
+            raise ValueError(
+                'aggregator_epochs must be at least 1 (0 only with aggregator = "max"), not '
+                f"{self.aggregator_epochs!r}"
+            )
+        if not 0 < float(self.target_sensitivity) <= 1:
+            raise ValueError(
+                f"target_sensitivity must be above 0 and at most 1, not {self.target_sensitivity!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -336,17 +356,26 @@ LOW_SPECIFICITY = 0.5
 
 
 def operating_point_record(
-    probabilities: np.ndarray, labels: np.ndarray, thresholds: np.ndarray
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    thresholds: np.ndarray,
+    *,
+    gate_by_any: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Per class, on the studies the thresholds were chosen on: the threshold, the share of
     positive studies at or above it (sensitivity), of negative ones below it (specificity), and
     how many of each there were. A threshold that reaches its sensitivity only by flagging most
     negative studies shows here, before any evaluation (docs/model-analysis.md)."""
     record = {}
+    # As the package flags them: a subtype only together with "any" (``gate_by_any``; a strip
+    # reader's fit, whose "any" column may not be the package's, records each class alone).
+    flags = np.asarray(probabilities) >= np.asarray(thresholds)[None, :]
+    if gate_by_any:
+        flags[:, 1:] &= flags[:, :1]
     for i, name in enumerate(CLASSES):
         known = ~np.isnan(labels[:, i])
         positive = labels[known, i] == 1
-        flagged = probabilities[known, i] >= thresholds[i]
+        flagged = flags[known, i]
         record[name] = {
             "threshold": float(thresholds[i]),
             "sensitivity": float(flagged[positive].mean()) if positive.any() else float("nan"),
@@ -355,6 +384,7 @@ def operating_point_record(
             else float("nan"),
             "positives": int(positive.sum()),
             "negatives": int((~positive).sum()),
+            "gated_by_any": gate_by_any,  # older records scored each class alone
         }
     return record
 
@@ -390,7 +420,34 @@ def split_sources(config: TrainConfig) -> dict[str, list[Volume]]:
         bar.close()
     if not parts["train"] or not parts["val"]:
         raise ValueError("training needs data in both the training and validation parts")
+    _refuse_shared_patients(parts)
+    _need_labelled_validation_slices(parts["val"])
     return parts
+
+
+def _need_labelled_validation_slices(volumes: list[Volume]) -> None:
+    """Each epoch's networks are compared on labelled validation slices: without any, training
+    would stop after its first epoch with an error from deep inside."""
+    if not any((~np.isnan(v.slice_labels[:, 0])).any() for v in volumes):
+        raise ValueError(
+            "no validation study has slice labels: the networks are chosen on labelled "
+            "validation slices (give a source with slice labels, or a larger validation part)"
+        )
+
+
+def _refuse_shared_patients(parts: dict[str, list[Volume]]) -> None:
+    """Each source is split on its own, so a patient given by two sources (a set and a subset
+    of it, two copies) could train in one and validate in the other: refuse that."""
+    part_of: dict[str, str] = {}
+    for part, volumes in parts.items():
+        for volume in volumes:
+            earlier = part_of.setdefault(volume.patient_id, part)
+            if earlier != part:
+                raise ValueError(
+                    f"patient {datasets.pseudonym(volume.patient_id)} is in the {earlier} and "
+                    f"the {part} parts: two sources give the same patient (each source is "
+                    "split on its own); give each patient in one source only"
+                )
 
 
 def train_member(

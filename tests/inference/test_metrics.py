@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,33 @@ def test_the_operating_point_reaches_the_target_sensitivity() -> None:
     threshold = threshold_for_sensitivity(labels, scores, 0.95)
     point = at_threshold(labels, scores, threshold)
     assert point.sensitivity >= 0.95
-    assert at_threshold(labels, scores, threshold + 1e-6).sensitivity < 0.95
+    lowest = np.sort(scores[labels == 1])[1]  # the 19th of 20 positives must be flagged
+    assert at_threshold(labels, scores, lowest + 1e-9).sensitivity < 0.95
+    # just under that positive, not on it: no study chosen on changes side
+    assert lowest - 1e-3 < threshold < lowest
+    assert not ((scores >= threshold) & (scores < lowest)).any()
+
+
+def test_a_positive_scored_a_hair_lower_elsewhere_keeps_its_flag() -> None:
+    """The predictor scores a validation study through another path than training did (here
+    2e-5 lower, as measured): at a threshold exactly on its score it would lose its flag."""
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.8, 0.36382658, 0.2, 0.1, 0.05])
+    threshold = threshold_for_sensitivity(labels, scores, 1.0)
+    assert 0.36382658 - 2e-5 >= threshold > 0.2
+    # a lower score right under it: the threshold stays between the two
+    close = np.array([0.9, 0.8, 0.36382658, 0.36382650, 0.1, 0.05])
+    threshold = threshold_for_sensitivity(labels, close, 1.0)
+    assert 0.36382650 < threshold < 0.36382658
+
+
+def test_one_study_or_one_patient_gives_no_interval_rather_than_a_zero_wide_one() -> None:
+    labels = np.array([0, 1, 0, 1])
+    scores = np.array([0.1, 0.9, 0.4, 0.3])
+    point, low, high = bootstrap_auc(labels, scores, rounds=50, groups=np.zeros(4))
+    assert point == 0.75 and np.isnan(low) and np.isnan(high)
+    point, low, high = bootstrap_auc(labels, scores, rounds=50, groups=np.arange(4))
+    assert low < point and not np.isnan(high)
 
 
 def test_a_perfectly_calibrated_model_has_no_calibration_error() -> None:
@@ -241,3 +268,45 @@ def test_copies_of_one_picture_count_once_and_the_report_names_the_thresholds_fl
     study["any"]["auc_95ci"] = [None, None]  # every resample lacked a class
     report["dataset"] = {"kind": "yolo", "path": "x", "items": 4}
     assert any(line.startswith("| Any haemorrhage | 4 (2) | ") for line in _card_section(report))
+
+
+def test_ich_card_refuses_a_report_measured_on_another_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card shows its own model's figures: the shipped model's report under another model's
+    name (or version) is refused, naming both."""
+    from inference.cli import main
+    from inference.predictor import default_model_path
+
+    model = default_model_path()
+    shipped = json.loads((model.parent / "eval-cq500.json").read_text())
+    other = {**shipped, "model": {"name": "ich-demo", "version": "0.0.1"}}
+    path, card = tmp_path / "other.json", tmp_path / "card.md"
+    path.write_text(json.dumps(other))
+    assert main(["card", str(model), str(path), "--out", str(card)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{path}: measured on ich-demo 0.0.1, not on ich-demo {shipped['model']['version']}" in err
+    )
+    assert not card.exists()
+
+
+def test_a_card_says_how_the_networks_began_and_which_classes_were_calibrated() -> None:
+    from types import SimpleNamespace
+
+    from inference.evaluation import _calibrated, _gating_note, _initialised
+
+    assert _initialised({"config": {"pretrained": True}}) == "ImageNet-initialised"
+    assert _initialised({"config": {"pretrained": False}}).startswith("randomly initialised")
+    fitted = np.tile([2.0, -1.0], (6, 1))
+    assert _calibrated(SimpleNamespace(calibration=fitted)) == "Platt-calibrated"
+    fitted[4] = [1.0, 0.0]
+    assert _calibrated(SimpleNamespace(calibration=fitted)) == (
+        "Platt-calibrated except Epidural (fit refused: plain sigmoid)"
+    )
+    assert _calibrated(SimpleNamespace(calibration=np.tile([1.0, 0.0], (6, 1)))).startswith(
+        "not calibrated"
+    )
+    assert _gating_note({"any": {"gated_by_any": True}}).endswith("are those of the flags.")
+    assert 'before the "any" gate' in _gating_note({"any": {"threshold": 0.5}})
+    assert _gating_note({}) == ""

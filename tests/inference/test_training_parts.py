@@ -199,3 +199,53 @@ def test_metrics_are_strict_json_and_a_validation_part_without_positives_picks_b
     assert training.selection_score(0.8, 0.3) == (0.8, "val_mean_auc")
     assert training.selection_score(nan, 0.3) == (-0.3, "val_loss")
     assert training.selection_score(nan, 0.2) > training.selection_score(nan, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"epochs": 0}, "epochs must be a whole number of at least 1, not 0"),
+        ({"batch_size": 0}, "batch_size must be a whole number of at least 1, not 0"),
+        ({"samples_per_epoch": -5}, "samples_per_epoch must be a whole number of at least 1"),
+        ({"patience": 0}, "patience must be a whole number of at least 1, not 0"),
+        ({"aggregator_epochs": 0}, "aggregator_epochs must be at least 1 (0 only with"),
+        ({"target_sensitivity": 0}, "target_sensitivity must be above 0 and at most 1, not 0"),
+        ({"target_sensitivity": 1.5}, "target_sensitivity must be above 0 and at most 1"),
+    ],
+)
+def test_a_setting_that_would_crash_training_is_refused_when_the_config_is_read(
+    setting: dict, message: str
+) -> None:
+    """batch_size 0 divided by zero at once; aggregator_epochs 0 crashed only after the networks
+    had trained (hours on the demo model)."""
+    with pytest.raises(ValueError) as error:
+        TrainConfig.from_dict(setting)
+    assert message in str(error.value)
+
+
+def test_a_max_pooling_study_level_needs_no_aggregator_epochs() -> None:
+    assert TrainConfig.from_dict({"aggregator": "max", "aggregator_epochs": 0}).epochs == 6
+
+
+def _volume(patient: str, slice_labels: np.ndarray) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(patient_id=patient, slice_labels=slice_labels)
+
+
+def test_a_patient_given_by_two_sources_cannot_train_in_one_and_validate_in_the_other() -> None:
+    labelled = np.zeros((2, 6), np.float32)
+    parts = {"train": [_volume("p1", labelled)], "val": [_volume("p2", labelled)], "test": []}
+    training._refuse_shared_patients(parts)  # type: ignore[arg-type]
+    parts["val"].append(_volume("p1", labelled))
+    with pytest.raises(ValueError, match="is in the train and the val parts: two sources"):
+        training._refuse_shared_patients(parts)  # type: ignore[arg-type]
+
+
+def test_a_validation_part_without_slice_labels_is_refused_before_training() -> None:
+    unlabelled = np.full((3, 6), np.nan, np.float32)
+    with pytest.raises(ValueError, match="no validation study has slice labels"):
+        training._need_labelled_validation_slices([_volume("p", unlabelled)])  # type: ignore[list-item]
+    training._need_labelled_validation_slices(
+        [_volume("p", unlabelled), _volume("q", np.zeros((1, 6), np.float32))]  # type: ignore[list-item]
+    )
