@@ -44,6 +44,11 @@ class PreprocessConfig:
     context_mm: float = 5.0  # distance to the neighbours blended in
     windowed_source: Window = field(default_factory=lambda: BRAIN)  # 8-bit images' window
     head_extent_mm: float = 180.0  # assumed head length when an image has no pixel spacing
+    # Of a picture's window width, how far above its floor counts as head: about 13 of 255
+    # grey levels, since JPEG noise leaves a black background at grey 0-2. Packages saved
+    # before it was a setting found the head at any grey above the floor (0.0) and read
+    # pictures so still, as they were trained.
+    windowed_head_margin: float = 0.05
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +59,7 @@ class PreprocessConfig:
             "context_mm": self.context_mm,
             "windowed_source": [self.windowed_source.level, self.windowed_source.width],
             "head_extent_mm": self.head_extent_mm,
+            "windowed_head_margin": self.windowed_head_margin,
         }
 
     @classmethod
@@ -61,6 +67,7 @@ class PreprocessConfig:
         values = dict(data)
         values["windows"] = tuple(Window(*w) for w in values["windows"])
         values["windowed_source"] = Window(*values["windowed_source"])
+        values.setdefault("windowed_head_margin", 0.0)  # saved before the setting: as trained
         return cls(**values)
 
 
@@ -100,12 +107,13 @@ def resample_inplane(
     """(N, H, W) HU -> (N, S, S) HU at ``config.spacing_mm`` per pixel, centred on the head.
 
     Without a pixel spacing the input is a windowed picture: its floor value is the background,
-    anything above it is head, and the head's extent sets the scale.
+    anything clearly above it (``windowed_head_margin`` of the window: JPEG noise leaves the
+    black background at grey 0-2) is head, and the head's extent sets the scale.
     """
     volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))  # (N, H, W)
     if pixel_spacing_mm is None:
         background = float(hu.min())
-        head = hu > background
+        head = hu > background + config.windowed_head_margin * config.windowed_source.width
         scale = scale_col = config.head_extent_mm / config.spacing_mm / max(_extent(head), 1.0)
     else:  # (row, column) spacing: a non-square pixel is scaled along each axis by its own
         background = AIR_HU

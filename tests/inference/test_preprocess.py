@@ -220,3 +220,27 @@ def _resampled_plane(plane: np.ndarray, transform: InplaneTransform, size: int) 
 def test_windows_round_trip_through_the_stored_configuration() -> None:
     config = PreprocessConfig(windows=(Window(50, 100), Window(50, 130), BONE))
     assert PreprocessConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_picture_with_jpeg_noise_in_its_background_is_scaled_by_its_head() -> None:
+    """A windowed JPEG's black background holds grey 0-2, not only 0: a head 300 of 640 px
+    across must fill head_extent_mm on the grid, not the whole picture's noise."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 3, (640, 640)).astype(np.uint8)  # background noise 0-2
+    yy, xx = np.mgrid[:640, :640]
+    grey[(yy - 320) ** 2 + (xx - 300) ** 2 < 150**2] = 140  # the head, off centre by 20 px
+    hu = hu_from_windowed(grey, BRAIN)[None]
+    config = PreprocessConfig(image_size=192, spacing_mm=1.25, head_extent_mm=180.0)
+    grid, transform = resample_inplane(hu, None, config)
+    head = (grid[0] > BRAIN.low + 0.25 * BRAIN.width).numpy()
+    cols = np.flatnonzero(head.any(axis=0))
+    # 144 px across, within the 1st-99th percentile bounds' own bias (a disc comes out ~7% wider)
+    assert cols[-1] - cols[0] + 1 == pytest.approx(180 / 1.25, rel=0.1)
+    assert (cols[0] + cols[-1]) / 2 == pytest.approx(95.5, abs=2)  # centred on the head
+    # a package saved before the margin was a setting reads pictures as it was trained: any
+    # grey above the floor is head, so the noise sets the scale
+    old = PreprocessConfig.from_dict(
+        {k: v for k, v in config.to_dict().items() if k != "windowed_head_margin"}
+    )
+    assert old.windowed_head_margin == 0.0
+    assert resample_inplane(hu, None, old)[1].scale < 0.8 * transform.scale
