@@ -295,14 +295,17 @@ def peak_distances(heatmap: np.ndarray, mask: np.ndarray, bits: int) -> tuple[fl
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """The mask grown by ``radius`` pixels (a square, by separable running maxima)."""
-    out = mask.copy()
+    """The mask grown by ``radius`` pixels (a square, by separable running maxima; a square
+    holds the tolerance's disc, so the chance rate errs high, never low). Nothing wraps
+    around the image's edge."""
+    height, width = mask.shape
+    out = np.pad(mask, radius)
     for axis in (0, 1):
         grown = out.copy()
         for shift in range(1, radius + 1):
             grown |= np.roll(out, shift, axis) | np.roll(out, -shift, axis)
         out = grown
-    return out
+    return out[radius : radius + height, radius : radius + width]
 
 
 def _level(
@@ -481,8 +484,8 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         "- Explanations: Grad-CAM at the last convolutional stage (output stride"
         f" {package.members[0].output_stride}); prediction basis from an atlas of confidently",
         "  correct training slices. Pointing game: a hit is an attention peak within"
-        f" {POINTING_TOLERANCE_MM} mm of the bleed, on the positive slices the model scores at"
-        " least 0.5 for the class (pictures, which have no pixel spacing: within"
+        f" {POINTING_TOLERANCE_MM} mm of the bleed, on the positive slices of studies flagged"
+        " for the class that the model scores at least 0.5 for it (pictures, which have no pixel spacing: within"
         f" {POINTING_TOLERANCE_MM} px).",
         "",
         "## Training data",

@@ -41,3 +41,12 @@ def test_without_other_blood_there_is_no_other_distance_and_any_covers_every_sub
     to_any, to_other_any = peak_distances(heatmap, _slice(), ALL_SUBTYPE_BITS)
     assert to_any == np.hypot(20 - 13, 40 - 20)  # the epidural corner is nearer than the subdural
     assert to_other_any is None
+
+
+def test_the_chance_area_does_not_wrap_around_the_image_edge() -> None:
+    from inference.evaluation import _dilate
+
+    corner = np.zeros((10, 10), bool)
+    corner[0, 0] = True
+    grown = _dilate(corner, 2)
+    assert grown[:3, :3].all() and grown.sum() == 9  # not the far rows and columns too
