@@ -485,7 +485,8 @@ def model_card(predictor: Predictor, reports: Sequence[dict[str, Any]]) -> str:
         f" {package.members[0].output_stride}); prediction basis from an atlas of confidently",
         "  correct training slices. Pointing game: a hit is an attention peak within"
         f" {POINTING_TOLERANCE_MM} mm of the bleed, on the positive slices of studies flagged"
-        " for the class that the model scores at least 0.5 for it (pictures, which have no pixel spacing: within"
+        " for the class that the model scores at least 0.5 for it (pictures, which have no"
+        " pixel spacing: within"
         f" {POINTING_TOLERANCE_MM} px).",
         "",
         "## Training data",
