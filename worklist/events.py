@@ -21,7 +21,9 @@ def send_event(event_type: str, payload: dict[str, Any]) -> None:
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {event_type!r}")
     message = {"type": "worklist.event", "event": {"type": event_type, **payload}}
-    transaction.on_commit(lambda: _group_send(message))
+    # robust: the data is committed whatever happens here; a broadcast lost to a Redis outage
+    # must not turn a stored instance or a saved review into an error (pages refresh anyway).
+    transaction.on_commit(lambda: _group_send(message), robust=True)
 
 
 def _group_send(message: dict[str, Any]) -> None:

@@ -415,7 +415,7 @@ def _write_new(path: Path, data: bytes) -> bool:
     The bytes go to a temporary file that is synced and then hard-linked into place, so a reader
     never sees half a file and an existing file is never overwritten.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs_durably(path.parent)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
     try:
         with os.fdopen(handle, "wb") as stream:
@@ -426,9 +426,33 @@ def _write_new(path: Path, data: bytes) -> bool:
             os.link(temporary, path)
         except FileExistsError:
             return False
+        _fsync_dir(path.parent)  # the new name survives a power loss, as the row will
         return True
     finally:
         os.unlink(temporary)
+
+
+def _make_dirs_durably(folder: Path) -> None:
+    """mkdir -p, syncing each parent whose entry was added (the database commits durably, so
+    must the folders its rows point into)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # made by a concurrent ingest
+            continue
+        _fsync_dir(new.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _file_digest(path: Path) -> tuple[str, int]:

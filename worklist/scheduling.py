@@ -43,7 +43,9 @@ def study_instance_arrived(*, study: Study, new_study: bool) -> None:
         study.transition_to(StudyStatus.RECEIVING, at=now)
     if new_study or reopened:
         events.send_event(events.STUDY_RECEIVED, {"study_id": study.pk, "status": study.status})
-    transaction.on_commit(lambda: schedule_completeness_check(study.pk))
+    # robust: the instance is committed; if Redis is down the beat sweep schedules the check
+    # of a quiet study later, and the sender must not be told that a stored instance failed.
+    transaction.on_commit(lambda: schedule_completeness_check(study.pk), robust=True)
 
 
 def schedule_completeness_check(study_id: int, delay: float | None = None) -> bool:

@@ -92,7 +92,7 @@ def study_complete(*, study_id: int) -> str:
         events.send_event(events.STUDY_SCORED, _summary(study, findings=[], eligible=False))
         return study.status
     study.transition_to(StudyStatus.QUEUED)
-    transaction.on_commit(lambda: _enqueue_scoring(study.pk))
+    transaction.on_commit(lambda: _enqueue_scoring(study.pk), robust=True)  # the sweep re-queues
     return study.status
 
 
@@ -260,7 +260,7 @@ def study_rescore(*, study_id: int) -> bool:
         return False
     study.transition_to(StudyStatus.QUEUED)
     events.send_event(events.STUDY_SCORING, {"study_id": study.pk, "status": study.status})
-    transaction.on_commit(lambda: _enqueue_scoring(study.pk))
+    transaction.on_commit(lambda: _enqueue_scoring(study.pk), robust=True)  # the sweep re-queues
     return True
 
 

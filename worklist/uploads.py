@@ -7,7 +7,9 @@ none was. The request body is limited to ICH_UPLOAD_MAX_MB, and so is the unpack
 archives in it (a small zip can unpack to a great deal).
 """
 
+import lzma
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
@@ -106,7 +108,16 @@ class _Upload:
             try:
                 with archive.open(info) as stream:
                     data = stream.read(info.file_size + 1)  # never more than the header promised
-            except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as error:
+            except (
+                zipfile.BadZipFile,
+                RuntimeError,
+                OSError,
+                EOFError,
+                ValueError,
+                NotImplementedError,  # a compression method this Python cannot read
+                zlib.error,  # a corrupt deflate stream
+                lzma.LZMAError,
+            ) as error:
                 self._refuse(member_name, f"unreadable archive member ({error})")
                 continue
             if len(data) > info.file_size:

@@ -377,6 +377,22 @@ class TestBrowserUpload:
             action=AuditAction.INSTANCE_RECEIVED, details__source="upload"
         ).exists()
 
+    def test_a_member_with_a_corrupt_deflate_stream_is_refused_and_the_rest_stored(
+        self, radiologist_client: Client
+    ) -> None:
+        """zlib.error escaped and made the whole upload a 500 with no outcomes."""
+        series = phantom_series()
+        archive = bytearray(_zip({"a/IM1.dcm": series[0], "a/IM2.dcm": series[1]}))
+        info = zipfile.ZipFile(io.BytesIO(bytes(archive))).getinfo("a/IM2.dcm")
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        archive[start : start + 20] = b"\xff" * 20  # an invalid deflate block type
+        response = _upload(radiologist_client, ("study.zip", bytes(archive)))
+        assert response.status_code == 200
+        results = {r["name"]: r for r in response.json()["results"]}
+        assert results["study.zip/a/IM1.dcm"]["status"] == "stored"
+        assert results["study.zip/a/IM2.dcm"]["status"] == "refused"
+        assert "unreadable archive member" in results["study.zip/a/IM2.dcm"]["reason"]
+
     def test_a_broken_zip_is_quarantined(self, radiologist_client: Client) -> None:
         response = _upload(radiologist_client, ("study.zip", b"PK\x03\x04 not really"))
         assert response.status_code == 422
@@ -417,3 +433,19 @@ def test_admins_see_the_quarantine_in_the_admin_site(
     detail = admin_client_.get(f"/admin/worklist/quarantinedfile/{record.pk}/change/")
     assert detail.status_code == 200
     assert radiologist_client.get("/admin/worklist/quarantinedfile/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_a_stored_file_and_the_folders_made_for_it_are_synced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The row commits durably, so the file's name and each new folder's entry are synced too:
+    after a power loss a stored instance must not point at nothing."""
+    synced: list[Path] = []
+    real = ingest._fsync_dir
+    monkeypatch.setattr(ingest, "_fsync_dir", lambda folder: (synced.append(folder), real(folder)))
+    outcome = _ingest(phantom_series()[0])
+    path = _media(Instance.objects.get(pk=outcome.instance_id).path)
+    series_dir, study_dir = path.parent, path.parent.parent
+    assert synced[-1] == series_dir  # the new name, after the link
+    assert study_dir in synced and study_dir.parent in synced  # each new folder's entry
