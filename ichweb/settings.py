@@ -292,6 +292,12 @@ def _bind_host(name: str, value: str) -> str:
 ICH_DICOM_AE_TITLE = _ae_title("ICH_DICOM_AE_TITLE", env_str("ICH_DICOM_AE_TITLE", "ICHTRIAGE"))
 ICH_DICOM_HOST = _bind_host("ICH_DICOM_HOST", env_str("ICH_DICOM_HOST", "127.0.0.1"))
 ICH_DICOM_PORT = env_int("ICH_DICOM_PORT", 11112, minimum=1, maximum=65535)
+# Associations open at once (pynetdicom's default, 10, let ten idle sockets lock every
+# scanner out), and how long a connection may wait before it asks for an association.
+ICH_DICOM_MAX_ASSOCIATIONS = env_int("ICH_DICOM_MAX_ASSOCIATIONS", 64, minimum=1, maximum=1000)
+ICH_DICOM_ASSOCIATION_TIMEOUT_SECONDS = env_int(
+    "ICH_DICOM_ASSOCIATION_TIMEOUT_SECONDS", 10, minimum=1, maximum=600
+)
 ICH_DICOM_ALLOWED_AETS = [
     _ae_title("ICH_DICOM_ALLOWED_AETS", title) for title in env_list("ICH_DICOM_ALLOWED_AETS", [])
 ]

@@ -13,8 +13,10 @@ import logging
 import socket
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import connections
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -41,7 +43,7 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
     XRayAngiographicImageStorage,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -108,8 +110,13 @@ def build_receiver(*, ae_title: str, allowed_calling_aets: list[str] | None = No
 
     ``allowed_calling_aets``: when not empty, associations from other AE titles are rejected.
     """
+    # Each instance is spooled to a temporary file as its fragments arrive, not held in memory:
+    # a large or never-finished data set grows on disk, and many senders at once cost no RAM.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
+    ae.maximum_associations = settings.ICH_DICOM_MAX_ASSOCIATIONS
+    ae.acse_timeout = settings.ICH_DICOM_ASSOCIATION_TIMEOUT_SECONDS
     ae.require_calling_aet = list(allowed_calling_aets or [])
     ae.add_supported_context(VERIFICATION)
     for sop_class in RECEIVED_SOP_CLASSES:
@@ -152,7 +159,7 @@ def handle_store(event: Event) -> Dataset:
     requestor = event.assoc.requestor
     try:
         outcome = instance_ingest(
-            data=event.encoded_dataset(include_meta=True),
+            data=_received_bytes(event),
             source=IngestSource.C_STORE,
             address=requestor.address,
             calling_ae=requestor.ae_title,
@@ -167,6 +174,15 @@ def handle_store(event: Event) -> Dataset:
     if outcome.accepted:
         return _status(SUCCESS)
     return _status(outcome.failure_code or PROCESSING_FAILURE, outcome.reason)
+
+
+def _received_bytes(event: Event) -> bytes:
+    """The instance as received, in the DICOM file format: from the file it was spooled to
+    (``STORE_RECV_CHUNKED_DATASET``), or encoded from memory where it was not spooled."""
+    path = getattr(event, "dataset_path", None)
+    if path is not None:
+        return Path(path).read_bytes()
+    return bytes(event.encoded_dataset(include_meta=True))
 
 
 def _status(code: int, comment: str = "") -> Dataset:

@@ -254,3 +254,40 @@ def test_the_receiver_command_refuses_a_bad_ae_title() -> None:
     )
     assert result.returncode != 0
     assert "ICH_DICOM_AE_TITLE" in result.stderr
+
+
+def test_idle_connections_do_not_lock_scanners_out(port: int) -> None:
+    """pynetdicom's default of 10 associations let ten idle sockets (no association request
+    sent) refuse every sender for 30 s at a time; the receiver now allows
+    ICH_DICOM_MAX_ASSOCIATIONS and drops a silent connection after
+    ICH_DICOM_ASSOCIATION_TIMEOUT_SECONDS."""
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+    try:
+        with association(port) as assoc:
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def test_an_instance_is_spooled_to_disk_as_it_arrives_and_stored_as_sent(
+    port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fragments go to a temporary file, not memory (STORE_RECV_CHUNKED_DATASET): a large or
+    never-finished data set costs disk, not the receiver's RAM."""
+    from worklist import receiver
+
+    spooled: list[str] = []
+    real = receiver._received_bytes
+
+    def spy(event: object) -> bytes:
+        spooled.append(getattr(event, "dataset_path", None))  # type: ignore[arg-type]
+        return real(event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(receiver, "_received_bytes", spy)
+    data = phantom_series()[0]
+    with association(port) as assoc:
+        assert assoc.send_c_store(_dataset(data)).Status == 0x0000
+    assert len(spooled) == 1 and spooled[0] is not None
+    stored = Path(settings.MEDIA_ROOT) / Instance.objects.get().path
+    assert _dataset(stored.read_bytes()).PixelData == _dataset(data).PixelData
