@@ -264,9 +264,10 @@ class Processes:
         """VmRSS of the worker's parent and of its pool process (where tasks and the model are)."""
         parent = self.running["worker"].pid
         children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        rss = {"parent": _rss_mb(parent)}
+        rss = {"parent": _rss_mb(parent), "parent_peak": _rss_mb(parent, "VmHWM")}
         if children:
             rss["pool"] = _rss_mb(int(children[0]))
+            rss["pool_peak"] = _rss_mb(int(children[0]), "VmHWM")
         return rss
 
     def stop(self) -> None:
@@ -286,11 +287,12 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """MiB of /proc's ``field``: VmRSS now, or VmHWM, the process's peak so far."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise ValueError(f"no VmRSS for process {pid}")
+    raise ValueError(f"no {field} for process {pid}")
 
 
 # --- The runs -------------------------------------------------------------------------------
@@ -404,13 +406,17 @@ def _burst(
         "worker_pool_rss_mb": {
             "first": round(pool[0], 1),
             "last": round(pool[-1], 1),
-            "max": round(max(pool), 1),
+            # sampled after each study is scored: a study's own peak lies between samples
+            "max_after_each": round(max(pool), 1),
             "after_each": [round(value, 1) for value in pool],
+            # VmHWM at the end: the true peak of the process over its life (model load too)
+            "peak": round(rss[-1].get("pool_peak", rss[-1]["parent_peak"]), 1),
         },
         "worker_parent_rss_mb": {
             "first": round(rss[0]["parent"], 1),
             "last": round(rss[-1]["parent"], 1),
-            "max": round(max(sample["parent"] for sample in rss), 1),
+            "max_after_each": round(max(sample["parent"] for sample in rss), 1),
+            "peak": round(rss[-1]["parent_peak"], 1),
         },
     }
 
@@ -496,8 +502,9 @@ def _run(
         rss = burst["worker_pool_rss_mb"]
         print(
             f"{burst['studies_per_minute']} studies per minute with one worker; worker pool "
-            f"process RSS after each study: first {rss['first']} MB, last {rss['last']} MB, "
-            f"max {rss['max']} MB; load {os.getloadavg()[0]:.1f}",
+            f"process RSS after each study: first {rss['first']} MiB, last {rss['last']} MiB, "
+            f"highest {rss['max_after_each']} MiB; its true peak (VmHWM) {rss['peak']} MiB; "
+            f"load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     return {

@@ -58,6 +58,11 @@ def child(args: argparse.Namespace) -> None:
     predictor = Predictor.load(args.model, device=args.device)
     for member in predictor.package.members:
         member.channels_last = not args.nchw
+    if args.nchw:  # the folded CPU networks keep channels-last weights: make them NCHW too
+        for network in predictor.networks():
+            for parameter in network.parameters():
+                if parameter.dim() == 4:
+                    parameter.data = parameter.data.contiguous()
     if args.unfused:  # the folded networks, each convolution's activation a separate call
         for network in predictor.networks():
             network.fused = False
@@ -90,10 +95,11 @@ def child(args: argparse.Namespace) -> None:
         "predict_s_median": round(total, 3),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
         "flagged": flagged,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # ru_maxrss is in KiB on Linux: this is MiB (2**20 bytes)
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if args.device == "cuda":
-        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["gpu"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(result))
 
@@ -114,6 +120,28 @@ def _resliced(study, slices, np):  # type: ignore[no-untyped-def]
         slice_thickness_mm=step,
         masks=np.zeros(hu.shape, np.uint8),
         slice_labels=np.zeros((slices, 6), np.uint8),
+    )
+
+
+def machine_line() -> str:
+    """What the figures depend on: the CPU model and its vector extensions, the cores, torch,
+    and the load when the run began (docs/benchmarks.md sorts figures by these)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    import torch
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"machine: {model} ({' '.join(extensions) or 'no AVX2'}), {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, torch {torch.__version__}, load {load}"
     )
 
 
@@ -138,10 +166,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"python {platform.python_version()}"
-    )
+    print(machine_line())
     for slices in args.slices:
         size = ["--slices", str(slices), "--seed", str(args.seed)]
         command = [sys.executable, __file__, "--child", "--device", args.device]
@@ -159,8 +184,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             subprocess.run([sys.executable, __file__, "--write", folder, *size], check=True)  # noqa: S603
             run = subprocess.run(  # noqa: S603
-                [*command, *size, "--series", folder], capture_output=True, text=True, check=True
+                [*command, *size, "--series", folder], capture_output=True, text=True
             )
+        if run.returncode != 0:  # a one-shot GPU run must leave its reason behind
+            print(run.stdout, end="")
+            print(run.stderr, end="", file=sys.stderr)
+            raise SystemExit(f"the {slices}-slice run failed (exit {run.returncode})")
         output = run.stdout
         line = next(x for x in output.splitlines() if x.startswith("RESULT "))
         result = json.loads(line[len("RESULT ") :])
@@ -171,7 +200,7 @@ def main() -> None:
             f"{'' if result['fused'] else ', unfused'}): "
             f"predict {result['predict_s_median']:.2f}s "
             f"median of {args.repeat} ({stages}); DICOM read {result['read_dicom_s']:.2f}s; "
-            f"peak RSS {result['peak_rss_mb']:.0f} MB"
+            f"peak RSS {result['peak_rss_mib']:.0f} MiB"
         )
         print(json.dumps(result))
 
