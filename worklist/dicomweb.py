@@ -377,13 +377,48 @@ _TAG = re.compile(r"[0-9A-Fa-f]{8}")
 _DATE = re.compile(r"(\d{8})?(-)?(\d{8})?")
 
 
-def _query(request: Request) -> dict[str, str]:
-    """Query keys by keyword, whether the client sent a keyword or a tag (0020000D)."""
+# Query parameters that are not matching keys.
+_QUERY_CONTROLS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+MATCHING_KEYS = {
+    "studies": frozenset(
+        {
+            "StudyInstanceUID",
+            "PatientID",
+            "PatientName",
+            "AccessionNumber",
+            "StudyDate",
+            "ModalitiesInStudy",
+            "Modality",
+        }
+    ),
+    "series": frozenset({"Modality", "SeriesInstanceUID", "SeriesNumber"}),
+    "instances": frozenset({"SOPInstanceUID", "SOPClassUID", "InstanceNumber"}),
+}
+
+
+def _query(request: Request, level: str) -> dict[str, str]:
+    """Query keys by keyword, whether the client sent a keyword or a tag (0020000D).
+
+    A matching key this server does not match on (StudyID, ReferringPhysicianName...) is a 400
+    naming it: ignored, it would answer a narrow search with every study, other patients' too.
+    A key sent empty asks for nothing to be matched and is ignored."""
     keys: dict[str, str] = {}
+    unsupported = []
     for key in request.query_params:
         value = str(request.query_params.get(key) or "")
-        keyword = keyword_for_tag(int(key, 16)) if _TAG.fullmatch(key) else key
-        keys[keyword or key] = value
+        keyword = (keyword_for_tag(int(key, 16)) if _TAG.fullmatch(key) else key) or key
+        if keyword in _QUERY_CONTROLS or not value or keyword in MATCHING_KEYS[level]:
+            keys[keyword] = value
+        else:
+            unsupported.append(keyword)
+    if unsupported:
+        supported = ", ".join(sorted(MATCHING_KEYS[level]))
+        raise ValidationError(
+            {
+                "detail": f"this server does not match {level} on {', '.join(sorted(unsupported))}"
+                f" (it matches on {supported})"
+            }
+        )
     return keys
 
 
@@ -725,7 +760,7 @@ class StudiesView(DicomwebView):
 
     @_query_schema("dicomweb_search_studies")
     def get(self, request: Request) -> Response:
-        rows = search_studies(_query(request))
+        rows = search_studies(_query(request, "studies"))
         return query(request, level="studies", rows=rows, serialise=study_json)
 
     @_stow_schema("dicomweb_store_instances")
@@ -750,14 +785,14 @@ class StudyView(DicomwebView):
 class SeriesSearchView(DicomwebView):
     @_query_schema("dicomweb_search_series")
     def get(self, request: Request, study_uid: str) -> Response:
-        rows = search_series(study_uid, _query(request))
+        rows = search_series(study_uid, _query(request, "series"))
         return query(request, level="series", rows=rows, serialise=series_json)
 
 
 class InstanceSearchView(DicomwebView):
     @_query_schema("dicomweb_search_instances")
     def get(self, request: Request, study_uid: str, series_uid: str) -> Response:
-        rows = search_instances(study_uid, series_uid, _query(request))
+        rows = search_instances(study_uid, series_uid, _query(request, "instances"))
         return query(request, level="instances", rows=rows, serialise=instance_json)
 
 

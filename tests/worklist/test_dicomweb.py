@@ -246,6 +246,23 @@ class TestQidoRs:
         assert len(ed_client.get("/dicomweb/studies", accession).json()) == 1
         assert len(ed_client.get("/dicomweb/studies", query).json()) == found
 
+    @pytest.mark.parametrize(
+        "query",
+        [{"StudyID": "NO-SUCH-STUDY"}, {"00200010": "X"}, {"ReferringPhysicianName": "SMITH^A"}],
+    )
+    def test_a_key_it_cannot_match_on_is_refused_not_ignored(
+        self, ed_client: Client, query: dict[str, str]
+    ) -> None:
+        """Ignored, a narrow search would be answered with every study, other patients' too."""
+        _stored_study()
+        response = ed_client.get("/dicomweb/studies", query)
+        assert response.status_code == 400
+        assert "does not match studies on" in response.json()["detail"]
+        assert "PatientID" in response.json()["detail"]  # what it does match on
+        # sent empty, a key asks for nothing to be matched; includefield is no matching key
+        empty = {next(iter(query)): "", "includefield": "00081030", "fuzzymatching": "false"}
+        assert len(ed_client.get("/dicomweb/studies", empty).json()) == 1
+
     def test_series_and_instances_of_a_study_are_listed(self, ed_client: Client) -> None:
         study = _stored_study()
         series = ed_client.get(f"/dicomweb/studies/{study.study_instance_uid}/series").json()
