@@ -15,15 +15,17 @@ file is compressed). Metadata is the header as DICOM JSON without the pixel data
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import IO, Any, cast
 
 import pydicom
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.postgres.aggregates import ArrayAgg
+from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Value
 from django.http import HttpResponse, StreamingHttpResponse
@@ -237,13 +239,36 @@ def multipart_stream(
     yield f"--{boundary}--\r\n".encode("latin-1")
 
 
+async def multipart_stream_async(
+    parts: Iterable[tuple[str, Callable[[], Iterable[bytes]]]], *, boundary: str
+) -> AsyncIterator[bytes]:
+    """``multipart_stream`` for the ASGI server, which would first read a synchronous body into
+    a list (a whole study in memory before the first byte): each chunk is read in a thread as
+    it is sent."""
+    chunks = iter(multipart_stream(parts, boundary=boundary))
+
+    def following() -> bytes | None:
+        return next(chunks, None)
+
+    while (chunk := await sync_to_async(following, thread_sensitive=False)()) is not None:
+        yield chunk
+
+
 def _multipart_response(
-    parts: Iterable[tuple[str, Callable[[], Iterable[bytes]]]], *, part_type: str
+    parts: Iterable[tuple[str, Callable[[], Iterable[bytes]]]],
+    *,
+    part_type: str,
+    request: Request | None = None,
 ) -> StreamingHttpResponse:
     boundary = secrets.token_hex(16)
+    under_asgi = request is not None and isinstance(request._request, ASGIRequest)
+    body: Iterator[bytes] | AsyncIterator[bytes] = (
+        multipart_stream_async(parts, boundary=boundary)
+        if under_asgi
+        else multipart_stream(parts, boundary=boundary)
+    )
     return StreamingHttpResponse(
-        multipart_stream(parts, boundary=boundary),
-        content_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
+        body, content_type=f'multipart/related; type="{part_type}"; boundary={boundary}'
     )
 
 
@@ -670,7 +695,7 @@ def retrieve_instances(
         file_path = instance_file_path(instance)
         syntax = read_file_meta_info(file_path).TransferSyntaxUID
         parts.append((f"{DICOM}; transfer-syntax={syntax}", _file_chunks(file_path)))
-    return _multipart_response(parts, part_type=DICOM)
+    return _multipart_response(parts, part_type=DICOM, request=request)
 
 
 def retrieve_metadata(
