@@ -30,7 +30,6 @@ from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Value
 from django.http import HttpResponse, StreamingHttpResponse
 from django.urls import path, reverse
-from django.utils import timezone
 from django.utils.http import parse_header_parameters
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import extend_schema
@@ -503,10 +502,10 @@ def search_studies(query: dict[str, str]) -> QuerySet[Study]:
             studies = studies.filter(condition(query[keyword]))
     if query.get("StudyDate"):
         first, last = _date_range(query["StudyDate"])
-        if first:
-            studies = studies.filter(study_datetime__date__gte=first)
+        if first:  # the header's own date, whatever the site's time zone
+            studies = studies.filter(study_date__gte=first)
         if last:
-            studies = studies.filter(study_datetime__date__lte=last)
+            studies = studies.filter(study_date__lte=last)
     modality = query.get("ModalitiesInStudy") or query.get("Modality")
     if modality:
         with_modality = Series.objects.filter(_matches("modality", modality), study=OuterRef("pk"))
@@ -515,11 +514,12 @@ def search_studies(query: dict[str, str]) -> QuerySet[Study]:
 
 
 def study_json(request: Request, study: Any) -> dict[str, Any]:
-    moment = timezone.localtime(study.study_datetime) if study.study_datetime else None
     modalities = sorted(m for m in study.modalities if m)
-    return {
-        "00080020": _element("DA", moment.strftime("%Y%m%d") if moment else None),
-        "00080030": _element("TM", moment.strftime("%H%M%S") if moment else None),
+    return {  # StudyDate and StudyTime as the header gave them, in the study's own local time
+        "00080020": _element(
+            "DA", study.study_date.strftime("%Y%m%d") if study.study_date else None
+        ),
+        "00080030": _element("TM", study.study_time or None),
         "00080050": _element("SH", study.accession_number),
         "00080061": _element("CS", *modalities),
         "00081190": _element(

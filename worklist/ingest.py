@@ -33,7 +33,7 @@ import re
 import struct
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from datetime import timezone as dt_timezone
 from enum import StrEnum
 from pathlib import Path
@@ -131,6 +131,8 @@ class _Facts:
     patient_id: str  # PHI
     patient_name: str  # PHI
     study_datetime: datetime | None
+    study_date: date | None
+    study_time: str
     modality: str
     series_number: int | None
     series_description: str
@@ -322,6 +324,8 @@ def _facts(dataset: Dataset) -> _Facts:
         patient_id=_text(dataset, "PatientID", 64),
         patient_name=_text(dataset, "PatientName", 256),
         study_datetime=_study_datetime(dataset),
+        study_date=_study_date(dataset),
+        study_time=_study_time(dataset),
         modality=_text(dataset, "Modality", 16).upper(),
         series_number=_integer(dataset, "SeriesNumber"),
         series_description=_text(dataset, "SeriesDescription", 256),
@@ -370,18 +374,35 @@ _TIME = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
 _OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
 
 
+def _study_date(dataset: Dataset) -> date | None:
+    """StudyDate as the header gives it (the study's own local date), if it is a real date."""
+    text = _text(dataset, "StudyDate", 8)
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def _study_time(dataset: Dataset) -> str:
+    """StudyTime as the header gives it (HHMMSS.FFFFFF, parts optional), or empty."""
+    text = _text(dataset, "StudyTime", 16)
+    return text if _TIME.fullmatch(text) else ""
+
+
 def _study_datetime(dataset: Dataset) -> datetime | None:
     """StudyDate + StudyTime in the study's own offset if it gives one, else the site's zone."""
-    date = _text(dataset, "StudyDate", 8)
+    day = _text(dataset, "StudyDate", 8)
     time = _TIME.fullmatch(_text(dataset, "StudyTime", 16))
-    if not re.fullmatch(r"\d{8}", date):
+    if not re.fullmatch(r"\d{8}", day):
         return None
     hour, minute, second, fraction = (time.groups() if time else None) or (0, 0, 0, None)
     try:
         naive = datetime(
-            int(date[:4]),
-            int(date[4:6]),
-            int(date[6:]),
+            int(day[:4]),
+            int(day[4:6]),
+            int(day[6:]),
             int(hour or 0),
             int(minute or 0),
             int(second or 0),
@@ -531,6 +552,8 @@ def _study_get_or_create(facts: _Facts) -> tuple[Study, bool]:
             "patient_id": facts.patient_id,
             "patient_name": facts.patient_name,
             "study_datetime": facts.study_datetime,
+            "study_date": facts.study_date,
+            "study_time": facts.study_time,
         },
     )
 

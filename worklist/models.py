@@ -61,6 +61,10 @@ class Study(models.Model):
     patient_id = models.CharField(max_length=64, blank=True)  # PHI
     patient_name = models.CharField(max_length=256, blank=True)  # PHI
     study_datetime = models.DateTimeField(null=True, blank=True)
+    # StudyDate and StudyTime as the header gives them, in the study's own local time: QIDO
+    # matches and answers with these (study_datetime is the same moment, stored in UTC).
+    study_date = models.DateField(null=True, blank=True)
+    study_time = models.CharField(max_length=16, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
     last_instance_at = models.DateTimeField(default=timezone.now)
     status = models.CharField(

@@ -263,6 +263,23 @@ class TestQidoRs:
         empty = {next(iter(query)): "", "includefield": "00081030", "fuzzymatching": "false"}
         assert len(ed_client.get("/dicomweb/studies", empty).json()) == 1
 
+    def test_a_study_is_found_and_shown_on_its_own_date_whatever_the_sites_zone(
+        self, ed_client: Client, settings: Any
+    ) -> None:
+        """00:30 on 2 January at +0200 is 22:30 on 1 January in UTC (the site's zone here):
+        the study was found and shown under 1 January, not the date its header gives."""
+        settings.TIME_ZONE = "UTC"
+        dataset = pydicom.dcmread(io.BytesIO(phantom_series()[0]))
+        dataset.StudyDate, dataset.StudyTime = "20250102", "003000"
+        dataset.TimezoneOffsetFromUTC = "+0200"
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        instance_ingest(data=buffer.getvalue(), source="upload", address=None)
+        (found,) = ed_client.get("/dicomweb/studies", {"StudyDate": "20250102"}).json()
+        assert found["00080020"]["Value"] == ["20250102"]
+        assert found["00080030"]["Value"] == ["003000"]
+        assert ed_client.get("/dicomweb/studies", {"StudyDate": "20250101"}).json() == []
+
     def test_series_and_instances_of_a_study_are_listed(self, ed_client: Client) -> None:
         study = _stored_study()
         series = ed_client.get(f"/dicomweb/studies/{study.study_instance_uid}/series").json()
