@@ -27,7 +27,8 @@ def grad_cam(
                 weights = gradient.mean(dim=(2, 3), keepdim=True)  # (B, E, 1, 1)
                 cam = torch.relu((weights * stage).sum(dim=1))  # (B, h, w)
                 maps[c].append(_normalise(cam.detach()))
-    return {c: upsample(torch.stack(m).mean(0), size) for c, m in maps.items()}
+    stride = members[0].output_stride
+    return {c: upsample(torch.stack(m).mean(0), size, stride) for c, m in maps.items()}
 
 
 def class_activation(
@@ -45,15 +46,16 @@ def class_activation(
         bias = float(model.fc.bias[class_index].detach())
         cam = torch.relu(class_maps[:, class_index].float() - bias)
         cams.append(_normalise(cam))
-    return upsample(torch.stack(cams).mean(0), size)
+    return upsample(torch.stack(cams).mean(0), size, members[0].output_stride)
 
 
-def upsample(cam: torch.Tensor, size: int) -> torch.Tensor:
+def upsample(cam: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     """(B, h, w) -> (B, size, size). With zero-padded odd kernels, feature i of a stride-s stage
-    is centred on input pixel s * i, so input pixel p reads feature p / s."""
+    is centred on input pixel s * i, so input pixel p reads feature p / s (also where s does not
+    divide ``size`` and h = ceil(size / s): p * h / size would shift the map there)."""
     batch, height, width = cam.shape
-    rows = torch.arange(size, dtype=torch.float32) * height / size  # feature coordinate of p
-    cols = torch.arange(size, dtype=torch.float32) * width / size
+    rows = torch.arange(size, dtype=torch.float32) / stride  # feature coordinate of p
+    cols = torch.arange(size, dtype=torch.float32) / stride
     grid_y = 2 * rows / max(height - 1, 1) - 1
     grid_x = 2 * cols / max(width - 1, 1) - 1
     grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)

@@ -139,3 +139,21 @@ def test_a_folded_strip_network_gives_the_trained_ones_logits() -> None:
     assert all(layer.fused for layer in folded.modules() if isinstance(layer, _CircularConv))
     assert not any(getattr(layer, "fused", False) for layer in net.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_heatmaps_are_upsampled_on_the_feature_centres_whatever_the_image_size() -> None:
+    """Feature i of a stride-s stage is centred on input pixel s * i. Where s does not divide
+    the image size (200 px at stride 32: 7 features), mapping pixel p to p * h / size shifted
+    the map by up to 20 px; evidence in the last feature column now peaks on its centre."""
+    import torch
+
+    from inference.gradcam import upsample
+
+    for size, stride in ((200, 32), (200, 16), (192, 32), (256, 16)):
+        columns = -(-size // stride)
+        cam = torch.zeros(1, columns, columns)
+        cam[0, :, -1] = 1.0
+        full = upsample(cam, size, stride)[0, 0]
+        last_centre = stride * (columns - 1)
+        assert float(full[last_centre]) == 1.0, (size, stride)
+        assert float(full[stride * (columns - 2)]) == 0.0, (size, stride)
