@@ -298,6 +298,12 @@ ICH_DICOM_MAX_ASSOCIATIONS = env_int("ICH_DICOM_MAX_ASSOCIATIONS", 64, minimum=1
 ICH_DICOM_ASSOCIATION_TIMEOUT_SECONDS = env_int(
     "ICH_DICOM_ASSOCIATION_TIMEOUT_SECONDS", 10, minimum=1, maximum=600
 )
+# Connections open at once from one address (a scanner sends on a few), and the largest
+# instance received: a C-STORE growing past it is aborted as it arrives.
+ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS = env_int(
+    "ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS", 16, minimum=1, maximum=1000
+)
+ICH_DICOM_MAX_INSTANCE_MB = env_int("ICH_DICOM_MAX_INSTANCE_MB", 512, minimum=1)
 ICH_DICOM_ALLOWED_AETS = [
     _ae_title("ICH_DICOM_ALLOWED_AETS", title) for title in env_list("ICH_DICOM_ALLOWED_AETS", [])
 ]

@@ -14,7 +14,7 @@ import socket
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.db import connections
@@ -45,7 +45,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from worklist.ingest import (
     OUT_OF_RESOURCES,
@@ -130,9 +130,66 @@ def receiver_handlers() -> list[Any]:
         (evt.EVT_C_STORE, handle_store),
         (evt.EVT_ACCEPTED, _log_accepted),
         (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_PDU_RECV, _limit_instance_size),
+        (evt.EVT_CONN_CLOSE, _discard_unfinished),
         (evt.EVT_RELEASED, _association_ended),
         (evt.EVT_ABORTED, _association_ended),
     ]
+
+
+class _ConnectionHandler(RequestHandler):
+    """pynetdicom's handler, kept until its association ends, so the server knows which of a
+    peer's connections are still open."""
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+
+class ReceiverServer(ThreadedAssociationServer):
+    """The association server, with at most ``per_address`` connections open from one address
+    at a time: one misbehaving host cannot take every association the receiver allows
+    (ICH_DICOM_MAX_ASSOCIATIONS) from the scanners. A connection over the limit is closed before
+    it is read, and logged with its address."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, per_address: int, **kwargs: Any) -> None:
+        self.per_address = per_address
+        self._open: Counter[str] = Counter()
+        self._open_lock = threading.Lock()
+        kwargs["request_handler"] = _ConnectionHandler
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self._open_lock:
+            if self._open[host] >= self.per_address:
+                logger.warning(
+                    "Connection from %s refused: %d connections from that address are open"
+                    " (ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS)",
+                    host,
+                    self._open[host],
+                )
+                return False
+            self._open[host] += 1
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            host = str(client_address[0])
+            with self._open_lock:
+                self._open[host] -= 1
+                if self._open[host] <= 0:
+                    del self._open[host]
+
+    def open_connections(self, host: str) -> int:
+        with self._open_lock:
+            return self._open[host]
 
 
 def start_receiver(
@@ -142,10 +199,28 @@ def start_receiver(
     ae_title: str,
     allowed_calling_aets: list[str] | None = None,
     block: bool = True,
-) -> ThreadedAssociationServer | None:
+) -> ReceiverServer | None:
     """Listen for associations; ``block=False`` returns the running server (``.shutdown()``)."""
     ae = build_receiver(ae_title=ae_title, allowed_calling_aets=allowed_calling_aets)
-    return ae.start_server((host, port), block=block, evt_handlers=receiver_handlers())
+    server = cast(
+        ReceiverServer,
+        ae.make_server(
+            (host, port),
+            evt_handlers=receiver_handlers(),
+            server_class=ReceiverServer,
+            per_address=settings.ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS,
+        ),
+    )
+    ae._servers.append(server)
+    if not block:
+        thread = threading.Thread(target=server.serve_forever, name="DICOMReceiver", daemon=True)
+        thread.start()
+        return server
+    try:
+        server.serve_forever()
+    finally:
+        server.shutdown()
+    return None
 
 
 # --- C-STORE --------------------------------------------------------------------------------
@@ -183,6 +258,44 @@ def _received_bytes(event: Event) -> bytes:
     if path is not None:
         return Path(path).read_bytes()
     return bytes(event.encoded_dataset(include_meta=True))
+
+
+def _unfinished_spool(event: Event) -> Any:
+    """The temporary file an instance still arriving is spooled to, or None."""
+    message = getattr(event.assoc.dimse, "message", None)
+    return getattr(message, "_data_set_file", None)
+
+
+def _limit_instance_size(event: Event) -> None:
+    """Aborts the association when the instance arriving has grown past
+    ICH_DICOM_MAX_INSTANCE_MB, before the rest of it is written to disk."""
+    spool = _unfinished_spool(event)
+    if spool is None or spool.closed:
+        return
+    limit = int(settings.ICH_DICOM_MAX_INSTANCE_MB) * 1024 * 1024
+    if spool.tell() > limit:
+        logger.warning(
+            "C-STORE from %s aborted: the instance is over %d MB (ICH_DICOM_MAX_INSTANCE_MB)",
+            _peer(event),
+            settings.ICH_DICOM_MAX_INSTANCE_MB,
+        )
+        # the rest is refused by the abort; the spool goes when the connection closes
+        event.assoc.abort(block=False)
+
+
+def _discard_unfinished(event: Event) -> None:
+    """An instance cut off by its connection leaves no temporary file behind (pynetdicom
+    removes the spool only once a C-STORE has been answered)."""
+    spool = _unfinished_spool(event)
+    if spool is not None:
+        _remove_spool(spool)
+
+
+def _remove_spool(spool: Any) -> None:
+    try:
+        spool.close()
+    finally:
+        Path(spool.name).unlink(missing_ok=True)
 
 
 def _status(code: int, comment: str = "") -> Dataset:

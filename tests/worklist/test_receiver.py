@@ -6,9 +6,12 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -19,6 +22,8 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 
 from tests.worklist.dicom_samples import (
     ct_without_pixels,
@@ -291,3 +296,101 @@ def test_an_instance_is_spooled_to_disk_as_it_arrives_and_stored_as_sent(
     assert len(spooled) == 1 and spooled[0] is not None
     stored = Path(settings.MEDIA_ROOT) / Instance.objects.get().path
     assert _dataset(stored.read_bytes()).PixelData == _dataset(data).PixelData
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the receiver spools arriving instances (pynetdicom's temporary files)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_one_address_cannot_take_every_association(settings: Any) -> None:
+    """ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS: past it, a further connection from the same
+    address is closed unread; when its connections close, the address may send again."""
+    settings.ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS = 2
+    server = start_receiver(host="127.0.0.1", port=0, ae_title=AE_TITLE, block=False)
+    assert server is not None
+    port = int(server.server_address[1])
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        assert _wait_for(lambda: server.open_connections("127.0.0.1") == 2)
+        refused = _sender().associate("127.0.0.1", port, ae_title=AE_TITLE)
+        assert not refused.is_established
+        for connection in idle:
+            connection.close()
+        # (a closed idle socket may be noticed only at the ACSE timeout, 10 s)
+        assert _wait_for(lambda: server.open_connections("127.0.0.1") == 0, seconds=30)
+        with association(port) as assoc:
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        server.shutdown()
+
+
+def test_an_instance_over_the_size_limit_is_aborted_as_it_arrives(
+    settings: Any, spool: Path
+) -> None:
+    """ICH_DICOM_MAX_INSTANCE_MB: a C-STORE growing past it is aborted before the rest is
+    written, nothing is stored and its spool file is removed; a smaller instance still goes."""
+    settings.ICH_DICOM_MAX_INSTANCE_MB = 1
+    large = small_image(rows=1024, columns=1024)  # 2 MiB of pixels
+    with running_receiver() as port:
+        assoc = _sender().associate("127.0.0.1", port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        assert "Status" not in assoc.send_c_store(large)  # no answer: aborted
+        assert _wait_for(lambda: assoc.is_aborted)
+        assert _wait_for(lambda: not list(spool.iterdir()))
+        assert not Instance.objects.exists() and not QuarantinedFile.objects.exists()
+        with association(port) as again:
+            assert again.send_c_store(small_image(rows=256, columns=256)).Status == 0x0000
+    assert Instance.objects.count() == 1
+
+
+@pytest.mark.parametrize("how", ["abort", "close"])
+def test_an_instance_cut_off_leaves_no_spool_file(spool: Path, how: str) -> None:
+    """A peer that aborts, or drops its connection, in the middle of an instance: pynetdicom
+    removes a spool file only after the C-STORE is answered, so the receiver removes it."""
+    data = phantom_series()[0]
+    dataset = _dataset(data)
+    syntax = dataset.file_meta.TransferSyntaxUID
+    with running_receiver() as port:
+        assoc = _sender().associate("127.0.0.1", port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        context = next(
+            cx
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == syntax
+        )
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = dataset.SOPClassUID
+        request.AffectedSOPInstanceUID = dataset.SOPInstanceUID
+        request.Priority = 2
+        request.DataSet = io.BytesIO(data[len(_meta_only(data)) :])
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        fragments = list(message.encode_msg(context.context_id, 16384))
+        assert len(fragments) > 3
+        for fragment in fragments[:-2]:  # the command and part of the data set
+            assoc.dul.send_pdu(fragment)
+        assert _wait_for(lambda: len(list(spool.iterdir())) == 1)
+        if how == "abort":
+            assoc.abort()
+        else:
+            assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+            assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+            assoc.dul.socket.socket.close()
+            assoc.kill()
+        assert _wait_for(lambda: not list(spool.iterdir()))
+    assert not Instance.objects.exists()
