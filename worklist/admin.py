@@ -16,6 +16,7 @@ from django.urls import reverse
 from worklist import services
 from worklist.models import AIResult, AuditEvent, Finding, QuarantinedFile, Review, Study
 from worklist.roles import ADMIN, has_role
+from worklist.streaming import streamed
 
 
 class IchAdminSite(admin.AdminSite):
@@ -132,7 +133,7 @@ def export_csv(
         (services.csv_line(row) for row in rows), content_type="text/csv"
     )
     response["Content-Disposition"] = 'attachment; filename="audit-log.csv"'
-    return response
+    return streamed(response, request, database=True)
 
 
 def _admin_filters(request: HttpRequest) -> dict[str, str]:

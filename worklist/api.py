@@ -25,6 +25,7 @@ from worklist.serializers import (
     StudyDetailSerializer,
     StudyListSerializer,
 )
+from worklist.streaming import streamed
 
 
 class MeView(APIView):
@@ -58,6 +59,9 @@ class StudyDetailView(APIView):
         return Response(StudyDetailSerializer(study).data)
 
 
+FILE_BLOCK = 256 * 1024  # bytes read and sent at a time (FileResponse's 4 KiB is a thread hop each)
+
+
 class InstanceFileView(APIView):
     """One stored DICOM instance as application/dicom. Audited as "images fetched"."""
 
@@ -68,7 +72,9 @@ class InstanceFileView(APIView):
         instance = services.instance_fetch(
             instance_id=instance_id, user=request.user, address=services.client_address(request)
         )
-        return FileResponse(open_instance_file(instance), content_type="application/dicom")
+        response = FileResponse(open_instance_file(instance), content_type="application/dicom")
+        response.block_size = FILE_BLOCK
+        return streamed(response, request)
 
 
 class FindingReviewView(APIView):
@@ -152,7 +158,7 @@ class AuditEventExportView(APIView):
             (services.csv_line(row) for row in rows), content_type="text/csv"
         )
         response["Content-Disposition"] = 'attachment; filename="audit-log.csv"'
-        return response
+        return streamed(response, request, database=True)
 
 
 def _validated(serializer_class: type, data: object) -> dict:

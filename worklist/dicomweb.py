@@ -15,17 +15,15 @@ file is compressed). Metadata is the header as DICOM JSON without the pixel data
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import IO, Any, cast
 
 import pydicom
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.postgres.aggregates import ArrayAgg
-from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Value
 from django.http import HttpResponse, StreamingHttpResponse
@@ -54,6 +52,7 @@ from worklist import ingest, services
 from worklist.media import instance_file_path
 from worklist.models import AuditAction, IngestSource, Instance, Series, Study
 from worklist.roles import ED_PHYSICIAN, RADIOLOGIST, SessionAuthentication, has_role
+from worklist.streaming import streamed
 
 DICOM_JSON = "application/dicom+json"
 DICOM = "application/dicom"
@@ -238,21 +237,6 @@ def multipart_stream(
     yield f"--{boundary}--\r\n".encode("latin-1")
 
 
-async def multipart_stream_async(
-    parts: Iterable[tuple[str, Callable[[], Iterable[bytes]]]], *, boundary: str
-) -> AsyncIterator[bytes]:
-    """``multipart_stream`` for the ASGI server, which would first read a synchronous body into
-    a list (a whole study in memory before the first byte): each chunk is read in a thread as
-    it is sent."""
-    chunks = iter(multipart_stream(parts, boundary=boundary))
-
-    def following() -> bytes | None:
-        return next(chunks, None)
-
-    while (chunk := await sync_to_async(following, thread_sensitive=False)()) is not None:
-        yield chunk
-
-
 def _multipart_response(
     parts: Iterable[tuple[str, Callable[[], Iterable[bytes]]]],
     *,
@@ -260,15 +244,11 @@ def _multipart_response(
     request: Request | None = None,
 ) -> StreamingHttpResponse:
     boundary = secrets.token_hex(16)
-    under_asgi = request is not None and isinstance(request._request, ASGIRequest)
-    body: Iterator[bytes] | AsyncIterator[bytes] = (
-        multipart_stream_async(parts, boundary=boundary)
-        if under_asgi
-        else multipart_stream(parts, boundary=boundary)
+    response = StreamingHttpResponse(
+        multipart_stream(parts, boundary=boundary),
+        content_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
     )
-    return StreamingHttpResponse(
-        body, content_type=f'multipart/related; type="{part_type}"; boundary={boundary}'
-    )
+    return streamed(response, request) if request is not None else response
 
 
 def _file_chunks(path: Path) -> Callable[[], Iterator[bytes]]:
@@ -747,7 +727,7 @@ def retrieve_frames(
     if len(content) == 1 and accept.split(";")[0].strip() == OCTET_STREAM:
         return HttpResponse(content[0], content_type=part_type)
     parts = [(part_type, _constant(frame)) for frame in content]
-    return _multipart_response(parts, part_type=OCTET_STREAM)
+    return _multipart_response(parts, part_type=OCTET_STREAM, request=request)
 
 
 def _constant(data: bytes) -> Callable[[], Iterable[bytes]]:
