@@ -234,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the classes whose scores the new reader may join (default: for convexity every"
         " class it has evidence for, any included; for the others the classes it reads)",
     )
+    convexity.add_argument(
+        "--cross",
+        action="store_true",
+        help="each fused class also reads the ensemble's own logits of the other five classes"
+        " (a cross-class fusion: another bleed's evidence can explain away what looks like it)",
+    )
     convexity.set_defaults(run=_convexity)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
@@ -582,6 +588,7 @@ def _convexity(args: argparse.Namespace) -> None:
         fuse=fuse,
         source=source,
         cache=cache,
+        cross=args.cross,
         **settings,
     )
     _report_cache(cache)
@@ -594,6 +601,9 @@ def _convexity(args: argparse.Namespace) -> None:
             f"  {name}: out-of-fold study AUC {r['fused_auc_out_of_fold']:.4f} against the"
             f" ensemble's {r['ensemble_auc']:.4f}: {kept}"
         )
+        if "cross_weights" in r:
+            weights = ", ".join(f"{k} {v:+.3f}" for k, v in r["cross_weights"].items())
+            print(f"    also reads the ensemble's {weights}")
 
 
 def _net_source(spec: str, slots: tuple[str, ...]) -> Any:

@@ -284,7 +284,13 @@ class ConvexityReader:
     trained on. A row of NaN leaves the class to the ensemble, and so does a series with no
     slice the strips can read. The package's operating points are chosen on the fused scores;
     ``ensemble_thresholds`` (6,) are the ensemble's own, which flag a series the strips could
-    not read (its scores are the ensemble's alone)."""
+    not read (its scores are the ensemble's alone).
+
+    ``cross`` (6, 6), when given, lets a fused class also read the other classes: row c adds
+    sum_j cross[c, j] * (the ensemble's own calibrated logit of class j, before any reader
+    joined) to class c's fused logit, so evidence of another bleed can explain away what looks
+    like class c (a cross-class fusion, `ich convexity --cross`). Rows of classes not fused
+    are zero."""
 
     def __init__(
         self,
@@ -292,6 +298,7 @@ class ConvexityReader:
         strips: StripConfig,
         fusion: np.ndarray,
         ensemble_thresholds: np.ndarray | None = None,
+        cross: np.ndarray | None = None,
     ) -> None:
         self.net = net.eval()
         self._inference_net: ConvexityNet | None = None
@@ -300,6 +307,7 @@ class ConvexityReader:
         self.ensemble_thresholds = (
             None if ensemble_thresholds is None else np.asarray(ensemble_thresholds, np.float64)
         )
+        self.cross = None if cross is None else np.asarray(cross, dtype=np.float64)  # (6, 6)
 
     def to_state(self) -> dict:
         state = {
@@ -311,6 +319,8 @@ class ConvexityReader:
         }
         if self.ensemble_thresholds is not None:
             state["ensemble_thresholds"] = torch.from_numpy(self.ensemble_thresholds)
+        if self.cross is not None:
+            state["cross"] = torch.from_numpy(self.cross)
         return state
 
     @classmethod
@@ -319,11 +329,13 @@ class ConvexityReader:
         net = ConvexityNet(width=int(state["width"]), classes=classes)
         net.load_state_dict(state["state"])
         fallback = state.get("ensemble_thresholds")
+        cross = state.get("cross")  # packages before 6.12.0 have none
         return cls(
             net.to(device),
             StripConfig(**state["strips"]),
             state["fusion"].numpy(),
             None if fallback is None else fallback.numpy(),
+            None if cross is None else cross.numpy(),
         )
 
     @torch.no_grad()
@@ -388,16 +400,26 @@ class ConvexityReader:
             out[fused] = self.ensemble_thresholds[fused]
         return out
 
-    def fuse(self, calibrated_logits: np.ndarray, strip_logits: np.ndarray | None) -> np.ndarray:
-        """Study logits (6,) after the strips' evidence joins: see the class docstring."""
+    def fuse(
+        self,
+        calibrated_logits: np.ndarray,
+        strip_logits: np.ndarray | None,
+        ensemble_logits: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Study logits (6,) after the strips' evidence joins: see the class docstring.
+        ``ensemble_logits``: the ensemble's own calibrated logits before any reader joined
+        (``calibrated_logits`` when none has); a cross-class fusion reads them."""
         fused = np.array(calibrated_logits, dtype=np.float64)
         if strip_logits is None:
             return fused
+        own = fused.copy() if ensemble_logits is None else np.asarray(ensemble_logits, np.float64)
         evidence = strip_features(strip_logits[None], self.net.classes)[0]  # (6,)
         for c in range(len(CLASSES)):
             if not np.isnan(self.fusion[c]).any():
                 w_ensemble, w_strips, bias = self.fusion[c]
                 fused[c] = w_ensemble * fused[c] + w_strips * evidence[c] + bias
+                if self.cross is not None:
+                    fused[c] += float(self.cross[c] @ own)
         return fused
 
 

@@ -166,16 +166,19 @@ TRAIN_DEFAULTS = {
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
-    """(w_ensemble, w_strips, bias) minimising log-loss on (S, 2) features."""
+    """(w_ensemble, w_strips, [w of further features...], bias) minimising log-loss on (S, F)
+    features, F >= 2: the ensemble's logit starts at weight 1, the others at 0."""
     features = torch.tensor(x, dtype=torch.float64)
     target = torch.tensor(y, dtype=torch.float64)
-    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    start = torch.zeros(x.shape[1] + 1, dtype=torch.float64)
+    start[0] = 1.0
+    w = start.requires_grad_(True)
     optimiser = torch.optim.LBFGS([w], lr=0.5, max_iter=200)
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        logits = features @ w[:2] + w[2]
-        loss = F.binary_cross_entropy_with_logits(logits, target) + l2 * (w[:2] ** 2).sum()
+        logits = features @ w[:-1] + w[-1]
+        loss = F.binary_cross_entropy_with_logits(logits, target) + l2 * (w[:-1] ** 2).sum()
         loss.backward()
         return loss
 
@@ -210,9 +213,14 @@ def fit_fusion(
     classes: tuple[str, ...] = EXTRA_AXIAL,
     fuse: tuple[str, ...] | None = None,
     patients: Sequence[str] | None = None,
+    own: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Per class that reads strip evidence: the fusion fitted on every study, and, out of fold,
     whether it ranks the studies better than the ensemble alone; only then is it kept.
+
+    ``own`` (S, 6): the ensemble's own calibrated logits before any reader joined. Given, each
+    fused class also reads the other five classes' (a cross-class fusion): their weights are in
+    the record, per kept class, as "cross_weights".
 
     ensemble (S, 6) calibrated logits, strips (S, C) study strip logits of ``classes`` (NaN
     where no slice was readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not
@@ -238,19 +246,28 @@ def fit_fusion(
         y = labels[:, c]
         if len(np.unique(y[known])) < 2:
             continue
-        x = np.stack([ensemble[:, c], evidence[:, c]], axis=1)
+        others = [j for j in range(len(CLASSES)) if j != c]
+        columns = [ensemble[:, c], evidence[:, c]]
+        if own is not None:
+            columns += [own[:, j] for j in others]
+        x = np.stack(columns, axis=1)
         oof = ensemble[:, c].copy()
         for k in range(folds):
             train, test = known & (assignment != k), known & (assignment == k)
             w = _fit_logistic(x[train], y[train])
-            oof[test] = x[test] @ w[:2] + w[2]
+            oof[test] = x[test] @ w[:-1] + w[-1]
         before = roc_auc(y[known], ensemble[known, c])
         after = roc_auc(y[known], oof[known])
         record[name] = {"ensemble_auc": before, "fused_auc_out_of_fold": after}
         if after > before or not KEEP_ONLY_BETTER:
-            fusion[c] = _fit_logistic(x[known], y[known])
+            w = _fit_logistic(x[known], y[known])
+            fusion[c] = (w[0], w[1], w[-1])
             out_of_fold[:, c] = oof
             record[name]["weights"] = [float(v) for v in fusion[c]]
+            if own is not None:
+                record[name]["cross_weights"] = {
+                    CLASSES[j]: float(v) for j, v in zip(others, w[2:-1], strict=True)
+                }
     return fusion, out_of_fold, record
 
 
@@ -260,21 +277,23 @@ def fit_inputs(
     items: Sequence[datasets.StudyItem],
     earlier: Sequence[ConvexityReader] = (),
     cache: FeatureCache | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The scores the new reader's evidence joins (S, 6: the ensemble's calibrated logits, fused
     by the ``earlier`` readers, those whose evidence joins before it), its strip study logits
-    (S, C; NaN when unreadable) and labels (S, 6) of the studies the fusion is fitted on."""
-    ensemble, strips = [], []
+    (S, C; NaN when unreadable), labels (S, 6) of the studies the fusion is fitted on, and the
+    ensemble's own calibrated logits before any reader joined (S, 6)."""
+    ensemble, strips, own = [], [], []
     for item in progress(items, desc="score fit studies", unit="study"):
         series = dicom_io.load_series(item.paths)
         base = predictor.ensemble_logits(series, cache=cache)
+        own.append(base.copy())
         *read, study = readers_study_logits([*earlier, reader], series.hu, series.pixel_spacing_mm)
         for r, logits in zip(earlier, read, strict=True):
-            base = r.fuse(base, logits)
+            base = r.fuse(base, logits, own[-1])
         ensemble.append(base)
         strips.append(np.full(len(reader.net.classes), np.nan) if study is None else study)
     labels = np.stack([np.asarray(i.labels, np.float64) for i in items])
-    return np.stack(ensemble), np.stack(strips), labels
+    return np.stack(ensemble), np.stack(strips), labels, np.stack(own)
 
 
 @dataclass
@@ -342,6 +361,7 @@ def add_convexity(
     fuse: tuple[str, ...] | None = None,
     source: NetSource | None = None,
     cache: FeatureCache | None = None,
+    cross: bool = False,
     **net_settings: Any,
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
@@ -405,7 +425,7 @@ def add_convexity(
     position = SLOTS.index(slot)
     earlier = [r for s in SLOTS[:position] if (r := getattr(package, s)) is not None]
     later = [r for s in SLOTS[position + 1 :] if (r := getattr(package, s)) is not None]
-    ensemble, strips, labels = fit_inputs(
+    ensemble, strips, labels, own = fit_inputs(
         Predictor(package, torch.device("cpu")), reader, fit_items, earlier, cache
     )
     fusion, out_of_fold, per_class = fit_fusion(
@@ -416,6 +436,7 @@ def add_convexity(
         classes=classes,
         fuse=fuse,
         patients=[i.patient_id for i in fit_items],
+        own=own if cross else None,
     )
     if fuse is not None and not per_class:
         raise ValueError(
@@ -423,6 +444,11 @@ def add_convexity(
             " the strips can read: nothing to fit"
         )
     reader.fusion = fusion
+    if cross:
+        reader.cross = np.zeros((len(CLASSES), len(CLASSES)))
+        for name, r in per_class.items():
+            for other, weight in r.get("cross_weights", {}).items():
+                reader.cross[CLASSES.index(name), CLASSES.index(other)] = weight
     probabilities = 1.0 / (1.0 + np.exp(-out_of_fold))
     fused = ~np.isnan(fusion).any(axis=1)
     # A fused class's flag is chosen on the studies its fused score is used on: those the
@@ -448,6 +474,7 @@ def add_convexity(
         "fit_seed": seed,
         "strip_classes": list(classes),
         "fuse_only": None if fuse is None else list(fuse),
+        "cross_class": cross,
         "strips": vars(cfg).copy(),
         "classes": per_class,
         "fused": fused_names,

@@ -625,9 +625,20 @@ def _later_reader_line(slot: str, record: dict[str, Any], ordinal: str = "second
         f" {record['train_studies']} phantom studies with masks{_taken_text(record)}; its"
         " evidence joins only"
         f" {', '.join(record['fuse_only'] or [])}, which no other reader joins, by a logistic"
-        f" regression fitted on {record['fit_studies']} other studies, where it was kept only if"
+        f" regression fitted on {record['fit_studies']} other studies{_cross_text(record)},"
+        " where it was kept only if"
         f" it raised the out-of-fold study AUC: {fused or 'no class'}. The other classes keep"
         " their scores and operating points."
+    )
+
+
+def _cross_text(record: dict[str, Any]) -> str:
+    """What a cross-class fusion (`ich convexity --cross`) reads besides its own class."""
+    if not record.get("cross_class"):
+        return ""
+    return (
+        " that also reads the ensemble's logits of the other five classes (evidence of another"
+        " bleed can lower the score)"
     )
 
 
@@ -642,7 +653,8 @@ def _convexity_line(record: dict[str, Any]) -> str:
         f" read by a small CNN trained on {record['train_studies']} phantom studies with masks"
         f"{_taken_text(record)};"
         " its study evidence is joined to the ensemble's by a logistic regression per class,"
-        f" fitted on {record['fit_studies']} other studies. Fused where it raised the"
+        f" fitted on {record['fit_studies']} other studies{_cross_text(record)}. Fused where it"
+        " raised the"
         f" out-of-fold study AUC there: {fused or 'no class'}. Heatmaps and the prediction"
         " basis still come from the ensemble; a series with no readable strip (a windowed"
         " picture) is scored and flagged by the ensemble alone, at its own operating points,"

@@ -207,8 +207,9 @@ class Predictor:
         thresholds = None  # the package's operating points
         readers = self.package.readers()
         read = readers_study_logits(readers, series.hu, series.pixel_spacing_mm)
+        ensemble = study.copy()  # the ensemble's own, which a cross-class fusion reads
         for reader, strips in zip(readers, read, strict=True):
-            study = reader.fuse(study, strips)
+            study = reader.fuse(study, strips, ensemble)
             if strips is None:  # the scores before this reader: their own operating points
                 thresholds = reader.unread_thresholds(
                     self.package.thresholds if thresholds is None else thresholds

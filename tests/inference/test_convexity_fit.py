@@ -721,3 +721,82 @@ def test_a_slice_reaches_its_threshold_exactly_where_it_alone_would_make_the_ens
         assert np.allclose(package.slice_thresholds(), carried)  # type: ignore[arg-type]
     package.calibration[EPIDURAL, 0] = -1.0  # a falling calibration: no slice threshold
     assert package.slice_thresholds() is None
+
+
+def test_a_cross_class_fusion_explains_away_another_bleed() -> None:
+    """The strips mistake epidural blood for sulcal blood: with the ensemble's epidural logit
+    beside them (``own``), the fusion learns to subtract it and ranks subarachnoid better out of
+    fold than the fusion of its own class alone."""
+    rng = np.random.default_rng(0)
+    count, sah, edh = 400, CLASSES.index("subarachnoid"), CLASSES.index("epidural")
+    labels = (rng.random((count, len(CLASSES))) < 0.3).astype(np.float64)
+    own = rng.normal(0, 1, labels.shape) + labels  # the ensemble's own logits: weak, ...
+    own[:, edh] += 2.0 * labels[:, edh]  # ... but it knows an epidural when it sees one
+    sulcal = rng.normal(0, 1, count) + 2.0 * labels[:, sah] + 2.0 * labels[:, edh]
+    _, plain_oof, plain_record = fit_fusion(
+        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",)
+    )
+    fusion, oof, record = fit_fusion(
+        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",), own=own
+    )
+    assert "cross_weights" not in plain_record["subarachnoid"]
+    weights = record["subarachnoid"]["cross_weights"]
+    assert set(weights) == set(CLASSES) - {"subarachnoid"}
+    assert weights["epidural"] < -0.5  # epidural evidence lowers the score
+    assert max(abs(w) for c, w in weights.items() if c != "epidural") < 0.5
+    assert roc_auc(labels[:, sah], oof[:, sah]) > roc_auc(labels[:, sah], plain_oof[:, sah]) + 0.02
+    # the weights fitted on every study reproduce the fused logit
+    reader = ConvexityReader(
+        ConvexityNet(width=4, classes=("subarachnoid",)),
+        StripConfig(),
+        fusion,
+        cross=np.zeros((len(CLASSES), len(CLASSES))),
+    )
+    for name, weight in weights.items():
+        reader.cross[sah, CLASSES.index(name)] = weight  # type: ignore[index]
+    study = reader.fuse(own[7], np.array([sulcal[7]]), own[7])
+    w_own, w_strips, bias = fusion[sah]
+    expected = w_own * own[7, sah] + w_strips * sulcal[7] + bias
+    expected += sum(w * own[7, CLASSES.index(c)] for c, w in weights.items())
+    assert study[sah] == pytest.approx(expected)
+    np.testing.assert_array_equal(np.delete(study, sah), np.delete(own[7], sah))
+
+
+def test_a_cross_class_reader_reads_the_ensembles_own_logits_after_another_reader(
+    tmp_path: Path,
+) -> None:
+    """In the predictor a cross-class fusion reads the ensemble's logits from before any
+    reader joined (the first reader's fused epidural is not what it was fitted on); it is
+    saved with the package, and packages saved before it have none."""
+    series = _phantom_series(tmp_path)
+    sah, edh = CLASSES.index("subarachnoid"), CLASSES.index("epidural")
+    members = [EfficientNetLite("efficientnet_lite0", output_stride=16).eval()]
+    package = ModelPackage("t", "1", PreprocessConfig(image_size=64), members, None)
+    convexity_fusion = np.full((len(CLASSES), 3), np.nan)
+    convexity_fusion[edh] = (0.5, 2.0, -1.0)  # the first reader moves epidural
+    torch.manual_seed(0)
+    package.convexity = ConvexityReader(ConvexityNet(width=4), StripConfig(), convexity_fusion)
+    alone = Predictor(package, torch.device("cpu"))
+    own = alone.ensemble_logits(series)
+    fusion = np.full((len(CLASSES), 3), np.nan)
+    fusion[sah] = (0.8, 1.5, 0.25)
+    cross = np.zeros((len(CLASSES), len(CLASSES)))
+    cross[sah, edh] = -0.7
+    torch.manual_seed(1)
+    package.sulcal = ConvexityReader(
+        ConvexityNet(width=4, classes=("subarachnoid",)), StripConfig(), fusion, cross=cross
+    )
+    package.save(tmp_path / "m.pt")
+    loaded = Predictor.load(tmp_path / "m.pt", device="cpu")
+    assert loaded.package.sulcal is not None and loaded.package.sulcal.cross is not None
+    np.testing.assert_array_equal(loaded.package.sulcal.cross, cross)
+    prediction = loaded.predict(series, heatmaps=False, basis=False)
+    strip = loaded.package.sulcal.study_logits(series.hu, series.pixel_spacing_mm)
+    assert strip is not None
+    fused = 0.8 * own[sah] + 1.5 * strip[0] + 0.25 - 0.7 * own[edh]
+    assert prediction.probabilities["subarachnoid"] == pytest.approx(
+        1 / (1 + np.exp(-fused)), rel=1e-4
+    )
+    state = loaded.package.sulcal.to_state()
+    del state["cross"]  # as 6.9.0 saved its readers
+    assert ConvexityReader.from_state(state).cross is None
