@@ -7,7 +7,8 @@ Runs the app's real processes against the project's Postgres and Redis, but in a
 its own (created and dropped here), a temporary media root and Redis database 13
 (BENCH_REDIS_URL; emptied at the end), so a running app is never touched:
 
-- daphne (HTTP and WebSocket) on a free port, an ED physician's WebSocket on /ws/worklist/;
+- the ASGI server as the Procfile starts it (scripts/web.sh: uvicorn, HTTP and WebSocket) on a
+  free port, an ED physician's WebSocket on /ws/worklist/;
 - the DICOM receiver (`manage.py dicom_receiver`) on a free port;
 - one Celery worker as the Procfile starts it (prefork, concurrency 1, queues default and gpu),
   with the model ICH_MODEL_PATH names, else the shipped one.
@@ -141,9 +142,8 @@ def _send(port: int, paths: list[Path]) -> float:
 class Worklist:
     """An ED physician's WebSocket on the live server, read in a thread of its own.
 
-    A few lines of RFC 6455 over a plain socket: the app's process already runs Twisted's
-    autobahn (daphne), so autobahn's asyncio client cannot be used here, and no other client
-    library is a dependency."""
+    A few lines of RFC 6455 over a plain socket, so the bench needs no WebSocket client of its
+    own."""
 
     def __init__(self, port: int, session_key: str) -> None:
         self.scored: dict[int, float] = {}  # study id -> when its study.scored arrived
@@ -217,17 +217,8 @@ class Processes:
 
     def start(self) -> None:
         python = sys.executable
-        bin_dir = Path(python).parent
-        daphne = str(bin_dir / "daphne")
-        web = [
-            daphne,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.ports["http"]),
-            "ichweb.asgi:application",
-        ]
-        self._spawn("web", web)
+        web = [str(ROOT / "scripts" / "web.sh")]
+        self._spawn("web", web, {"PYTHON": python, "ICH_PORT": str(self.ports["http"])})
         self._spawn("receiver", [python, "manage.py", "dicom_receiver", "--ae-title", AE_TITLE])
         worker = [python, "-m", "celery", "--app", "ichweb", "worker", "--queues", "default,gpu"]
         worker += ["--concurrency", "1", "--loglevel", "WARNING"]
@@ -235,10 +226,14 @@ class Processes:
         self._spawn("worker", worker)  # as the Procfile starts it
         self._wait_until_ready()
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.logs / f"{name}.log").open("wb")
         self.running[name] = subprocess.Popen(  # noqa: S603 - our own commands
-            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+            command,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def _wait_until_ready(self, timeout: float = 120) -> None:

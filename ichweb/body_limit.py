@@ -5,9 +5,9 @@ A request whose Content-Length is over the limit is answered 413 before anything
 without a length (chunked) that grows past the limit ends as a client disconnect. The limit is
 ICH_UPLOAD_MAX_MB, the largest STOW-RS or upload request, plus room for multipart headers.
 
-daphne itself receives a whole body before it calls the application, so behind daphne this
-saves the second copy but not the first: a public deployment needs a reverse proxy with a body
-limit in front (README, "Deployment").
+The server, uvicorn (scripts/web.sh), hands a body to the application as it arrives, so an
+oversized upload is refused before the rest of it is sent (daphne, the server before, received a
+whole body first).
 """
 
 from collections.abc import Awaitable, Callable, MutableMapping

@@ -39,7 +39,6 @@ else:
 CSRF_TRUSTED_ORIGINS = env_list("ICH_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
