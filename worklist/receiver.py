@@ -9,7 +9,9 @@ decoded and re-encoded on the way in.
 Logs name AE titles, addresses and counts, never patient data.
 """
 
+import contextlib
 import logging
+import queue
 import socket
 import threading
 from collections import Counter
@@ -45,7 +47,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from worklist.ingest import (
     OUT_OF_RESOURCES,
@@ -91,6 +93,10 @@ TRANSFER_SYNTAXES = (
 )
 # Larger PDUs than pynetdicom's 16 kB mean fewer reads per 512 x 512 slice; peers may send less.
 MAXIMUM_PDU_SIZE = 1024 * 1024
+# The longest PDU read: what we advertise, with room for a peer that counts its headers in. A
+# peer declaring more is cut off before the bytes are read (pynetdicom would read up to 4 GiB
+# into memory for one PDU, whatever maximum it advertised).
+LONGEST_PDU_READ = 2 * MAXIMUM_PDU_SIZE
 ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
 
 
@@ -137,15 +143,43 @@ def receiver_handlers() -> list[Any]:
     ]
 
 
+class _BoundedSocket(AssociationSocket):
+    """pynetdicom's socket, refusing to read a PDU longer than LONGEST_PDU_READ: the connection
+    is then treated as closed (the reader sees a short PDU) and the association ends."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > LONGEST_PDU_READ:
+            logger.warning(
+                "Connection from %s cut off: it declared a PDU of %d bytes, over the %d read",
+                self.assoc.requestor.address,
+                nr_bytes,
+                LONGEST_PDU_READ,
+            )
+            return bytearray()
+        return super().recv(nr_bytes)
+
+
 class _ConnectionHandler(RequestHandler):
     """pynetdicom's handler, kept until its association ends, so the server knows which of a
-    peer's connections are still open."""
+    peer's connections are still open. Its socket times out when a peer stalls (pynetdicom
+    sets no timeout on an accepted socket, so a half-sent PDU held its thread forever), and
+    when the association ends, whatever it left is cleaned up: spool files of instances not
+    handled, and the socket itself."""
 
     def handle(self) -> None:
+        self.request.settimeout(self.ae.network_timeout)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         assoc = self._create_association()
+        assoc.dul.socket.__class__ = _BoundedSocket  # made by _create_association; same state
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
-        assoc.join()
+        try:
+            assoc.join()
+        finally:
+            _discard_spools(assoc)
+            with contextlib.suppress(OSError):
+                self.request.shutdown(socket.SHUT_RDWR)
+            self.request.close()
 
 
 class ReceiverServer(ThreadedAssociationServer):
@@ -219,7 +253,7 @@ def start_receiver(
     try:
         server.serve_forever()
     finally:
-        server.shutdown()
+        ae.shutdown()  # the server, and every open association aborted (their threads end)
     return None
 
 
@@ -232,6 +266,10 @@ _tallies_lock = threading.Lock()
 
 def handle_store(event: Event) -> Dataset:
     requestor = event.assoc.requestor
+    path = getattr(event, "dataset_path", None)
+    if path is not None and Path(path).stat().st_size > _instance_limit():
+        # its last fragments came before the abort the size check asked for
+        return _status(OUT_OF_RESOURCES, "the instance is over ICH_DICOM_MAX_INSTANCE_MB")
     try:
         outcome = instance_ingest(
             data=_received_bytes(event),
@@ -266,14 +304,21 @@ def _unfinished_spool(event: Event) -> Any:
     return getattr(message, "_data_set_file", None)
 
 
+def _instance_limit() -> int:
+    return int(settings.ICH_DICOM_MAX_INSTANCE_MB) * 1024 * 1024
+
+
 def _limit_instance_size(event: Event) -> None:
-    """Aborts the association when the instance arriving has grown past
-    ICH_DICOM_MAX_INSTANCE_MB, before the rest of it is written to disk."""
+    """Aborts the association when the instance arriving would grow past
+    ICH_DICOM_MAX_INSTANCE_MB with the PDU just read, before that PDU is written to disk.
+    (The abort is sent after this PDU is handled: ``handle_store`` refuses an instance that
+    was completed by it.)"""
     spool = _unfinished_spool(event)
-    if spool is None or spool.closed:
+    if spool is None or spool.closed or getattr(event.assoc, "_sent_abort", False):
         return
-    limit = int(settings.ICH_DICOM_MAX_INSTANCE_MB) * 1024 * 1024
-    if spool.tell() > limit:
+    items = getattr(event.pdu, "presentation_data_value_items", [])
+    incoming = sum(len(item.presentation_data_value or b"") for item in items)
+    if spool.tell() + incoming > _instance_limit():
         logger.warning(
             "C-STORE from %s aborted: the instance is over %d MB (ICH_DICOM_MAX_INSTANCE_MB)",
             _peer(event),
@@ -289,6 +334,24 @@ def _discard_unfinished(event: Event) -> None:
     spool = _unfinished_spool(event)
     if spool is not None:
         _remove_spool(spool)
+
+
+def _discard_spools(assoc: Any) -> None:
+    """Once an association has ended: the spool of an instance it was receiving, and of any
+    received instance it ended before handling (pynetdicom removes a spool only once it has
+    answered the C-STORE)."""
+    message = getattr(assoc.dimse, "message", None)
+    spool = getattr(message, "_data_set_file", None)
+    if spool is not None:
+        _remove_spool(spool)
+    while True:
+        try:
+            _, primitive = assoc.dimse.msg_queue.get_nowait()
+        except queue.Empty:
+            return
+        spool = getattr(primitive, "_dataset_file", None)
+        if spool is not None:
+            _remove_spool(spool)
 
 
 def _remove_spool(spool: Any) -> None:

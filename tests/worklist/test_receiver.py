@@ -4,6 +4,7 @@ import io
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -394,3 +395,49 @@ def test_an_instance_cut_off_leaves_no_spool_file(spool: Path, how: str) -> None
             assoc.kill()
         assert _wait_for(lambda: not list(spool.iterdir()))
     assert not Instance.objects.exists()
+
+
+def test_a_pdu_longer_than_the_receiver_reads_is_cut_off_unread() -> None:
+    """pynetdicom reads a PDU of any declared length (up to 4 GiB) into memory before looking
+    at it; the receiver cuts the connection off at the header instead."""
+    server = start_receiver(host="127.0.0.1", port=0, ae_title=AE_TITLE, block=False)
+    assert server is not None
+    port = int(server.server_address[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(struct.pack(">BBL", 0x01, 0, 100_000_000) + b"\x00" * 1024)
+            assert connection.recv(1) == b""  # closed by the receiver, not waiting for 100 MB
+        assert _wait_for(lambda: server.open_connections("127.0.0.1") == 0)
+        with association(port) as assoc:
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        server.shutdown()
+
+
+def test_a_peer_that_stalls_in_the_middle_of_a_pdu_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An accepted socket had no timeout, so a peer that sent part of a PDU and went silent
+    held its thread, and a place under ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS, for good. It
+    now times out after the AE's network timeout (60 s; 2 s here)."""
+    from worklist import receiver
+
+    original = receiver.build_receiver
+
+    def quick(**kwargs: Any) -> AE:
+        ae = original(**kwargs)
+        ae.network_timeout = 2
+        return ae
+
+    monkeypatch.setattr(receiver, "build_receiver", quick)
+    server = start_receiver(host="127.0.0.1", port=0, ae_title=AE_TITLE, block=False)
+    assert server is not None
+    port = int(server.server_address[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+            connection.sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\x00" * 10)
+            assert _wait_for(lambda: server.open_connections("127.0.0.1") == 1)
+            assert connection.recv(1) == b""
+        assert _wait_for(lambda: server.open_connections("127.0.0.1") == 0)
+    finally:
+        server.shutdown()
