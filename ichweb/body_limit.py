@@ -2,7 +2,8 @@
 
 A request whose Content-Length is over the limit is answered 413 before anything reads its body
 (Django would copy it into a temporary file first, and only then check who sent it); a body
-without a length (chunked) that grows past the limit ends as a client disconnect. The limit is
+without a length (chunked) that grows past the limit is answered 413 as it passes it, and the
+application sees a client disconnect. The limit is
 ICH_UPLOAD_MAX_MB, the largest STOW-RS or upload request, plus room for multipart headers.
 
 The server, uvicorn (scripts/web.sh), hands a body to the application as it arrives, so an
@@ -42,17 +43,30 @@ class BodyLimit:
             await _too_large(send, limit)
             return
         received = 0
+        answered = False  # the 413 below went out: what the app sends after it is dropped
 
         async def counted() -> Message:
-            nonlocal received
+            nonlocal received, answered
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if not started:
+                        answered = True
+                        await _too_large(send, limit)
                     return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, counted, send)
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, sending)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -350,6 +350,10 @@ LOGGING = {
         # withheld); what the receiver and the export do is logged by worklist
         "pynetdicom": {"level": "WARNING"},
         "highdicom": {"level": "WARNING"},
+        # uvicorn gives its loggers a handler of their own, outside the filter; an exception
+        # escaping the app would be logged with its message there (scripts/web.sh)
+        "uvicorn": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        "uvicorn.access": {"handlers": [], "propagate": False},
     },
     "root": {"handlers": ["console"], "level": env_str("ICH_LOG_LEVEL", "INFO")},
 }

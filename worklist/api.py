@@ -59,9 +59,6 @@ class StudyDetailView(APIView):
         return Response(StudyDetailSerializer(study).data)
 
 
-FILE_BLOCK = 256 * 1024  # bytes read and sent at a time (FileResponse's 4 KiB is a thread hop each)
-
-
 class InstanceFileView(APIView):
     """One stored DICOM instance as application/dicom. Audited as "images fetched"."""
 
@@ -73,7 +70,6 @@ class InstanceFileView(APIView):
             instance_id=instance_id, user=request.user, address=services.client_address(request)
         )
         response = FileResponse(open_instance_file(instance), content_type="application/dicom")
-        response.block_size = FILE_BLOCK
         return streamed(response, request)
 
 

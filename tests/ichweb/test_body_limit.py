@@ -41,7 +41,7 @@ def test_a_declared_length_over_the_limit_is_a_413_and_the_app_never_runs(settin
     assert pending  # the body was never read
 
 
-def test_a_body_without_a_length_that_grows_past_the_limit_ends_as_a_disconnect(
+def test_a_body_without_a_length_that_grows_past_the_limit_is_a_413_and_a_disconnect(
     settings: Any,
 ) -> None:
     settings.ICH_UPLOAD_MAX_MB = 1
@@ -55,9 +55,25 @@ def test_a_body_without_a_length_that_grows_past_the_limit_ends_as_a_disconnect(
                 return
 
     chunk = b"x" * (512 * 1024)
-    _run(app, _scope([]), [chunk] * 8)  # 4 MiB, chunked
+    sent, _ = _run(app, _scope([]), [chunk] * 8)  # 4 MiB, chunked
     assert seen[-1] == "http.disconnect"
     assert seen.count("http.request") == 4  # 2 MiB + room: the fifth chunk is over
+    # the client is answered 413 (a server would otherwise log an app that did not answer
+    # and send a 500)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+
+
+def test_after_the_413_what_the_app_sends_is_dropped(settings: Any) -> None:
+    settings.ICH_UPLOAD_MAX_MB = 1
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    sent, _ = _run(app, _scope([]), [b"x" * (512 * 1024)] * 8)
+    assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [413]
 
 
 def test_a_body_within_the_limit_reaches_the_app_whole(settings: Any) -> None:

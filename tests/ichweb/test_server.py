@@ -87,6 +87,31 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_sent(
     assert answer.startswith(b"HTTP/1.1 413"), answer
 
 
+def test_a_chunked_upload_that_grows_past_the_limit_is_answered_413(
+    server: tuple[int, Path],
+) -> None:
+    """No length declared: the guard counts the body as it comes and answers 413 when it
+    passes the limit (1 MiB + 1 MiB of room here), not a 500 from an app that never answered."""
+    port, log = server
+    head = (
+        "POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        'Content-Type: multipart/related; type="application/dicom"; boundary=x\r\n'
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"%x\r\n" % (256 * 1024) + b"x" * (256 * 1024) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(head.encode())
+        try:
+            for _ in range(16):  # 4 MiB at most
+                connection.sendall(chunk)
+        except OSError:
+            pass  # closed once answered
+        answer = connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    time.sleep(0.3)
+    assert "ERROR" not in log.read_text()
+
+
 def _websocket_request(port: int, cookie: str | None) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     return (
@@ -124,3 +149,29 @@ def test_a_query_string_never_reaches_the_servers_log(
     time.sleep(0.5)
     text = log.read_text()
     assert "SECRET" not in text, text
+
+
+def test_an_exception_uvicorn_logs_keeps_its_type_not_its_message() -> None:
+    """uvicorn configures its loggers with a handler of its own before it loads the app; the
+    app's LOGGING then routes them through the filter that withholds patient data."""
+    code = (
+        "import logging, uvicorn.config\n"
+        "uvicorn.config.Config('ichweb.asgi:application', log_level='warning')\n"
+        "import ichweb.asgi\n"
+        "try:\n"
+        "    raise ValueError('PatientName SECRETNAME')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('uvicorn.error').exception('Exception in ASGI application')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Exception in ASGI application" in result.stderr
+    assert "ValueError" in result.stderr
+    assert "SECRETNAME" not in result.stderr
