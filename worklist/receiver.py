@@ -177,6 +177,8 @@ class _ConnectionHandler(RequestHandler):
             assoc.join()
         finally:
             _discard_spools(assoc)
+            with _tallies_lock:  # a C-STORE answered after the association-ended log
+                _tallies.pop(id(assoc), None)
             with contextlib.suppress(OSError):
                 self.request.shutdown(socket.SHUT_RDWR)
             self.request.close()
