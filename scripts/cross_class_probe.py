@@ -24,15 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fusion_probe import out_of_fold_auc, reader_evidence  # scripts/ is on sys.path as a script
+from fusion_probe import out_of_fold_auc, score_studies  # scripts/ is on sys.path as a script
 
 from inference.constants import CLASSES
-from inference.datasets import read_phantom_dataset
-from inference.dicom_io import load_series
 from inference.metrics import roc_auc
-from inference.package import READER_SLOTS
-from inference.predictor import Predictor
-from inference.progress import progress
 
 # probed class -> the reader it is fused with in the shipped package, then the feature sets
 # tried beside it: ("ens", class) an ensemble logit, (slot, class) a reader's evidence.
@@ -64,25 +59,6 @@ PROBES = {
 }
 
 
-def score(model: Path, sets: list[Path]) -> dict[str, np.ndarray]:
-    predictor = Predictor.load(model, device="cpu")
-    readers = predictor.package.readers()
-    slots = [s for s in READER_SLOTS if getattr(predictor.package, s) is not None]
-    items = [i for folder in sets for i in read_phantom_dataset(folder)]
-    ensemble, evidence, labels = [], [], []
-    for item in progress(items, desc="score studies", unit="study"):
-        series = load_series(item.paths)
-        ensemble.append(predictor.ensemble_logits(series))
-        evidence.append(reader_evidence(readers, series))
-        labels.append(np.asarray(item.labels, np.float64))
-    return {
-        "ensemble": np.stack(ensemble),
-        "evidence": np.stack(evidence),  # (S, R, 6)
-        "labels": np.stack(labels),
-        "slots": np.array(slots),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
@@ -96,7 +72,7 @@ def main() -> None:
     if args.cache and args.cache.exists():
         data = dict(np.load(args.cache))
     else:
-        data = score(args.model, args.sets)
+        data = score_studies(args.model, args.sets)
         if args.cache:
             args.cache.parent.mkdir(parents=True, exist_ok=True)
             np.savez(args.cache, **data)

@@ -78,6 +78,27 @@ def reader_evidence(readers: list[ConvexityReader], series: CTSeries) -> list[np
     ]
 
 
+def score_studies(model: Path, sets: list[Path]) -> dict[str, np.ndarray]:
+    """Each study of the phantom ``sets``: the ensemble's calibrated logits (S, 6), each
+    reader's evidence (S, R, 6), the labels (S, 6), and the readers' slots (R,)."""
+    predictor = Predictor.load(model, device="cpu")
+    readers = predictor.package.readers()
+    slots = [s for s in READER_SLOTS if getattr(predictor.package, s) is not None]
+    items = [i for folder in sets for i in read_phantom_dataset(folder)]
+    ensemble, evidence, labels = [], [], []
+    for item in progress(items, desc="score studies", unit="study"):
+        series = load_series(item.paths)
+        ensemble.append(predictor.ensemble_logits(series))
+        evidence.append(reader_evidence(readers, series))
+        labels.append(np.asarray(item.labels, np.float64))
+    return {
+        "ensemble": np.stack(ensemble),
+        "evidence": np.stack(evidence),
+        "labels": np.stack(labels),
+        "slots": np.array(slots),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
@@ -87,18 +108,11 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.time()
-    predictor = Predictor.load(args.model, device="cpu")
-    readers = predictor.package.readers()
-    slots = [s for s in READER_SLOTS if getattr(predictor.package, s) is not None]
-    items = [i for folder in args.sets for i in read_phantom_dataset(folder)]
-    ensemble, evidence, labels = [], [], []
-    for item in progress(items, desc="score studies", unit="study"):
-        series = load_series(item.paths)
-        ensemble.append(predictor.ensemble_logits(series))
-        evidence.append(reader_evidence(readers, series))
-        labels.append(np.asarray(item.labels, np.float64))
-    ens, ev, lab = np.stack(ensemble), np.stack(evidence), np.stack(labels)  # ev (S, R, 6)
-    print(f"{len(items)} studies from {', '.join(map(str, args.sets))}; {args.model}")
+    scored = score_studies(args.model, args.sets)
+    ens, ev, lab = scored["ensemble"], scored["evidence"], scored["labels"]  # ev (S, R, 6)
+    slots = [str(s) for s in scored["slots"]]
+    readers = Predictor.load(args.model, device="cpu").package.readers()
+    print(f"{len(lab)} studies from {', '.join(map(str, args.sets))}; {args.model}")
     named = (f"{s} {r.net.classes}" for s, r in zip(slots, readers, strict=True))
     print(f"readers: {', '.join(named)}")
     for name in PROBED:
