@@ -40,6 +40,7 @@ from worklist.receiver import (
     TCP_NODELAY_HANDLERS,
     TRANSFER_SYNTAXES,
     VERIFICATION,
+    ReceiverServer,
     start_receiver,
 )
 
@@ -49,15 +50,21 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @contextmanager
-def running_receiver(allowed: list[str] | None = None) -> Iterator[int]:
+def receiver_server(allowed: list[str] | None = None) -> Iterator[ReceiverServer]:
     server = start_receiver(
         host="127.0.0.1", port=0, ae_title=AE_TITLE, allowed_calling_aets=allowed, block=False
     )
     assert server is not None
     try:
-        yield int(server.server_address[1])
+        yield server
     finally:
         server.shutdown()
+
+
+@contextmanager
+def running_receiver(allowed: list[str] | None = None) -> Iterator[int]:
+    with receiver_server(allowed) as server:
+        yield int(server.server_address[1])
 
 
 @pytest.fixture(autouse=True)
@@ -321,10 +328,8 @@ def test_one_address_cannot_take_every_association(settings: Any) -> None:
     """ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS: past it, a further connection from the same
     address is closed unread; when its connections close, the address may send again."""
     settings.ICH_DICOM_MAX_ASSOCIATIONS_PER_ADDRESS = 2
-    server = start_receiver(host="127.0.0.1", port=0, ae_title=AE_TITLE, block=False)
-    assert server is not None
-    port = int(server.server_address[1])
-    try:
+    with receiver_server() as server:
+        port = int(server.server_address[1])
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         assert _wait_for(lambda: server.open_connections("127.0.0.1") == 2)
         refused = _sender().associate("127.0.0.1", port, ae_title=AE_TITLE)
@@ -335,8 +340,6 @@ def test_one_address_cannot_take_every_association(settings: Any) -> None:
         assert _wait_for(lambda: server.open_connections("127.0.0.1") == 0, seconds=30)
         with association(port) as assoc:
             assert assoc.send_c_echo().Status == 0x0000
-    finally:
-        server.shutdown()
 
 
 def test_an_instance_over_the_size_limit_is_aborted_as_it_arrives(
@@ -400,18 +403,14 @@ def test_an_instance_cut_off_leaves_no_spool_file(spool: Path, how: str) -> None
 def test_a_pdu_longer_than_the_receiver_reads_is_cut_off_unread() -> None:
     """pynetdicom reads a PDU of any declared length (up to 4 GiB) into memory before looking
     at it; the receiver cuts the connection off at the header instead."""
-    server = start_receiver(host="127.0.0.1", port=0, ae_title=AE_TITLE, block=False)
-    assert server is not None
-    port = int(server.server_address[1])
-    try:
+    with receiver_server() as server:
+        port = int(server.server_address[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
             connection.sendall(struct.pack(">BBL", 0x01, 0, 100_000_000) + b"\x00" * 1024)
             assert connection.recv(1) == b""  # closed by the receiver, not waiting for 100 MB
         assert _wait_for(lambda: server.open_connections("127.0.0.1") == 0)
         with association(port) as assoc:
             assert assoc.send_c_echo().Status == 0x0000
-    finally:
-        server.shutdown()
 
 
 def test_a_peer_that_stalls_in_the_middle_of_a_pdu_is_dropped(
@@ -430,14 +429,10 @@ def test_a_peer_that_stalls_in_the_middle_of_a_pdu_is_dropped(
         return ae
 
     monkeypatch.setattr(receiver, "build_receiver", quick)
-    server = start_receiver(host="127.0.0.1", port=0, ae_title=AE_TITLE, block=False)
-    assert server is not None
-    port = int(server.server_address[1])
-    try:
+    with receiver_server() as server:
+        port = int(server.server_address[1])
         with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
             connection.sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\x00" * 10)
             assert _wait_for(lambda: server.open_connections("127.0.0.1") == 1)
             assert connection.recv(1) == b""
         assert _wait_for(lambda: server.open_connections("127.0.0.1") == 0)
-    finally:
-        server.shutdown()
