@@ -137,7 +137,6 @@ def receiver_handlers() -> list[Any]:
         (evt.EVT_ACCEPTED, _log_accepted),
         (evt.EVT_REJECTED, _log_rejected),
         (evt.EVT_PDU_RECV, _limit_instance_size),
-        (evt.EVT_CONN_CLOSE, _discard_unfinished),
         (evt.EVT_RELEASED, _association_ended),
         (evt.EVT_ABORTED, _association_ended),
     ]
@@ -300,9 +299,9 @@ def _received_bytes(event: Event) -> bytes:
     return bytes(event.encoded_dataset(include_meta=True))
 
 
-def _unfinished_spool(event: Event) -> Any:
+def _unfinished_spool(assoc: Any) -> Any:
     """The temporary file an instance still arriving is spooled to, or None."""
-    message = getattr(event.assoc.dimse, "message", None)
+    message = getattr(assoc.dimse, "message", None)
     return getattr(message, "_data_set_file", None)
 
 
@@ -315,7 +314,7 @@ def _limit_instance_size(event: Event) -> None:
     ICH_DICOM_MAX_INSTANCE_MB with the PDU just read, before that PDU is written to disk.
     (The abort is sent after this PDU is handled: ``handle_store`` refuses an instance that
     was completed by it.)"""
-    spool = _unfinished_spool(event)
+    spool = _unfinished_spool(event.assoc)
     if spool is None or spool.closed or getattr(event.assoc, "_sent_abort", False):
         return
     items = getattr(event.pdu, "presentation_data_value_items", [])
@@ -326,24 +325,15 @@ def _limit_instance_size(event: Event) -> None:
             _peer(event),
             settings.ICH_DICOM_MAX_INSTANCE_MB,
         )
-        # the rest is refused by the abort; the spool goes when the connection closes
+        # the rest is refused by the abort; the spool goes when the association ends
         event.assoc.abort(block=False)
-
-
-def _discard_unfinished(event: Event) -> None:
-    """An instance cut off by its connection leaves no temporary file behind (pynetdicom
-    removes the spool only once a C-STORE has been answered)."""
-    spool = _unfinished_spool(event)
-    if spool is not None:
-        _remove_spool(spool)
 
 
 def _discard_spools(assoc: Any) -> None:
     """Once an association has ended: the spool of an instance it was receiving, and of any
     received instance it ended before handling (pynetdicom removes a spool only once it has
     answered the C-STORE)."""
-    message = getattr(assoc.dimse, "message", None)
-    spool = getattr(message, "_data_set_file", None)
+    spool = _unfinished_spool(assoc)
     if spool is not None:
         _remove_spool(spool)
     while True:
