@@ -240,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         help="each fused class also reads the ensemble's own logits of the other five classes"
         " (a cross-class fusion: another bleed's evidence can explain away what looks like it)",
     )
+    convexity.add_argument(
+        "--floor",
+        action="store_true",
+        help="each fused class reads the ensemble's logit with a floor under it, fitted with the"
+        " fusion: below it, how sure the ensemble is that a study is normal stops counting",
+    )
     convexity.set_defaults(run=_convexity)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
@@ -589,6 +595,7 @@ def _convexity(args: argparse.Namespace) -> None:
         source=source,
         cache=cache,
         cross=args.cross,
+        floor=args.floor,
         **settings,
     )
     _report_cache(cache)
@@ -604,6 +611,8 @@ def _convexity(args: argparse.Namespace) -> None:
         if "cross_weights" in r:
             weights = ", ".join(f"{k} {v:+.3f}" for k, v in r["cross_weights"].items())
             print(f"    also reads the ensemble's {weights}")
+        if "floor" in r:
+            print(f"    floor under the ensemble's logit: {r['floor']}")
 
 
 def _net_source(spec: str, slots: tuple[str, ...]) -> Any:

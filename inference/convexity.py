@@ -290,7 +290,11 @@ class ConvexityReader:
     sum_j cross[c, j] * (the ensemble's own calibrated logit of class j, before any reader
     joined) to class c's fused logit, so evidence of another bleed can explain away what looks
     like class c (a cross-class fusion, `ich convexity --cross`). Rows of classes not fused
-    are zero."""
+    are zero.
+
+    ``floors`` (6,), when given, put a floor under the ensemble's logit of each fused class
+    before its weight applies (-inf: none; `ich convexity --floor`): below it, how sure the
+    ensemble is that a study is normal stops counting against the strips' evidence."""
 
     def __init__(
         self,
@@ -299,6 +303,7 @@ class ConvexityReader:
         fusion: np.ndarray,
         ensemble_thresholds: np.ndarray | None = None,
         cross: np.ndarray | None = None,
+        floors: np.ndarray | None = None,
     ) -> None:
         self.net = net.eval()
         self._inference_net: ConvexityNet | None = None
@@ -308,6 +313,7 @@ class ConvexityReader:
             None if ensemble_thresholds is None else np.asarray(ensemble_thresholds, np.float64)
         )
         self.cross = None if cross is None else np.asarray(cross, dtype=np.float64)  # (6, 6)
+        self.floors = None if floors is None else np.asarray(floors, dtype=np.float64)  # (6,)
 
     def to_state(self) -> dict:
         state = {
@@ -321,6 +327,8 @@ class ConvexityReader:
             state["ensemble_thresholds"] = torch.from_numpy(self.ensemble_thresholds)
         if self.cross is not None:
             state["cross"] = torch.from_numpy(self.cross)
+        if self.floors is not None:
+            state["floors"] = torch.from_numpy(self.floors)
         return state
 
     @classmethod
@@ -330,12 +338,14 @@ class ConvexityReader:
         net.load_state_dict(state["state"])
         fallback = state.get("ensemble_thresholds")
         cross = state.get("cross")  # packages before 6.12.0 have none
+        floors = state.get("floors")  # nor before 6.13.0
         return cls(
             net.to(device),
             StripConfig(**state["strips"]),
             state["fusion"].numpy(),
             None if fallback is None else fallback.numpy(),
             None if cross is None else cross.numpy(),
+            None if floors is None else floors.numpy(),
         )
 
     @torch.no_grad()
@@ -417,6 +427,8 @@ class ConvexityReader:
         for c in range(len(CLASSES)):
             if not np.isnan(self.fusion[c]).any():
                 w_ensemble, w_strips, bias = self.fusion[c]
+                if self.floors is not None:
+                    fused[c] = max(fused[c], self.floors[c])
                 fused[c] = w_ensemble * fused[c] + w_strips * evidence[c] + bias
                 if self.cross is not None:
                     fused[c] += float(self.cross[c] @ own)

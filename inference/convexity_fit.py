@@ -4,6 +4,7 @@ on other studies that neither network trained on."""
 
 import copy
 import inspect
+import math
 import multiprocessing
 import time
 from collections.abc import Sequence
@@ -186,6 +187,33 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
     return w.detach().numpy()
 
 
+# Floors a fusion may put under the ensemble's logit (`ich convexity --floor`).
+FLOORS = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)
+
+
+def floored(x: np.ndarray, floor: float) -> np.ndarray:
+    """(S, F) fusion features with the ensemble's logit (column 0) raised to ``floor``."""
+    out = np.array(x, dtype=np.float64)
+    out[:, 0] = np.maximum(out[:, 0], floor)
+    return out
+
+
+def fit_floored_logistic(
+    x: np.ndarray, y: np.ndarray, floors: Sequence[float] | None = None
+) -> tuple[np.ndarray, float]:
+    """The fusion weights (as `_fit_logistic`) and the floor under the ensemble's logit, of
+    none (-inf) and ``floors`` (None: FLOORS), whose fit has the lowest log-loss on (x, y)."""
+    best_loss, best_w, best_floor = math.inf, np.empty(0), -math.inf
+    for floor in (-math.inf, *(FLOORS if floors is None else floors)):
+        xf = floored(x, floor)
+        w = _fit_logistic(xf, y)
+        logits = torch.from_numpy(xf @ w[:-1] + w[-1])
+        loss = float(F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y * 1.0)))
+        if loss < best_loss - 1e-9:
+            best_loss, best_w, best_floor = loss, w, floor
+    return best_w, best_floor
+
+
 # A fusion is kept only where it ranks the fit studies better than the ensemble out of fold.
 # (A test of what splitting a reader keeps turns this off, so that its tiny network's fusions,
 # which rank six studies no better, are there to compare.)
@@ -214,6 +242,7 @@ def fit_fusion(
     fuse: tuple[str, ...] | None = None,
     patients: Sequence[str] | None = None,
     own: np.ndarray | None = None,
+    floor: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Per class that reads strip evidence: the fusion fitted on every study, and, out of fold,
     whether it ranks the studies better than the ensemble alone; only then is it kept.
@@ -221,6 +250,10 @@ def fit_fusion(
     ``own`` (S, 6): the ensemble's own calibrated logits before any reader joined. Given, each
     fused class also reads the other five classes' (a cross-class fusion): their weights are in
     the record, per kept class, as "cross_weights".
+
+    ``floor``: each fused class's ensemble logit enters as max(logit, floor), the floor (of
+    none and FLOORS) fitted with the weights, inside each training fold when out of fold; it is
+    in the record, per kept class, as "floor" (null: none).
 
     ensemble (S, 6) calibrated logits, strips (S, C) study strip logits of ``classes`` (NaN
     where no slice was readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not
@@ -252,18 +285,21 @@ def fit_fusion(
             columns += [own[:, j] for j in others]
         x = np.stack(columns, axis=1)
         oof = ensemble[:, c].copy()
+        floors = None if floor else ()
         for k in range(folds):
             train, test = known & (assignment != k), known & (assignment == k)
-            w = _fit_logistic(x[train], y[train])
-            oof[test] = x[test] @ w[:-1] + w[-1]
+            w, f = fit_floored_logistic(x[train], y[train], floors)
+            oof[test] = floored(x[test], f) @ w[:-1] + w[-1]
         before = roc_auc(y[known], ensemble[known, c])
         after = roc_auc(y[known], oof[known])
         record[name] = {"ensemble_auc": before, "fused_auc_out_of_fold": after}
         if after > before or not KEEP_ONLY_BETTER:
-            w = _fit_logistic(x[known], y[known])
+            w, f = fit_floored_logistic(x[known], y[known], floors)
             fusion[c] = (w[0], w[1], w[-1])
             out_of_fold[:, c] = oof
             record[name]["weights"] = [float(v) for v in fusion[c]]
+            if floor:
+                record[name]["floor"] = None if math.isinf(f) else f
             if own is not None:
                 record[name]["cross_weights"] = {
                     CLASSES[j]: float(v) for j, v in zip(others, w[2:-1], strict=True)
@@ -362,6 +398,7 @@ def add_convexity(
     source: NetSource | None = None,
     cache: FeatureCache | None = None,
     cross: bool = False,
+    floor: bool = False,
     **net_settings: Any,
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
@@ -437,6 +474,7 @@ def add_convexity(
         fuse=fuse,
         patients=[i.patient_id for i in fit_items],
         own=own if cross else None,
+        floor=floor,
     )
     if fuse is not None and not per_class:
         raise ValueError(
@@ -449,6 +487,11 @@ def add_convexity(
         for name, r in per_class.items():
             for other, weight in r.get("cross_weights", {}).items():
                 reader.cross[CLASSES.index(name), CLASSES.index(other)] = weight
+    if floor:
+        reader.floors = np.full(len(CLASSES), -np.inf)
+        for name, r in per_class.items():
+            if r.get("floor") is not None:
+                reader.floors[CLASSES.index(name)] = r["floor"]
     probabilities = 1.0 / (1.0 + np.exp(-out_of_fold))
     fused = ~np.isnan(fusion).any(axis=1)
     # A fused class's flag is chosen on the studies its fused score is used on: those the
@@ -475,6 +518,7 @@ def add_convexity(
         "strip_classes": list(classes),
         "fuse_only": None if fuse is None else list(fuse),
         "cross_class": cross,
+        "floor": floor,
         "strips": vars(cfg).copy(),
         "classes": per_class,
         "fused": fused_names,

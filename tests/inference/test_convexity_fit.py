@@ -2,6 +2,7 @@
 and predictor that carry it."""
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,13 @@ import torch
 
 from inference.constants import CLASSES
 from inference.convexity import ConvexityNet, ConvexityReader, StripConfig, strip_features
-from inference.convexity_fit import SECTOR, StripStore, fit_fusion, train_net
+from inference.convexity_fit import (
+    SECTOR,
+    StripStore,
+    fit_floored_logistic,
+    fit_fusion,
+    train_net,
+)
 from inference.metrics import roc_auc
 from inference.models import EfficientNetLite
 from inference.package import ModelPackage
@@ -800,3 +807,47 @@ def test_a_cross_class_reader_reads_the_ensembles_own_logits_after_another_reade
     state = loaded.package.sulcal.to_state()
     del state["cross"]  # as 6.9.0 saved its readers
     assert ConvexityReader.from_state(state).cross is None
+
+
+def test_a_floored_fusion_stops_a_confident_ensemble_from_outvoting_the_strips() -> None:
+    """The ensemble cannot see a third of the positives and calls them normal with confidence;
+    the strips see them. A floor under the ensemble's logit, fitted with the fusion, ranks them
+    better out of fold than the plain fusion; the reader applies it, saves it, and a reader
+    saved before floors existed has none."""
+    rng = np.random.default_rng(1)
+    count, sah = 600, CLASSES.index("subarachnoid")
+    labels = (rng.random((count, len(CLASSES))) < 0.3).astype(np.float64)
+    y = labels[:, sah]
+    hidden = (rng.random(count) < 0.35) & (y == 1)  # blood the ensemble cannot see
+    own = rng.normal(0, 1, labels.shape)
+    own[:, sah] = np.where(y == 1, 4.0, -4.0) + rng.normal(0, 1.5, count)
+    own[hidden, sah] = rng.normal(-6.0, 1.0, int(hidden.sum()))
+    sulcal = rng.normal(0, 1, count) + 2.5 * y
+    _, plain_oof, plain_record = fit_fusion(
+        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",)
+    )
+    fusion, oof, record = fit_fusion(
+        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",), floor=True
+    )
+    assert "floor" not in plain_record["subarachnoid"]
+    floor = record["subarachnoid"]["floor"]
+    assert floor is not None and -6.0 <= floor <= -1.0
+    assert roc_auc(y, oof[:, sah]) > roc_auc(y, plain_oof[:, sah]) + 0.01  # 0.985 against 0.972
+    # with no floors to choose from, the fit is the plain fusion's
+    w, f = fit_floored_logistic(np.column_stack([own[:, sah], sulcal]), y, floors=())
+    assert math.isinf(f) and np.allclose(w, plain_record["subarachnoid"]["weights"])
+    floors = np.full(len(CLASSES), -np.inf)
+    floors[sah] = floor
+    reader = ConvexityReader(
+        ConvexityNet(width=4, classes=("subarachnoid",)), StripConfig(), fusion, floors=floors
+    )
+    w_own, w_strips, bias = fusion[sah]
+    for k in (int(np.argmin(own[:, sah])), int(np.argmax(own[:, sah]))):
+        study = reader.fuse(own[k], np.array([sulcal[k]]))
+        expected = w_own * max(own[k, sah], floor) + w_strips * sulcal[k] + bias
+        assert study[sah] == pytest.approx(expected)
+        np.testing.assert_array_equal(np.delete(study, sah), np.delete(own[k], sah))
+    state = reader.to_state()
+    np.testing.assert_array_equal(ConvexityReader.from_state(state).floors, floors)
+    del state["floors"]  # as 6.9.0 saved its readers
+    assert ConvexityReader.from_state(state).floors is None
