@@ -214,6 +214,24 @@ def fit_floored_logistic(
     return best_w, best_floor
 
 
+def fit_either(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """An "either" fusion of (S, 2) features (the ensemble's logit, the strips' evidence):
+    (w_e, b_e, w_s, b_s, a, b) such that ``either_logits`` is
+    a * max(w_e * ensemble + b_e, w_s * evidence + b_s) + b. Each inner pair is a logistic
+    regression of y on that one score; (a, b) recalibrates their maximum."""
+    w_e, b_e = _fit_logistic(x[:, :1], y)
+    w_s, b_s = _fit_logistic(x[:, 1:2], y)
+    inner = np.maximum(w_e * x[:, 0] + b_e, w_s * x[:, 1] + b_s)
+    a, b = _fit_logistic(inner[:, None], y)
+    return np.array([w_e, b_e, w_s, b_s, a, b])
+
+
+def either_logits(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The fused logits (S,) of an "either" fusion (`fit_either`) of (S, 2) features."""
+    w_e, b_e, w_s, b_s, a, b = params
+    return a * np.maximum(w_e * x[:, 0] + b_e, w_s * x[:, 1] + b_s) + b
+
+
 # A fusion is kept only where it ranks the fit studies better than the ensemble out of fold.
 # (A test of what splitting a reader keeps turns this off, so that its tiny network's fusions,
 # which rank six studies no better, are there to compare.)
