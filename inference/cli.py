@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         help="each fused class reads the ensemble's logit with a floor under it, fitted with the"
         " fusion: below it, how sure the ensemble is that a study is normal stops counting",
     )
+    convexity.add_argument(
+        "--either",
+        action="store_true",
+        help="fuse in the either form: the larger of the ensemble's and the strips' own"
+        " calibrated logits, recalibrated, for a class the two see in different places",
+    )
     convexity.set_defaults(run=_convexity)
 
     atlas = commands.add_parser("atlas", help="prediction-basis atlas")
@@ -596,6 +602,7 @@ def _convexity(args: argparse.Namespace) -> None:
         cache=cache,
         cross=args.cross,
         floor=args.floor,
+        either=args.either,
         **settings,
     )
     _report_cache(cache)
@@ -613,6 +620,8 @@ def _convexity(args: argparse.Namespace) -> None:
             print(f"    also reads the ensemble's {weights}")
         if "floor" in r:
             print(f"    floor under the ensemble's logit: {r['floor']}")
+        if "either" in r:
+            print(f"    either fusion: {', '.join(f'{v:+.3f}' for v in r['either'])}")
 
 
 def _net_source(spec: str, slots: tuple[str, ...]) -> Any:

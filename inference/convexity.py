@@ -294,7 +294,13 @@ class ConvexityReader:
 
     ``floors`` (6,), when given, put a floor under the ensemble's logit of each fused class
     before its weight applies (-inf: none; `ich convexity --floor`): below it, how sure the
-    ensemble is that a study is normal stops counting against the strips' evidence."""
+    ensemble is that a study is normal stops counting against the strips' evidence.
+
+    ``either`` (6, 6), when given, fuses a class whose row is finite in the "either" form
+    (`ich convexity --either`), for a class two readers see in different places: its row
+    (w_e, b_e, w_s, b_s, a, b) makes the study logit
+    a * max(w_e * (the ensemble's logit) + b_e, w_s * (the strips' evidence) + b_s) + b, so
+    either reader alone can raise it. Such a class's ``fusion`` row is NaN."""
 
     def __init__(
         self,
@@ -304,6 +310,7 @@ class ConvexityReader:
         ensemble_thresholds: np.ndarray | None = None,
         cross: np.ndarray | None = None,
         floors: np.ndarray | None = None,
+        either: np.ndarray | None = None,
     ) -> None:
         self.net = net.eval()
         self._inference_net: ConvexityNet | None = None
@@ -314,6 +321,7 @@ class ConvexityReader:
         )
         self.cross = None if cross is None else np.asarray(cross, dtype=np.float64)  # (6, 6)
         self.floors = None if floors is None else np.asarray(floors, dtype=np.float64)  # (6,)
+        self.either = None if either is None else np.asarray(either, dtype=np.float64)  # (6, 6)
 
     def to_state(self) -> dict:
         state = {
@@ -329,6 +337,8 @@ class ConvexityReader:
             state["cross"] = torch.from_numpy(self.cross)
         if self.floors is not None:
             state["floors"] = torch.from_numpy(self.floors)
+        if self.either is not None:
+            state["either"] = torch.from_numpy(self.either)
         return state
 
     @classmethod
@@ -339,6 +349,7 @@ class ConvexityReader:
         fallback = state.get("ensemble_thresholds")
         cross = state.get("cross")  # packages before 6.12.0 have none
         floors = state.get("floors")  # nor before 6.13.0
+        either = state.get("either")
         return cls(
             net.to(device),
             StripConfig(**state["strips"]),
@@ -346,6 +357,7 @@ class ConvexityReader:
             None if fallback is None else fallback.numpy(),
             None if cross is None else cross.numpy(),
             None if floors is None else floors.numpy(),
+            None if either is None else either.numpy(),
         )
 
     @torch.no_grad()
@@ -399,7 +411,10 @@ class ConvexityReader:
 
     def fused_classes(self) -> np.ndarray:
         """Indices into CLASSES of the classes this reader's evidence joins."""
-        return np.flatnonzero(~np.isnan(self.fusion).any(axis=1))
+        fused = ~np.isnan(self.fusion).any(axis=1)
+        if self.either is not None:
+            fused |= ~np.isnan(self.either).any(axis=1)
+        return np.flatnonzero(fused)
 
     def unread_thresholds(self, thresholds: np.ndarray) -> np.ndarray:
         """The operating points for a series this reader could not read: its fused classes go
@@ -425,7 +440,10 @@ class ConvexityReader:
         own = fused.copy() if ensemble_logits is None else np.asarray(ensemble_logits, np.float64)
         evidence = strip_features(strip_logits[None], self.net.classes)[0]  # (6,)
         for c in range(len(CLASSES)):
-            if not np.isnan(self.fusion[c]).any():
+            if self.either is not None and not np.isnan(self.either[c]).any():
+                w_e, b_e, w_s, b_s, a, b = self.either[c]
+                fused[c] = a * max(w_e * fused[c] + b_e, w_s * evidence[c] + b_s) + b
+            elif not np.isnan(self.fusion[c]).any():
                 w_ensemble, w_strips, bias = self.fusion[c]
                 if self.floors is not None:
                     fused[c] = max(fused[c], self.floors[c])

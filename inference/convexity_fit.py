@@ -261,6 +261,7 @@ def fit_fusion(
     patients: Sequence[str] | None = None,
     own: np.ndarray | None = None,
     floor: bool = False,
+    either: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Per class that reads strip evidence: the fusion fitted on every study, and, out of fold,
     whether it ranks the studies better than the ensemble alone; only then is it kept.
@@ -273,6 +274,10 @@ def fit_fusion(
     none and FLOORS) fitted with the weights, inside each training fold when out of fold; it is
     in the record, per kept class, as "floor" (null: none).
 
+    ``either``: each class is fused in the "either" form (`fit_either`) instead; its six
+    numbers are in the record, per kept class, as "either", and its row of the returned fusion
+    stays NaN (`ConvexityReader.either` holds them).
+
     ensemble (S, 6) calibrated logits, strips (S, C) study strip logits of ``classes`` (NaN
     where no slice was readable), labels (S, 6). Returns the fusion (6, 3) (NaN rows: not
     fused), the out-of-fold study logits (S, 6) of what was kept, and the record. ``fuse``
@@ -284,6 +289,8 @@ def fit_fusion(
     if np.isinf(strips).any():
         bad = sorted({int(i) for i in np.argwhere(np.isinf(strips))[:, 0]})
         raise ValueError(f"the strip logits are infinite for fit studies {bad[:10]}")
+    if either and (own is not None or floor):
+        raise ValueError("an either fusion reads the two readers only: no --cross or --floor")
     evidence = strip_features(np.nan_to_num(strips, nan=0.0), classes)  # (S, 6)
     readable = ~np.isnan(strips).any(axis=1)
     assignment = _folds(len(labels), folds, seed, patients)
@@ -306,12 +313,18 @@ def fit_fusion(
         floors = None if floor else ()
         for k in range(folds):
             train, test = known & (assignment != k), known & (assignment == k)
+            if either:
+                oof[test] = either_logits(x[test], fit_either(x[train], y[train]))
+                continue
             w, f = fit_floored_logistic(x[train], y[train], floors)
             oof[test] = floored(x[test], f) @ w[:-1] + w[-1]
         before = roc_auc(y[known], ensemble[known, c])
         after = roc_auc(y[known], oof[known])
         record[name] = {"ensemble_auc": before, "fused_auc_out_of_fold": after}
-        if after > before or not KEEP_ONLY_BETTER:
+        if (after > before or not KEEP_ONLY_BETTER) and either:
+            out_of_fold[:, c] = oof
+            record[name]["either"] = [float(v) for v in fit_either(x[known], y[known])]
+        elif after > before or not KEEP_ONLY_BETTER:
             w, f = fit_floored_logistic(x[known], y[known], floors)
             fusion[c] = (w[0], w[1], w[-1])
             out_of_fold[:, c] = oof
@@ -417,6 +430,7 @@ def add_convexity(
     cache: FeatureCache | None = None,
     cross: bool = False,
     floor: bool = False,
+    either: bool = False,
     **net_settings: Any,
 ) -> dict[str, Any]:
     """Trains the strip network on ``train_items``, fits its fusion and the fused classes'
@@ -493,6 +507,7 @@ def add_convexity(
         patients=[i.patient_id for i in fit_items],
         own=own if cross else None,
         floor=floor,
+        either=either,
     )
     if fuse is not None and not per_class:
         raise ValueError(
@@ -505,13 +520,18 @@ def add_convexity(
         for name, r in per_class.items():
             for other, weight in r.get("cross_weights", {}).items():
                 reader.cross[CLASSES.index(name), CLASSES.index(other)] = weight
+    if either:
+        reader.either = np.full((len(CLASSES), 6), np.nan)
+        for name, r in per_class.items():
+            if "either" in r:
+                reader.either[CLASSES.index(name)] = r["either"]
     if floor:
         reader.floors = np.full(len(CLASSES), -np.inf)
         for name, r in per_class.items():
             if r.get("floor") is not None:
                 reader.floors[CLASSES.index(name)] = r["floor"]
     probabilities = 1.0 / (1.0 + np.exp(-out_of_fold))
-    fused = ~np.isnan(fusion).any(axis=1)
+    fused = np.isin(np.arange(len(CLASSES)), reader.fused_classes())
     # A fused class's flag is chosen on the studies its fused score is used on: those the
     # strips read (a series they cannot read is flagged at the ensemble's own threshold).
     readable = ~np.isnan(strips).any(axis=1)
@@ -537,6 +557,7 @@ def add_convexity(
         "fuse_only": None if fuse is None else list(fuse),
         "cross_class": cross,
         "floor": floor,
+        "either": either,
         "strips": vars(cfg).copy(),
         "classes": per_class,
         "fused": fused_names,

@@ -624,12 +624,23 @@ def _later_reader_line(slot: str, record: dict[str, Any], ordinal: str = "second
         f" reads {' and '.join(record['strip_classes'])} blood in the same strips, trained on"
         f" {record['train_studies']} phantom studies with masks{_taken_text(record)}; its"
         " evidence joins only"
-        f" {', '.join(record['fuse_only'] or [])}, which no other reader joins, by a logistic"
-        f" regression fitted on {record['fit_studies']} other studies{_cross_text(record)},"
+        f" {', '.join(record['fuse_only'] or [])}, which no other reader joins, {_how(record)},"
         " where it was kept only if"
         f" it raised the out-of-fold study AUC: {fused or 'no class'}. The other classes keep"
         " their scores and operating points."
     )
+
+
+def _how(record: dict[str, Any]) -> str:
+    """How a reader's evidence joins the ensemble's, and on how many studies it was fitted."""
+    fitted = f"fitted on {record['fit_studies']} other studies"
+    if record.get("either"):
+        return (
+            "as the larger of the ensemble's and the strips' own calibrated logits, recalibrated"
+            f' (an "either" fusion: either reader alone can raise the score), {fitted}'
+        )
+    floor = " with a floor under the ensemble's logit" if record.get("floor") else ""
+    return f"by a logistic regression{floor}, {fitted}{_cross_text(record)}"
 
 
 def _cross_text(record: dict[str, Any]) -> str:
@@ -652,9 +663,8 @@ def _convexity_line(record: dict[str, Any]) -> str:
         f" {record['from']}): each slice unrolled into a strip at the scan's own pixel size and"
         f" read by a small CNN trained on {record['train_studies']} phantom studies with masks"
         f"{_taken_text(record)};"
-        " its study evidence is joined to the ensemble's by a logistic regression per class,"
-        f" fitted on {record['fit_studies']} other studies{_cross_text(record)}. Fused where it"
-        " raised the"
+        f" its study evidence is joined to the ensemble's per class {_how(record)}. Fused where"
+        " it raised the"
         f" out-of-fold study AUC there: {fused or 'no class'}. Heatmaps and the prediction"
         " basis still come from the ensemble; a series with no readable strip (a windowed"
         " picture) is scored and flagged by the ensemble alone, at its own operating points,"

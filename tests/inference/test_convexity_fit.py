@@ -14,6 +14,8 @@ from inference.convexity import ConvexityNet, ConvexityReader, StripConfig, stri
 from inference.convexity_fit import (
     SECTOR,
     StripStore,
+    either_logits,
+    fit_either,
     fit_floored_logistic,
     fit_fusion,
     train_net,
@@ -851,3 +853,70 @@ def test_a_floored_fusion_stops_a_confident_ensemble_from_outvoting_the_strips()
     np.testing.assert_array_equal(ConvexityReader.from_state(state).floors, floors)
     del state["floors"]  # as 6.9.0 saved its readers
     assert ConvexityReader.from_state(state).floors is None
+
+
+def test_an_either_fusion_lets_each_reader_find_the_blood_only_it_sees() -> None:
+    """Half the positives lie where only the ensemble sees them, half where only the strips do,
+    and the strips read a little blood in some negatives: the "either" fusion (the larger of
+    the two readers' calibrated logits) ranks them better out of fold than the weighted sum.
+    The reader applies it, counts the class as fused, saves it, and refuses it with --cross."""
+    rng = np.random.default_rng(2)
+    count, sah = 600, CLASSES.index("subarachnoid")
+    labels = (rng.random((count, len(CLASSES))) < 0.3).astype(np.float64)
+    y = labels[:, sah]
+    deep = (rng.random(count) < 0.5) & (y == 1)  # blood the strips never reach
+    own = rng.normal(0, 1, labels.shape)
+    own[:, sah] = rng.normal(-4.0, 1.0, count) + 6.0 * deep
+    sulcal = rng.normal(0, 1, count) + 4.0 * ((y == 1) & ~deep)
+    sulcal[y == 0] += 2.0 * (rng.random(int((y == 0).sum())) < 0.2)  # blood beside the table
+    _, plain_oof, _ = fit_fusion(
+        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",)
+    )
+    fusion, oof, record = fit_fusion(
+        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",), either=True
+    )
+    assert roc_auc(y, oof[:, sah]) > roc_auc(y, plain_oof[:, sah]) + 0.01
+    params = np.array(record["subarachnoid"]["either"])
+    assert params.shape == (6,) and np.isnan(fusion[sah]).all()
+    x = np.column_stack([own[:, sah], sulcal])
+    np.testing.assert_allclose(either_logits(x, params), either_logits(x, fit_either(x, y)))
+    either = np.full((len(CLASSES), 6), np.nan)
+    either[sah] = params
+    reader = ConvexityReader(
+        ConvexityNet(width=4, classes=("subarachnoid",)), StripConfig(), fusion, either=either
+    )
+    assert list(reader.fused_classes()) == [sah]
+    w_e, b_e, w_s, b_s, a, b = params
+    for k in range(5):
+        study = reader.fuse(own[k], np.array([sulcal[k]]))
+        expected = a * max(w_e * own[k, sah] + b_e, w_s * sulcal[k] + b_s) + b
+        assert study[sah] == pytest.approx(expected)
+        np.testing.assert_array_equal(np.delete(study, sah), np.delete(own[k], sah))
+    state = reader.to_state()
+    np.testing.assert_array_equal(ConvexityReader.from_state(state).either, either)
+    del state["either"]  # as 6.9.0 saved its readers
+    assert ConvexityReader.from_state(state).either is None
+    with pytest.raises(ValueError, match="no --cross or --floor"):
+        fit_fusion(own, sulcal[:, None], labels, classes=("subarachnoid",), own=own, either=True)
+
+
+def test_the_model_card_says_how_a_reader_was_fused() -> None:
+    from inference.evaluation import _later_reader_line
+
+    record = {
+        "from": "t 2",
+        "strip_classes": ["subarachnoid"],
+        "train_studies": 900,
+        "fit_studies": 600,
+        "fuse_only": ["subarachnoid"],
+        "classes": {"subarachnoid": {"ensemble_auc": 0.92, "fused_auc_out_of_fold": 0.96}},
+        "fused": ["subarachnoid"],
+    }
+    plain = _later_reader_line("sulcal", record)
+    assert "by a logistic regression, fitted on 600 other studies" in plain
+    assert "either" not in plain and "subarachnoid 0.920 to 0.960" in plain
+    either = _later_reader_line("sulcal", {**record, "either": True})
+    assert "larger of the ensemble's and the strips' own calibrated logits" in either
+    assert "logistic regression" not in either
+    floored = _later_reader_line("sulcal", {**record, "floor": True})
+    assert "with a floor under the ensemble's logit" in floored
