@@ -19,10 +19,11 @@ DEMO_EVAL := $(ICH_VAR_DIR)/eval/ich-demo
 # The shipped package: the trained ensemble with three strip readers, each fused for classes
 # no other reader fuses: the convexity reader ("any", epidural), the sulcal reader
 # (subarachnoid) and the crescent reader (subdural; its network is 6.8.0's, trained longer).
+# 6.13.0 refits the sulcal reader's fusion in the "either" form on 360 more fit studies.
 DEMO_CX_RUN := $(DEMO_RUN)-cx
 DEMO_SULCAL_RUN := $(DEMO_RUN)-sulcal
 DEMO_CX3_RUN := $(DEMO_RUN)-cx3
-DEMO_MODEL_RUN := $(DEMO_RUN)-69
+DEMO_MODEL_RUN := $(DEMO_RUN)-613
 CX_FIT := --fit phantom:$(ICH_VAR_DIR)/data/cx-val --fit phantom:$(ICH_VAR_DIR)/data/cx-fit-typical
 
 help:
@@ -94,9 +95,9 @@ test: setup
 # The shipped demonstration model, trained and measured by one command (about 6 hours on 2 CPU
 # cores, 16 GB of memory), in five stages (configs/demo-stage1.toml .. demo-stage4.toml: growing
 # resolution; demo.toml: a fourth phantom set rich in subdural and epidural blood). Training data:
-# 760 phantoms (four seeds) + roboflow-ich, then 1140 more for the two strip readers; evaluation:
-# 60 and 240 new phantoms (two more seeds), the roboflow-ich patients held out of training, and
-# the four CQ500 studies.
+# 760 phantoms (four seeds) + roboflow-ich, then 1800 more for the strip readers and their
+# fusions; evaluation: four test sets of 60 and 240 new phantoms (four more seeds), the
+# roboflow-ich patients held out of training, and the four CQ500 studies.
 demo-model: setup
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train --studies 160 --seed 1
 	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/phantom-train-b --studies 200 --seed 2
@@ -143,7 +144,15 @@ demo-model: setup
 	  --fuse any,epidural $(CX_FIT) --out $(DEMO_RUN)-69a --version 6.9.0-a
 	$(BIN)/ich convexity $(DEMO_RUN)-69a/model.pt --reader crescent \
 	  --net-from $(DEMO_CX3_RUN)/model.pt:convexity --fuse subdural $(CX_FIT) \
-	  --out $(DEMO_MODEL_RUN) --version 6.9.0
+	  --out $(DEMO_RUN)-69 --version 6.9.0
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/sah-fit-classic --studies 180 --seed 72 \
+	  --favour subarachnoid
+	$(BIN)/ich phantom --out $(ICH_VAR_DIR)/data/sah-fit-typical --studies 180 --seed 73 \
+	  --favour subarachnoid --extra-axial typical
+	$(BIN)/ich convexity $(DEMO_RUN)-69/model.pt --reader sulcal \
+	  --net-from $(DEMO_RUN)-69/model.pt:sulcal --fuse subarachnoid --either $(CX_FIT) \
+	  --fit phantom:$(ICH_VAR_DIR)/data/sah-fit-classic --fit phantom:$(ICH_VAR_DIR)/data/sah-fit-typical \
+	  --out $(DEMO_MODEL_RUN) --version 6.13.0
 	$(MAKE) demo-model-measure
 
 # Measures the trained run on the held-out data and copies it, its reports and card to models/.
