@@ -4,6 +4,7 @@ and predictor that carry it."""
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -732,6 +733,14 @@ def test_a_slice_reaches_its_threshold_exactly_where_it_alone_would_make_the_ens
     assert package.slice_thresholds() is None
 
 
+def _sah_fusion(
+    ensemble: np.ndarray, sulcal: np.ndarray, labels: np.ndarray, **options: Any
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """fit_fusion of a sulcal reader's (S,) evidence, fused for subarachnoid only."""
+    classes = ("subarachnoid",)
+    return fit_fusion(ensemble, sulcal[:, None], labels, classes=classes, fuse=classes, **options)
+
+
 def test_a_cross_class_fusion_explains_away_another_bleed() -> None:
     """The strips mistake epidural blood for sulcal blood: with the ensemble's epidural logit
     beside them (``own``), the fusion learns to subtract it and ranks subarachnoid better out of
@@ -742,12 +751,8 @@ def test_a_cross_class_fusion_explains_away_another_bleed() -> None:
     own = rng.normal(0, 1, labels.shape) + labels  # the ensemble's own logits: weak, ...
     own[:, edh] += 2.0 * labels[:, edh]  # ... but it knows an epidural when it sees one
     sulcal = rng.normal(0, 1, count) + 2.0 * labels[:, sah] + 2.0 * labels[:, edh]
-    _, plain_oof, plain_record = fit_fusion(
-        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",)
-    )
-    fusion, oof, record = fit_fusion(
-        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",), own=own
-    )
+    _, plain_oof, plain_record = _sah_fusion(own, sulcal, labels)
+    fusion, oof, record = _sah_fusion(own, sulcal, labels, own=own)
     assert "cross_weights" not in plain_record["subarachnoid"]
     weights = record["subarachnoid"]["cross_weights"]
     assert set(weights) == set(CLASSES) - {"subarachnoid"}
@@ -825,12 +830,8 @@ def test_a_floored_fusion_stops_a_confident_ensemble_from_outvoting_the_strips()
     own[:, sah] = np.where(y == 1, 4.0, -4.0) + rng.normal(0, 1.5, count)
     own[hidden, sah] = rng.normal(-6.0, 1.0, int(hidden.sum()))
     sulcal = rng.normal(0, 1, count) + 2.5 * y
-    _, plain_oof, plain_record = fit_fusion(
-        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",)
-    )
-    fusion, oof, record = fit_fusion(
-        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",), floor=True
-    )
+    _, plain_oof, plain_record = _sah_fusion(own, sulcal, labels)
+    fusion, oof, record = _sah_fusion(own, sulcal, labels, floor=True)
     assert "floor" not in plain_record["subarachnoid"]
     floor = record["subarachnoid"]["floor"]
     assert floor is not None and -6.0 <= floor <= -1.0
@@ -869,12 +870,8 @@ def test_an_either_fusion_lets_each_reader_find_the_blood_only_it_sees() -> None
     own[:, sah] = rng.normal(-4.0, 1.0, count) + 6.0 * deep
     sulcal = rng.normal(0, 1, count) + 4.0 * ((y == 1) & ~deep)
     sulcal[y == 0] += 2.0 * (rng.random(int((y == 0).sum())) < 0.2)  # blood beside the table
-    _, plain_oof, _ = fit_fusion(
-        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",)
-    )
-    fusion, oof, record = fit_fusion(
-        own, sulcal[:, None], labels, classes=("subarachnoid",), fuse=("subarachnoid",), either=True
-    )
+    _, plain_oof, _ = _sah_fusion(own, sulcal, labels)
+    fusion, oof, record = _sah_fusion(own, sulcal, labels, either=True)
     assert roc_auc(y, oof[:, sah]) > roc_auc(y, plain_oof[:, sah]) + 0.01
     params = np.array(record["subarachnoid"]["either"])
     assert params.shape == (6,) and np.isnan(fusion[sah]).all()

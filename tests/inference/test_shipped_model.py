@@ -2,8 +2,8 @@
 
 Phantoms of new seeds (training used dataset seed 1, i.e. studies 100000-100159): medium and
 large bleeds of every subtype (epidural large only: on the classic 240 held-out phantoms its
-AUC is 0.949, under its target) must be flagged, with their subtype ranked above the negatives and the key slice on the
-blood; heads without a bleed (with mimics) must not be flagged.
+AUC is 0.949, under its target) must be flagged, with their subtype ranked above the negatives
+and the key slice on the blood; heads without a bleed (with mimics) must not be flagged.
 """
 
 import numpy as np
