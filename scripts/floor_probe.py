@@ -18,6 +18,9 @@ With ``--either`` the same two measures compare the "either" fusion (``convexity
 the larger of the two readers' own calibrated logits, recalibrated) with the plain one. Both
 print the positives split by where the blood lies (basal cisterns or convexity sulci: the median
 distance of the class's mask pixels from the image centre, under 35 mm for the cisterns).
+The gates were measured with 6.9.0 as MODEL (`git show 09096ae:models/ich-demo/model.pt`), whose
+fusion is plain; given 6.13.0, "the shipped fusion" is its either fusion. The networks, and so
+the cached features, are the same in both.
 ``--*-cache`` keep each set's scored features (as scripts/cross_class_probe.py does), so a second
 run takes seconds.
 """
@@ -130,15 +133,18 @@ def main() -> None:
     x_old, y_old, _ = columns(old, c, args.slot)
     x_new, y_new, rows_new = columns(new, c, args.slot)
     reader = getattr(Predictor.load(args.model, device="cpu").package, args.slot)
-    shipped = reader.fusion[c]
-    print(f"{args.name}, fused with the {args.slot} reader; shipped weights {shipped.round(3)}")
+    either = reader.either is not None and not np.isnan(reader.either[c]).any()
+    shipped = reader.either[c] if either else reader.fusion[c]
+    form_shipped = "either" if either else "plain"
+    print(f"{args.name}, fused with the {args.slot} reader; {form_shipped}: {shipped.round(3)}")
     print(f"old fit studies: {len(y_old)} ({int(y_old.sum())} positive)")
     print(f"new fit studies: {len(y_new)} ({int(y_new.sum())} positive)")
 
     print("\n1. fitted on the old studies, measured on the new")
     print(f"  ensemble alone: {roc_auc(y_new, x_new[:, 0]):.4f}")
     print(f"  reader alone: {roc_auc(y_new, x_new[:, 1]):.4f}")
-    as_shipped = roc_auc(y_new, x_new @ shipped[:2] + shipped[2])
+    shipped_scores = either_logits(x_new, shipped) if either else x_new @ shipped[:2] + shipped[2]
+    as_shipped = roc_auc(y_new, shipped_scores)
     print(f"  shipped fusion, as shipped: {as_shipped:.4f}")
     plain = scored(fitted("plain", x_old, y_old), x_new)
     print(f"  plain fusion refitted on the old: {roc_auc(y_new, plain):.4f}")
@@ -148,7 +154,7 @@ def main() -> None:
     print(f"  {form} fusion (floor {model[2]}, weights {model[1].round(3)}): gain {gain:+.4f}")
     print(f"  condition 1 (gain >= 0.005): {'holds' if gain >= 0.005 else 'fails'}")
     ranked = {"ensemble": x_new[:, 0], "reader": x_new[:, 1]}
-    ranked |= {"shipped": x_new @ shipped[:2] + shipped[2], form: candidate}
+    ranked |= {"shipped": shipped_scores, form: candidate}
     by_place(x_new, y_new, basal(args.new, rows_new, y_new, args.name), ranked)
 
     x, y = np.concatenate([x_old, x_new]), np.concatenate([y_old, y_new])

@@ -12,7 +12,8 @@ level, Platt calibration), and again with each member's slice logits averaged ov
 and its mirror first. It prints, per class, the ensemble's study AUC both ways, and for each
 class a strip reader of the package fuses, the out-of-fold AUC of that fusion (a logistic
 regression on the ensemble's logit and the reader's evidence, 5 folds, fold seeds 0-9, as
-``scripts/fusion_probe.py`` fits it) both ways. The readers are left as they are.
+``scripts/fusion_probe.py`` fits it) both ways; a class fused in the "either" form (6.13.0's
+subarachnoid) is measured with that linear fusion too. The readers are left as they are.
 
 Gate, written before the script was first run: flip averaging goes on to a candidate package
 only if the fused epidural out-of-fold AUC (mean over fold seeds) rises by at least 0.005, and
@@ -95,7 +96,7 @@ def main() -> None:
         line = f"{name:<18}"
         for variant in ens.values():
             line += f"{roc_auc(lab[known, c], variant[known, c]):>15.4f} "
-        fusing = [r for r, reader in enumerate(readers) if not np.isnan(reader.fusion[c]).any()]
+        fusing = [r for r, reader in enumerate(readers) if c in reader.fused_classes()]
         for r in fusing:
             readable = known & ~np.isnan(ev[:, r, c])
             y = lab[readable, c]
