@@ -275,6 +275,13 @@ def series_strips(
     return torch.cat(parts), np.concatenate(valid)
 
 
+def either_logits(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The fused logits (S,) of an "either" fusion (`ConvexityReader.either`, fitted by
+    `convexity_fit.fit_either`) of (S, 2) features: the ensemble's logit, the strips' evidence."""
+    w_e, b_e, w_s, b_s, a, b = params
+    return a * np.maximum(w_e * x[:, 0] + b_e, w_s * x[:, 1] + b_s) + b
+
+
 class ConvexityReader:
     """The strip network of a model package and how its evidence joins the ensemble's.
 
@@ -441,8 +448,8 @@ class ConvexityReader:
         evidence = strip_features(strip_logits[None], self.net.classes)[0]  # (6,)
         for c in range(len(CLASSES)):
             if self.either is not None and not np.isnan(self.either[c]).any():
-                w_e, b_e, w_s, b_s, a, b = self.either[c]
-                fused[c] = a * max(w_e * fused[c] + b_e, w_s * evidence[c] + b_s) + b
+                pair = np.array([[fused[c], evidence[c]]])
+                fused[c] = either_logits(pair, self.either[c])[0]
             elif not np.isnan(self.fusion[c]).any():
                 w_ensemble, w_strips, bias = self.fusion[c]
                 if self.floors is not None:

@@ -25,6 +25,7 @@ from inference.convexity import (
     StripConfig,
     check_classes,
     convexity_strips,
+    either_logits,
     evidence_classes,
     neighbours,
     readers_study_logits,
@@ -226,12 +227,6 @@ def fit_either(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array([w_e, b_e, w_s, b_s, a, b])
 
 
-def either_logits(x: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """The fused logits (S,) of an "either" fusion (`fit_either`) of (S, 2) features."""
-    w_e, b_e, w_s, b_s, a, b = params
-    return a * np.maximum(w_e * x[:, 0] + b_e, w_s * x[:, 1] + b_s) + b
-
-
 # A fusion is kept only where it ranks the fit studies better than the ensemble out of fold.
 # (A test of what splitting a reader keeps turns this off, so that its tiny network's fusions,
 # which rank six studies no better, are there to compare.)
@@ -315,19 +310,20 @@ def fit_fusion(
             train, test = known & (assignment != k), known & (assignment == k)
             if either:
                 oof[test] = either_logits(x[test], fit_either(x[train], y[train]))
-                continue
-            w, f = fit_floored_logistic(x[train], y[train], floors)
-            oof[test] = floored(x[test], f) @ w[:-1] + w[-1]
+            else:
+                w, f = fit_floored_logistic(x[train], y[train], floors)
+                oof[test] = floored(x[test], f) @ w[:-1] + w[-1]
         before = roc_auc(y[known], ensemble[known, c])
         after = roc_auc(y[known], oof[known])
         record[name] = {"ensemble_auc": before, "fused_auc_out_of_fold": after}
-        if (after > before or not KEEP_ONLY_BETTER) and either:
-            out_of_fold[:, c] = oof
+        if not (after > before or not KEEP_ONLY_BETTER):
+            continue
+        out_of_fold[:, c] = oof
+        if either:
             record[name]["either"] = [float(v) for v in fit_either(x[known], y[known])]
-        elif after > before or not KEEP_ONLY_BETTER:
+        else:
             w, f = fit_floored_logistic(x[known], y[known], floors)
             fusion[c] = (w[0], w[1], w[-1])
-            out_of_fold[:, c] = oof
             record[name]["weights"] = [float(v) for v in fusion[c]]
             if floor:
                 record[name]["floor"] = None if math.isinf(f) else f

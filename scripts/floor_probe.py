@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fusion_probe import score_studies  # scripts/ is on sys.path as a script
 
 from inference.constants import CLASSES, SUBTYPES
-from inference.convexity_fit import either_logits, fit_either, fit_floored_logistic, floored
+from inference.convexity import either_logits
+from inference.convexity_fit import fit_either, fit_floored_logistic, floored
 from inference.datasets import read_phantom_dataset
 from inference.dicom_io import load_series
 from inference.metrics import roc_auc

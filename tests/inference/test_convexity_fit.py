@@ -11,11 +11,16 @@ import pytest
 import torch
 
 from inference.constants import CLASSES
-from inference.convexity import ConvexityNet, ConvexityReader, StripConfig, strip_features
+from inference.convexity import (
+    ConvexityNet,
+    ConvexityReader,
+    StripConfig,
+    either_logits,
+    strip_features,
+)
 from inference.convexity_fit import (
     SECTOR,
     StripStore,
-    either_logits,
     fit_either,
     fit_floored_logistic,
     fit_fusion,
